@@ -1,0 +1,1 @@
+//! dreamloop learning core.
