@@ -1,1 +1,7 @@
-//! dreamloop learning core.
+//! dreamloop's learning core: models, losses, optimizers, the data plane and the policies
+//! that decide what the daemon does. Everything here is plain, synchronous and testable on
+//! CPU; the runtime (actors, signals, metrics export) lives in the `dreamloop-actors` crate.
+//! See `DESIGN.md` for the map.
+
+pub mod model;
+pub mod train;

@@ -1,1 +1,49 @@
-fn main() {}
+//! The `dreamloop` command line.
+//!
+//! Subcommands describe the process (which model, which files); the loop's own settings
+//! live in the TOML config (later issues). Errors are reported with `anyhow` here only; the
+//! core returns typed errors.
+
+mod cmd_logprobs;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "dreamloop",
+    version,
+    about = "Keeps a language model learning a behaviour, unattended."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Score a text under a model: per-token log-probs, mean negative log-likelihood, perplexity.
+    Score(cmd_logprobs::ScoreArgs),
+    /// Per-token log-probs of every line of a JSONL file ({"ids":[..]}, {"text":..} or {"messages":[..]}).
+    Logprobs(cmd_logprobs::LogprobsArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Score(args) => cmd_logprobs::score(args),
+        Command::Logprobs(args) => cmd_logprobs::logprobs(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,421 @@
+//! `config.json` of a Hugging Face checkpoint → [`ModelConfig`], the one description of a
+//! decoder that the rest of dreamloop reads.
+//!
+//! Families: `llama` (SmolLM2 is one), `mistral`, `qwen2` (q/k/v bias), `qwen3` (per-head
+//! q/k RMSNorm). RoPE parameters come in two spellings: the older top-level `rope_theta` +
+//! `rope_scaling` that most published checkpoints carry, and transformers ≥ 5's
+//! `rope_parameters` (what the shared fixtures use). Scaling types `default`, `linear` and
+//! `llama3` follow transformers' `modeling_rope_utils.py`; anything else is refused rather
+//! than silently computed wrong.
+//!
+//! Deliberately strict: a field whose default would silently change the numbers
+//! (`rms_norm_eps`, `rope_theta`) must be present; only fields whose transformers default
+//! is part of the architecture's definition (`num_key_value_heads` = heads, `head_dim` =
+//! hidden / heads) are filled in.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Why a `config.json` could not be turned into a [`ModelConfig`].
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not valid JSON: {source}")]
+    Json {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path}: missing field `{field}`")]
+    Missing { path: String, field: String },
+    #[error("{path}: field `{field}`: {reason}")]
+    Invalid {
+        path: String,
+        field: String,
+        reason: String,
+    },
+    #[error(
+        "{path}: unsupported model_type `{model_type}` (supported: llama, mistral, qwen2, qwen3)"
+    )]
+    UnsupportedModelType { path: String, model_type: String },
+}
+
+/// Which family's conventions apply (bias placement, q/k norm).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+}
+
+impl Family {
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Mistral => "mistral",
+            Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
+        }
+    }
+}
+
+/// RoPE frequency scaling, as transformers' `ROPE_INIT_FUNCTIONS` computes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RopeScaling {
+    /// Plain `theta^(-2i/d)` frequencies.
+    Default,
+    /// Position interpolation: every frequency divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3.1's band-wise rescaling of low frequencies.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// Everything the decoder needs to know about a checkpoint's architecture.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// Family conventions (bias layout, q/k norm).
+    pub family: Family,
+    /// Rows of the embedding matrix and of the LM head.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the SwiGLU MLP's inner projection.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than query heads).
+    pub num_key_value_heads: usize,
+    /// Per-head width; may differ from hidden / heads (qwen3).
+    pub head_dim: usize,
+    /// Epsilon of every RMSNorm.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// RoPE frequency scaling.
+    pub rope_scaling: RopeScaling,
+    /// Longest context the checkpoint was trained for (kept for saving back).
+    pub max_position_embeddings: usize,
+    /// LM head shares the embedding matrix (no `lm_head.weight` in the file).
+    pub tie_word_embeddings: bool,
+    /// q/k/v projections carry a bias (qwen2 always; llama/qwen3 with `attention_bias`).
+    pub qkv_bias: bool,
+    /// o_proj carries a bias (llama/qwen3 `attention_bias`).
+    pub o_bias: bool,
+    /// gate/up/down carry a bias (llama `mlp_bias`).
+    pub mlp_bias: bool,
+    /// Per-head RMSNorm on q and k before RoPE (qwen3).
+    pub qk_norm: bool,
+    /// Sliding-window attention width (mistral), `None` for full causal attention.
+    pub sliding_window: Option<usize>,
+    /// Special token ids, kept for generation and for saving back.
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+    pub pad_token_id: Option<u32>,
+    /// The original `config.json`, written back unchanged on save so that transformers and
+    /// vLLM see exactly what they were given.
+    pub raw: Value,
+}
+
+impl ModelConfig {
+    /// Reads and parses `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: shown.clone(),
+            source,
+        })?;
+        let value: Value = serde_json::from_str(&text).map_err(|source| ConfigError::Json {
+            path: shown.clone(),
+            source,
+        })?;
+        Self::from_json(value, &shown)
+    }
+
+    /// Parses an already-read `config.json`; `path` only names the file in errors.
+    pub fn from_json(value: Value, path: &str) -> Result<Self, ConfigError> {
+        let obj = value.as_object().ok_or_else(|| ConfigError::Invalid {
+            path: path.into(),
+            field: "<root>".into(),
+            reason: "expected a JSON object".into(),
+        })?;
+        let f = Fields { obj, path };
+        let model_type = f.string("model_type")?;
+        let family = match model_type.as_str() {
+            "llama" => Family::Llama,
+            "mistral" => Family::Mistral,
+            "qwen2" => Family::Qwen2,
+            "qwen3" => Family::Qwen3,
+            _ => {
+                return Err(ConfigError::UnsupportedModelType {
+                    path: path.into(),
+                    model_type,
+                })
+            }
+        };
+        if let Some(act) = f.opt_string("hidden_act")? {
+            if act != "silu" {
+                return Err(f.invalid(
+                    "hidden_act",
+                    format!("`{act}` is not supported (only silu)"),
+                ));
+            }
+        }
+        let hidden_size = f.usize("hidden_size")?;
+        let num_attention_heads = f.usize("num_attention_heads")?;
+        let num_key_value_heads = f
+            .opt_usize("num_key_value_heads")?
+            .unwrap_or(num_attention_heads);
+        if num_attention_heads == 0
+            || num_key_value_heads == 0
+            || num_attention_heads % num_key_value_heads != 0
+        {
+            return Err(f.invalid(
+                "num_key_value_heads",
+                format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"),
+            ));
+        }
+        let head_dim = f
+            .opt_usize("head_dim")?
+            .unwrap_or(hidden_size / num_attention_heads);
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(f.invalid("head_dim", format!("{head_dim} must be even and positive")));
+        }
+        let (rope_theta, rope_scaling) = parse_rope(&f)?;
+        let attention_bias = f.opt_bool("attention_bias")?.unwrap_or(false);
+        let (qkv_bias, o_bias) = match family {
+            // Qwen2 hard-codes bias on q/k/v and none on o_proj.
+            Family::Qwen2 => (true, false),
+            _ => (attention_bias, attention_bias),
+        };
+        let sliding_window = match family {
+            Family::Mistral => f.opt_usize("sliding_window")?,
+            Family::Qwen2 | Family::Qwen3 => {
+                if f.opt_bool("use_sliding_window")?.unwrap_or(false) {
+                    return Err(f.invalid(
+                        "use_sliding_window",
+                        "sliding-window layers are not supported for qwen".into(),
+                    ));
+                }
+                None
+            }
+            Family::Llama => None,
+        };
+        Ok(ModelConfig {
+            family,
+            vocab_size: f.usize("vocab_size")?,
+            hidden_size,
+            intermediate_size: f.usize("intermediate_size")?,
+            num_hidden_layers: f.usize("num_hidden_layers")?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps: f.f64("rms_norm_eps")?,
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: f.opt_usize("max_position_embeddings")?.unwrap_or(2048),
+            // transformers' PretrainedConfig default.
+            tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            qkv_bias,
+            o_bias,
+            mlp_bias: f.opt_bool("mlp_bias")?.unwrap_or(false),
+            qk_norm: family == Family::Qwen3,
+            sliding_window,
+            bos_token_id: f.opt_token_id("bos_token_id")?,
+            eos_token_id: f.opt_token_id("eos_token_id")?,
+            pad_token_id: f.opt_token_id("pad_token_id")?,
+            raw: value.clone(),
+        })
+    }
+
+    /// Number of query heads sharing one key/value head.
+    pub fn kv_groups(&self) -> usize {
+        self.num_attention_heads / self.num_key_value_heads
+    }
+
+    /// RoPE inverse frequencies (`head_dim / 2` values), as transformers computes them.
+    pub fn inv_freq(&self) -> Vec<f32> {
+        let dim = self.head_dim;
+        // transformers computes `base ** (arange(0, dim, 2).float() / dim)` in float32;
+        // mirror that rounding.
+        let base: Vec<f32> = (0..dim / 2)
+            .map(|i| 1.0 / (self.rope_theta as f32).powf((2 * i) as f32 / dim as f32))
+            .collect();
+        match &self.rope_scaling {
+            RopeScaling::Default => base,
+            RopeScaling::Linear { factor } => base.iter().map(|f| f / *factor as f32).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let old_ctx = *original_max_position_embeddings as f32;
+                let low_freq_wavelen = old_ctx / *low_freq_factor as f32;
+                let high_freq_wavelen = old_ctx / *high_freq_factor as f32;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f32::consts::PI / f;
+                        if wavelen > low_freq_wavelen {
+                            f / *factor as f32
+                        } else if wavelen < high_freq_wavelen {
+                            f
+                        } else {
+                            let smooth = (old_ctx / wavelen - *low_freq_factor as f32)
+                                / (*high_freq_factor as f32 - *low_freq_factor as f32);
+                            (1.0 - smooth) * f / *factor as f32 + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// RoPE base and scaling from either spelling.
+fn parse_rope(f: &Fields) -> Result<(f64, RopeScaling), ConfigError> {
+    // transformers ≥ 5: everything under `rope_parameters`.
+    if let Some(params) = f.obj.get("rope_parameters").filter(|v| !v.is_null()) {
+        let obj = params
+            .as_object()
+            .ok_or_else(|| f.invalid("rope_parameters", "expected an object".into()))?;
+        let sub = Fields { obj, path: f.path };
+        let theta = sub
+            .opt_f64("rope_theta")?
+            .or(f.opt_f64("rope_theta")?)
+            .ok_or_else(|| f.missing("rope_parameters.rope_theta"))?;
+        let kind = sub.opt_string("rope_type")?.or(sub.opt_string("type")?);
+        return Ok((theta, scaling_of(&sub, kind.as_deref(), "rope_parameters")?));
+    }
+    let theta = f
+        .opt_f64("rope_theta")?
+        .ok_or_else(|| f.missing("rope_theta"))?;
+    let scaling = match f.obj.get("rope_scaling").filter(|v| !v.is_null()) {
+        None => RopeScaling::Default,
+        Some(v) => {
+            let obj = v
+                .as_object()
+                .ok_or_else(|| f.invalid("rope_scaling", "expected an object".into()))?;
+            let sub = Fields { obj, path: f.path };
+            let kind = sub.opt_string("rope_type")?.or(sub.opt_string("type")?);
+            scaling_of(&sub, kind.as_deref(), "rope_scaling")?
+        }
+    };
+    Ok((theta, scaling))
+}
+
+fn scaling_of(sub: &Fields, kind: Option<&str>, prefix: &str) -> Result<RopeScaling, ConfigError> {
+    let need = |name: &str| -> Result<f64, ConfigError> {
+        sub.opt_f64(name)?
+            .ok_or_else(|| sub.missing(&format!("{prefix}.{name}")))
+    };
+    match kind.unwrap_or("default") {
+        "default" => Ok(RopeScaling::Default),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: need("factor")?,
+        }),
+        "llama3" => Ok(RopeScaling::Llama3 {
+            factor: need("factor")?,
+            low_freq_factor: need("low_freq_factor")?,
+            high_freq_factor: need("high_freq_factor")?,
+            original_max_position_embeddings: need("original_max_position_embeddings")?,
+        }),
+        other => Err(sub.invalid(
+            &format!("{prefix}.rope_type"),
+            format!("RoPE scaling `{other}` is not supported (supported: default, linear, llama3)"),
+        )),
+    }
+}
+
+/// Typed field access that names the file and field in every error.
+struct Fields<'a> {
+    obj: &'a Map<String, Value>,
+    path: &'a str,
+}
+
+impl Fields<'_> {
+    fn missing(&self, field: &str) -> ConfigError {
+        ConfigError::Missing {
+            path: self.path.into(),
+            field: field.into(),
+        }
+    }
+    fn invalid(&self, field: &str, reason: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.into(),
+            field: field.into(),
+            reason,
+        }
+    }
+    fn get(&self, field: &str) -> Option<&Value> {
+        self.obj.get(field).filter(|v| !v.is_null())
+    }
+    fn string(&self, field: &str) -> Result<String, ConfigError> {
+        self.opt_string(field)?.ok_or_else(|| self.missing(field))
+    }
+    fn opt_string(&self, field: &str) -> Result<Option<String>, ConfigError> {
+        match self.get(field) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(v) => Err(self.invalid(field, format!("expected a string, found {v}"))),
+        }
+    }
+    fn usize(&self, field: &str) -> Result<usize, ConfigError> {
+        self.opt_usize(field)?.ok_or_else(|| self.missing(field))
+    }
+    fn opt_usize(&self, field: &str) -> Result<Option<usize>, ConfigError> {
+        match self.get(field) {
+            None => Ok(None),
+            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
+                self.invalid(field, format!("expected a non-negative integer, found {v}"))
+            }),
+        }
+    }
+    fn f64(&self, field: &str) -> Result<f64, ConfigError> {
+        self.opt_f64(field)?.ok_or_else(|| self.missing(field))
+    }
+    fn opt_f64(&self, field: &str) -> Result<Option<f64>, ConfigError> {
+        match self.get(field) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.invalid(field, format!("expected a number, found {v}"))),
+        }
+    }
+    fn opt_bool(&self, field: &str) -> Result<Option<bool>, ConfigError> {
+        match self.get(field) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(self.invalid(field, format!("expected true or false, found {v}"))),
+        }
+    }
+    /// Token ids may be an integer or (for eos in newer checkpoints) a list; the first wins.
+    fn opt_token_id(&self, field: &str) -> Result<Option<u32>, ConfigError> {
+        match self.get(field) {
+            None => Ok(None),
+            Some(Value::Array(items)) => {
+                Ok(items.first().and_then(|v| v.as_u64()).map(|n| n as u32))
+            }
+            Some(v) => v
+                .as_u64()
+                .map(|n| Some(n as u32))
+                .ok_or_else(|| self.invalid(field, format!("expected a token id, found {v}"))),
+        }
+    }
+}

@@ -1,0 +1,485 @@
+//! The llama-family decoder (llama, mistral, qwen2, qwen3) in burn 0.22, matching
+//! transformers' `modeling_llama.py` / `modeling_qwen2.py` / `modeling_qwen3.py` in float32.
+//!
+//! embeddings → layers of (RMSNorm → causal GQA attention with `rotate_half` RoPE → residual
+//! → RMSNorm → SwiGLU MLP → residual) → final norm → lm_head (or the tied embedding).
+//!
+//! Field names are the checkpoint's names (`model.layers.3.self_attn.q_proj.weight`), and
+//! linear weights keep Hugging Face's `[out, in]` orientation, so loading and saving are a
+//! rename-free copy. burn's own `Linear` (`[in, out]`) and `RotaryEncoding` (interleaved
+//! pairs) are deliberately not used: both would need weights rewritten to match HF.
+//!
+//! Batches are right-padded: `attention_mask[b, t] = 0` marks padding, which no real token
+//! attends to. Positions are `0..T` for every row, as transformers uses for right padding.
+//!
+//! Not here: KV-cached decoding (see `generate`), the hybrid Gated-DeltaNet layers.
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+
+use super::config::ModelConfig;
+use super::weights::{TensorSource, WeightError};
+
+/// A linear layer in Hugging Face orientation: `y = x·Wᵀ + b`.
+#[derive(Module, Debug)]
+pub struct Linear {
+    /// `[out, in]`, as stored in the checkpoint.
+    pub weight: Param<Tensor<2>>,
+    /// `[out]`, when the family has one here.
+    pub bias: Option<Param<Tensor<1>>>,
+}
+
+impl Linear {
+    fn load(
+        src: &mut dyn TensorSource,
+        name: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> Result<Self, WeightError> {
+        Ok(Linear {
+            weight: Param::from_tensor(src.take2(&format!("{name}.weight"), [out, inp])?),
+            bias: if bias {
+                Some(Param::from_tensor(src.take1(&format!("{name}.bias"), out)?))
+            } else {
+                None
+            },
+        })
+    }
+
+    /// # Shapes
+    /// `x: [batch, seq, in]` → `[batch, seq, out]`
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let w = self.weight.val().transpose().unsqueeze_dim::<3>(0);
+        let y = x.matmul(w);
+        match &self.bias {
+            Some(b) => y + b.val().unsqueeze_dims::<3>(&[0, 1]),
+            None => y,
+        }
+    }
+}
+
+/// `x · rsqrt(mean(x²) + eps) · w` over the last dimension (llama/qwen convention: plain `w`).
+#[derive(Module, Debug)]
+pub struct RmsNorm {
+    /// `[dim]`
+    pub weight: Param<Tensor<1>>,
+    /// Added to the mean square before the root.
+    #[module(skip)]
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    fn load(
+        src: &mut dyn TensorSource,
+        name: &str,
+        dim: usize,
+        eps: f64,
+    ) -> Result<Self, WeightError> {
+        Ok(RmsNorm {
+            weight: Param::from_tensor(src.take1(&format!("{name}.weight"), dim)?),
+            eps,
+        })
+    }
+
+    /// Normalises over the last dimension of a tensor of any rank.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let variance = x.clone().powi_scalar(2).mean_dim(D - 1);
+        let normed = x * (variance + self.eps).sqrt().recip();
+        let mut shape = [1usize; D];
+        shape[D - 1] = self.weight.dims()[0];
+        normed * self.weight.val().reshape(shape)
+    }
+}
+
+/// Token embedding table.
+#[derive(Module, Debug)]
+pub struct Embedding {
+    /// `[vocab, hidden]`
+    pub weight: Param<Tensor<2>>,
+}
+
+/// SwiGLU feed-forward block: `down(silu(gate(x)) ⊙ up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    /// # Shapes
+    /// `[batch, seq, hidden]` → `[batch, seq, hidden]`
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+/// Head counts of one attention block.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (fewer than `heads` under GQA).
+    pub kv_heads: usize,
+    /// Per-head width.
+    pub head_dim: usize,
+}
+
+/// Causal self-attention with grouped-query heads and optional per-head q/k norm (qwen3).
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    /// qwen3: RMSNorm over `head_dim`, applied per head before RoPE.
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+    /// Head counts; not a parameter.
+    #[module(skip)]
+    pub shape: AttentionShape,
+}
+
+/// What one forward pass shares across layers: RoPE tables and the attention mask.
+pub struct ForwardContext {
+    /// `[seq, head_dim]` cos and sin of `position · inv_freq`, duplicated halves (HF layout).
+    cos: Tensor<4>,
+    sin: Tensor<4>,
+    /// `[batch, 1, seq_q, seq_k]`, true where attention is forbidden (future, padding,
+    /// outside the sliding window).
+    mask: Tensor<4, Bool>,
+}
+
+impl Attention {
+    /// # Shapes
+    /// `x: [batch, seq, hidden]` → (`[batch, seq, hidden]`, attention probabilities
+    /// `[batch, heads, seq, seq]` when `keep_probs`)
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        ctx: &ForwardContext,
+        keep_probs: bool,
+    ) -> (Tensor<3>, Option<Tensor<4>>) {
+        let [batch, seq, _] = x.dims();
+        let AttentionShape {
+            heads,
+            kv_heads,
+            head_dim,
+        } = self.shape;
+        let split = |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, head_dim]).swap_dims(1, 2);
+        let mut q = split(self.q_proj.forward(x.clone()), heads);
+        let mut k = split(self.k_proj.forward(x.clone()), kv_heads);
+        let v = split(self.v_proj.forward(x), kv_heads);
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(q);
+            k = kn.forward(k);
+        }
+        let q = apply_rope(q, &ctx.cos, &ctx.sin);
+        let k = repeat_kv(apply_rope(k, &ctx.cos, &ctx.sin), heads / kv_heads);
+        let v = repeat_kv(v, heads / kv_heads);
+
+        let scale = (head_dim as f64).powf(-0.5);
+        let scores = q.matmul(k.swap_dims(2, 3)) * scale;
+        // A large finite value rather than -inf: a fully masked row (left padding) then
+        // gives a uniform row instead of NaN, and exp() of it is exactly 0 otherwise.
+        let scores = scores.mask_fill(ctx.mask.clone().expand([batch, heads, seq, seq]), -1.0e30);
+        let probs = softmax(scores, 3);
+        let out = probs
+            .clone()
+            .matmul(v)
+            .swap_dims(1, 2)
+            .reshape([batch, seq, heads * head_dim]);
+        (self.o_proj.forward(out), keep_probs.then_some(probs))
+    }
+}
+
+/// `x·cos + rotate_half(x)·sin` with `rotate_half(x) = cat(-x₂, x₁)` (HF's non-interleaved RoPE).
+///
+/// # Shapes
+/// `x: [batch, heads, seq, head_dim]`, `cos`/`sin`: `[1, 1, seq, head_dim]`
+fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    let [_, _, _, head_dim] = x.dims();
+    let half = head_dim / 2;
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos.clone() + rotated * sin.clone()
+}
+
+/// Repeats each key/value head `groups` times (transformers' `repeat_kv`).
+///
+/// # Shapes
+/// `[batch, kv_heads, seq, head_dim]` → `[batch, kv_heads·groups, seq, head_dim]`
+fn repeat_kv(x: Tensor<4>, groups: usize) -> Tensor<4> {
+    if groups == 1 {
+        return x;
+    }
+    let [batch, kv_heads, seq, head_dim] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([batch, kv_heads, groups, seq, head_dim])
+        .reshape([batch, kv_heads * groups, seq, head_dim])
+}
+
+/// One pre-norm decoder block.
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    pub self_attn: Attention,
+    pub mlp: Mlp,
+    pub input_layernorm: RmsNorm,
+    pub post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        ctx: &ForwardContext,
+        keep_probs: bool,
+    ) -> (Tensor<3>, Option<Tensor<4>>) {
+        let (attn, probs) =
+            self.self_attn
+                .forward(self.input_layernorm.forward(x.clone()), ctx, keep_probs);
+        let x = x + attn;
+        let x = x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x));
+        (x, probs)
+    }
+}
+
+/// The decoder stack (`model.*` in the checkpoint).
+#[derive(Module, Debug)]
+pub struct DecoderModel {
+    pub embed_tokens: Embedding,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+}
+
+/// A causal LM: the checkpoint's top level (`model.*` and `lm_head.*`).
+#[derive(Module, Debug)]
+pub struct CausalLm {
+    pub model: DecoderModel,
+    /// Absent when the embedding is tied (the file then has no `lm_head.weight`).
+    pub lm_head: Option<Linear>,
+    /// RoPE inverse frequencies (`head_dim / 2`); derived from the config, not a parameter.
+    #[module(skip)]
+    pub inv_freq: Vec<f32>,
+    /// Sliding-window width (mistral), if any.
+    #[module(skip)]
+    pub sliding_window: Option<usize>,
+}
+
+/// What a forward pass returns besides logits when asked.
+#[derive(Default)]
+pub struct Capture {
+    /// Per layer, attention probabilities `[batch, heads, seq, seq]`.
+    pub attention: Vec<Tensor<4>>,
+}
+
+impl CausalLm {
+    /// Builds the model from named tensors (a checkpoint, or a seeded initialiser).
+    pub fn load(cfg: &ModelConfig, src: &mut dyn TensorSource) -> Result<Self, WeightError> {
+        let h = cfg.hidden_size;
+        let (heads, kv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let norm = |src: &mut dyn TensorSource, which: &str| {
+                if cfg.qk_norm {
+                    RmsNorm::load(src, &format!("{p}.self_attn.{which}"), hd, cfg.rms_norm_eps)
+                        .map(Some)
+                } else {
+                    Ok(None)
+                }
+            };
+            let self_attn = Attention {
+                q_proj: Linear::load(
+                    src,
+                    &format!("{p}.self_attn.q_proj"),
+                    heads * hd,
+                    h,
+                    cfg.qkv_bias,
+                )?,
+                k_proj: Linear::load(
+                    src,
+                    &format!("{p}.self_attn.k_proj"),
+                    kv * hd,
+                    h,
+                    cfg.qkv_bias,
+                )?,
+                v_proj: Linear::load(
+                    src,
+                    &format!("{p}.self_attn.v_proj"),
+                    kv * hd,
+                    h,
+                    cfg.qkv_bias,
+                )?,
+                o_proj: Linear::load(
+                    src,
+                    &format!("{p}.self_attn.o_proj"),
+                    h,
+                    heads * hd,
+                    cfg.o_bias,
+                )?,
+                q_norm: norm(src, "q_norm")?,
+                k_norm: norm(src, "k_norm")?,
+                shape: AttentionShape {
+                    heads,
+                    kv_heads: kv,
+                    head_dim: hd,
+                },
+            };
+            let i_sz = cfg.intermediate_size;
+            let mlp = Mlp {
+                gate_proj: Linear::load(src, &format!("{p}.mlp.gate_proj"), i_sz, h, cfg.mlp_bias)?,
+                up_proj: Linear::load(src, &format!("{p}.mlp.up_proj"), i_sz, h, cfg.mlp_bias)?,
+                down_proj: Linear::load(src, &format!("{p}.mlp.down_proj"), h, i_sz, cfg.mlp_bias)?,
+            };
+            layers.push(DecoderLayer {
+                self_attn,
+                mlp,
+                input_layernorm: RmsNorm::load(
+                    src,
+                    &format!("{p}.input_layernorm"),
+                    h,
+                    cfg.rms_norm_eps,
+                )?,
+                post_attention_layernorm: RmsNorm::load(
+                    src,
+                    &format!("{p}.post_attention_layernorm"),
+                    h,
+                    cfg.rms_norm_eps,
+                )?,
+            });
+        }
+        let model = DecoderModel {
+            embed_tokens: Embedding {
+                weight: Param::from_tensor(
+                    src.take2("model.embed_tokens.weight", [cfg.vocab_size, h])?,
+                ),
+            },
+            layers,
+            norm: RmsNorm::load(src, "model.norm", h, cfg.rms_norm_eps)?,
+        };
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(Linear::load(src, "lm_head", cfg.vocab_size, h, false)?)
+        };
+        src.finish()?;
+        Ok(CausalLm {
+            model,
+            lm_head,
+            inv_freq: cfg.inv_freq(),
+            sliding_window: cfg.sliding_window,
+        })
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> Device {
+        self.model.embed_tokens.weight.val().device()
+    }
+
+    /// Final hidden states (after the last norm).
+    ///
+    /// # Shapes
+    /// `input_ids: [batch, seq]`, `attention_mask: [batch, seq]` (1 = token, 0 = padding)
+    /// → `[batch, seq, hidden]`
+    pub fn hidden_states(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<&[Vec<u8>]>,
+        mut capture: Option<&mut Capture>,
+    ) -> Tensor<3> {
+        let [batch, seq] = input_ids.dims();
+        let device = input_ids.device();
+        let ctx = self.context(batch, seq, attention_mask, &device);
+        let mut x =
+            burn::tensor::module::embedding(self.model.embed_tokens.weight.val(), input_ids);
+        for layer in &self.model.layers {
+            let (next, probs) = layer.forward(x, &ctx, capture.is_some());
+            x = next;
+            if let (Some(c), Some(p)) = (capture.as_deref_mut(), probs) {
+                c.attention.push(p);
+            }
+        }
+        self.model.norm.forward(x)
+    }
+
+    /// Projects hidden states to vocabulary logits with the head (or the tied embedding).
+    ///
+    /// # Shapes
+    /// `[batch, seq, hidden]` → `[batch, seq, vocab]`
+    pub fn logits_from_hidden(&self, hidden: Tensor<3>) -> Tensor<3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => hidden.matmul(
+                self.model
+                    .embed_tokens
+                    .weight
+                    .val()
+                    .transpose()
+                    .unsqueeze_dim::<3>(0),
+            ),
+        }
+    }
+
+    /// Logits for every position.
+    ///
+    /// # Shapes
+    /// `input_ids: [batch, seq]` → `[batch, seq, vocab]`
+    pub fn forward(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<&[Vec<u8>]>,
+    ) -> Tensor<3> {
+        let hidden = self.hidden_states(input_ids, attention_mask, None);
+        self.logits_from_hidden(hidden)
+    }
+
+    /// RoPE tables for positions `0..seq` and the combined attention mask.
+    fn context(
+        &self,
+        batch: usize,
+        seq: usize,
+        attention_mask: Option<&[Vec<u8>]>,
+        device: &Device,
+    ) -> ForwardContext {
+        let half = self.inv_freq.len();
+        let head_dim = 2 * half;
+        let mut cos = Vec::with_capacity(seq * head_dim);
+        let mut sin = Vec::with_capacity(seq * head_dim);
+        for pos in 0..seq {
+            // transformers: freqs = inv_freq ⊗ position in float32, emb = cat(freqs, freqs).
+            let freqs: Vec<f32> = self.inv_freq.iter().map(|f| f * pos as f32).collect();
+            for _ in 0..2 {
+                cos.extend(freqs.iter().map(|f| f.cos()));
+                sin.extend(freqs.iter().map(|f| f.sin()));
+            }
+        }
+        let table =
+            |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, [1, 1, seq, head_dim]), device);
+        let mut mask = Vec::with_capacity(batch * seq * seq);
+        for b in 0..batch {
+            for i in 0..seq {
+                for j in 0..seq {
+                    let future = j > i;
+                    let padding =
+                        attention_mask.is_some_and(|m| m[b].get(j).copied().unwrap_or(0) == 0);
+                    let outside = self.sliding_window.is_some_and(|w| i >= j + w);
+                    mask.push(future || padding || outside);
+                }
+            }
+        }
+        ForwardContext {
+            cos: table(cos),
+            sin: table(sin),
+            mask: Tensor::<4, Bool>::from_data(TensorData::new(mask, [batch, 1, seq, seq]), device),
+        }
+    }
+}

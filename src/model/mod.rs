@@ -1,0 +1,188 @@
+//! Models: a Hugging Face directory (or an embedded preset) in, the same format out.
+//!
+//! [`Model`] bundles what a checkpoint directory holds — the parsed `config.json`, the
+//! decoder weights, the tokenizer and chat template — and remembers each tensor's disk
+//! dtype so that [`Model::save`] writes back exactly what was read.
+//!
+//! Devices: burn 0.22 picks the backend at run time from the [`Device`]. [`cpu`] is the
+//! flex backend (f32); [`Device::autodiff`] wraps any device for training. Forward-only
+//! passes (reference model, probes) must use weights *without* autodiff
+//! (`model.valid()`), or burn keeps the graph alive.
+
+pub mod config;
+pub mod llama;
+pub mod logprobs;
+pub mod preset;
+pub mod tokenizer;
+pub mod weights;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+pub use burn::tensor::Device;
+
+pub use config::{ConfigError, Family, ModelConfig, RopeScaling};
+pub use llama::CausalLm;
+pub use tokenizer::{ChatMessage, Tokenizer, TokenizerError};
+pub use weights::{DiskDtype, WeightError};
+
+/// The CPU device (burn's `flex` backend, f32).
+pub fn cpu() -> Device {
+    Device::flex()
+}
+
+/// The default device of this build: CUDA when built with `--features cuda` (or whatever
+/// `BURN_DEVICE` names), the flex CPU backend otherwise.
+pub fn default_device() -> Device {
+    Device::default()
+}
+
+/// Why a model directory could not be loaded or saved.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Weights(#[from] WeightError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("unknown preset `{0}` (known: {known})", known = preset::PRESETS.join(", "))]
+    UnknownPreset(String),
+}
+
+/// A loaded checkpoint: config, weights, tokenizer.
+pub struct Model {
+    pub config: ModelConfig,
+    pub lm: CausalLm,
+    /// Absent for bare weight directories (the shared test fixtures have none).
+    pub tokenizer: Option<Tokenizer>,
+    /// Disk dtype per tensor, so a save writes bf16 back as bf16.
+    pub dtypes: HashMap<String, DiskDtype>,
+    /// Other small files of the directory copied through on save (generation_config.json).
+    pub extra_files: Vec<(String, Vec<u8>)>,
+}
+
+impl Model {
+    /// Loads a Hugging Face directory onto `device`.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let mut source = weights::SafetensorsSource::open(dir, device)?;
+        let lm = CausalLm::load(&config, &mut source)?;
+        let tokenizer = if dir.join("tokenizer.json").exists() {
+            Some(Tokenizer::from_dir(dir)?)
+        } else {
+            None
+        };
+        let mut extra_files = Vec::new();
+        for name in ["generation_config.json", "special_tokens_map.json"] {
+            if let Ok(bytes) = std::fs::read(dir.join(name)) {
+                extra_files.push((name.to_string(), bytes));
+            }
+        }
+        Ok(Model {
+            config,
+            lm,
+            tokenizer,
+            dtypes: source.dtypes,
+            extra_files,
+        })
+    }
+
+    /// An embedded preset (`tiny`), with weights drawn from `seed`.
+    pub fn preset(name: &str, seed: u64, device: &Device) -> Result<Self, ModelError> {
+        let raw =
+            preset::preset_config(name).ok_or_else(|| ModelError::UnknownPreset(name.into()))?;
+        let std = raw["initializer_range"].as_f64().unwrap_or(0.02);
+        let config = ModelConfig::from_json(raw, &format!("preset `{name}`"))?;
+        let mut init = preset::SeededInit {
+            seed,
+            std,
+            device: device.clone(),
+        };
+        let lm = CausalLm::load(&config, &mut init)?;
+        let json = serde_json::to_vec_pretty(&preset::byte_tokenizer_json())
+            .expect("a JSON value serialises");
+        let mut tokenizer =
+            Tokenizer::from_json_bytes(&json, Path::new("<preset tokenizer.json>"))?;
+        tokenizer.chat_template = Some(preset::CHATML_TEMPLATE.into());
+        tokenizer.bos_token = Some("<|im_start|>".into());
+        tokenizer.eos_token = Some("<|im_end|>".into());
+        let config_json = serde_json::to_vec_pretty(&preset::byte_tokenizer_config())
+            .expect("a JSON value serialises");
+        tokenizer
+            .files
+            .push(("tokenizer_config.json".into(), config_json));
+        Ok(Model {
+            config,
+            lm,
+            tokenizer: Some(tokenizer),
+            dtypes: HashMap::new(),
+            extra_files: Vec::new(),
+        })
+    }
+
+    /// Loads `spec`: a preset name (`tiny`) or a directory path.
+    pub fn open(spec: &str, device: &Device) -> Result<Self, ModelError> {
+        if preset::PRESETS.contains(&spec) && !Path::new(spec).is_dir() {
+            Self::preset(spec, 0, device)
+        } else {
+            Self::load(Path::new(spec), device)
+        }
+    }
+
+    /// Writes a Hugging Face directory: `config.json` (as read), `model.safetensors` with the
+    /// checkpoint's names, shapes and dtypes, and the tokenizer files.
+    pub fn save(&self, dir: &Path) -> Result<(), ModelError> {
+        save_dir(
+            dir,
+            &self.config,
+            &self.lm,
+            &self.dtypes,
+            self.tokenizer.as_ref(),
+            &self.extra_files,
+        )
+    }
+
+    /// A copy of the weights without autodiff, for forward-only passes.
+    pub fn frozen(&self) -> CausalLm {
+        self.lm.valid()
+    }
+}
+
+/// Writes a model directory from its parts (the trainer saves its own weights this way).
+pub fn save_dir(
+    dir: &Path,
+    config: &ModelConfig,
+    lm: &CausalLm,
+    dtypes: &HashMap<String, DiskDtype>,
+    tokenizer: Option<&Tokenizer>,
+    extra_files: &[(String, Vec<u8>)],
+) -> Result<(), ModelError> {
+    let io = |path: PathBuf| move |source| ModelError::Io { path, source };
+    std::fs::create_dir_all(dir).map_err(io(dir.to_path_buf()))?;
+    let tensors = weights::named_tensors(lm);
+    weights::write_safetensors(&dir.join("model.safetensors"), &tensors, dtypes)?;
+    let config_json = serde_json::to_vec_pretty(&config.raw).expect("a JSON value serialises");
+    let mut files: Vec<(String, Vec<u8>)> = vec![("config.json".into(), config_json)];
+    if let Some(tok) = tokenizer {
+        files.extend(tok.files.iter().cloned());
+    }
+    files.extend(extra_files.iter().cloned());
+    for (name, bytes) in files {
+        let path = dir.join(&name);
+        std::fs::write(&path, bytes).map_err(io(path.clone()))?;
+    }
+    Ok(())
+}
+
+/// Counts a module's float parameters.
+pub fn parameter_count<M: Module>(module: &M) -> usize {
+    module.num_params()
+}

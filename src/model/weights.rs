@@ -1,0 +1,322 @@
+//! Weight I/O in Hugging Face's format: `model.safetensors`, or shards listed in
+//! `model.safetensors.index.json`; bf16/f16/f32 on disk, f32 in memory.
+//!
+//! Loading goes through [`TensorSource`]: the model asks for each tensor by its checkpoint
+//! name and shape, so a missing tensor, a wrong shape, and (at [`TensorSource::finish`]) an
+//! extra tensor are errors that name the tensor. Saving walks the module's parameters by
+//! path and writes exactly the names, shapes and dtypes that were loaded, with
+//! `config.json`, so transformers and vLLM load the directory unchanged.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::{Device, Tensor, TensorData};
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+
+/// Why weights could not be loaded or saved.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid safetensors file: {reason}")]
+    Format { path: PathBuf, reason: String },
+    #[error("tensor `{name}` is missing from the checkpoint")]
+    Missing { name: String },
+    #[error("tensor `{name}` has shape {found:?}, the config implies {expected:?}")]
+    Shape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("tensor `{name}` has dtype {dtype}, only F32, BF16 and F16 are supported")]
+    Dtype { name: String, dtype: String },
+    #[error("the checkpoint has tensors the model does not use: {names:?}")]
+    Extra { names: Vec<String> },
+}
+
+/// Storage dtype of a tensor on disk; kept so a save writes what was loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+/// Where the model gets its tensors from, by checkpoint name.
+pub trait TensorSource {
+    /// The tensor `name` with exactly `shape`, as f32 on the source's device.
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<TensorData, WeightError>;
+    /// The device tensors are created on.
+    fn device(&self) -> Device;
+    /// Called after the model took everything it needs: unused tensors are an error.
+    fn finish(&mut self) -> Result<(), WeightError>;
+
+    fn take1(&mut self, name: &str, len: usize) -> Result<Tensor<1>, WeightError> {
+        let data = self.take(name, &[len])?;
+        Ok(Tensor::from_data(data, &self.device()))
+    }
+    fn take2(&mut self, name: &str, shape: [usize; 2]) -> Result<Tensor<2>, WeightError> {
+        let data = self.take(name, &shape)?;
+        Ok(Tensor::from_data(data, &self.device()))
+    }
+}
+
+/// A memory-mapped safetensors file.
+struct Shard {
+    path: PathBuf,
+    map: memmap2::Mmap,
+}
+
+/// Tensors from a Hugging Face directory (single file or shards).
+pub struct SafetensorsSource {
+    shards: Vec<Shard>,
+    /// name → index into `shards`.
+    index: BTreeMap<String, usize>,
+    taken: Vec<String>,
+    /// Disk dtype of every tensor taken, for saving back.
+    pub dtypes: HashMap<String, DiskDtype>,
+    device: Device,
+}
+
+impl SafetensorsSource {
+    /// Opens `dir/model.safetensors`, or every shard named by `dir/model.safetensors.index.json`.
+    pub fn open(dir: &Path, device: &Device) -> Result<Self, WeightError> {
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if single.exists() {
+            vec![single]
+        } else {
+            let text = std::fs::read_to_string(&index_path).map_err(|source| WeightError::Io {
+                path: index_path.clone(),
+                source,
+            })?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| WeightError::Format {
+                    path: index_path.clone(),
+                    reason: e.to_string(),
+                })?;
+            let map = json["weight_map"]
+                .as_object()
+                .ok_or_else(|| WeightError::Format {
+                    path: index_path.clone(),
+                    reason: "no `weight_map` object".into(),
+                })?;
+            let mut names: Vec<String> = map
+                .values()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect();
+            names.sort();
+            names.dedup();
+            names.into_iter().map(|n| dir.join(n)).collect()
+        };
+        let mut shards = Vec::new();
+        let mut index = BTreeMap::new();
+        for path in files {
+            let file = File::open(&path).map_err(|source| WeightError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            // SAFETY: the checkpoint is read-only for the lifetime of this source; a file
+            // truncated underneath us is the same hazard every HF loader accepts.
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| WeightError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let parsed = SafeTensors::deserialize(&map).map_err(|e| WeightError::Format {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            for name in parsed.names() {
+                index.insert(name.to_string(), shards.len());
+            }
+            shards.push(Shard { path, map });
+        }
+        Ok(SafetensorsSource {
+            shards,
+            index,
+            taken: Vec::new(),
+            dtypes: HashMap::new(),
+            device: device.clone(),
+        })
+    }
+}
+
+impl TensorSource for SafetensorsSource {
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<TensorData, WeightError> {
+        let shard = &self.shards[*self
+            .index
+            .get(name)
+            .ok_or_else(|| WeightError::Missing { name: name.into() })?];
+        let parsed = SafeTensors::deserialize(&shard.map).map_err(|e| WeightError::Format {
+            path: shard.path.clone(),
+            reason: e.to_string(),
+        })?;
+        let view = parsed.tensor(name).map_err(|e| WeightError::Format {
+            path: shard.path.clone(),
+            reason: e.to_string(),
+        })?;
+        if view.shape() != shape {
+            return Err(WeightError::Shape {
+                name: name.into(),
+                expected: shape.to_vec(),
+                found: view.shape().to_vec(),
+            });
+        }
+        let (values, dtype) = to_f32(name, &view)?;
+        self.taken.push(name.to_string());
+        self.dtypes.insert(name.to_string(), dtype);
+        Ok(TensorData::new(values, shape.to_vec()))
+    }
+
+    fn device(&self) -> Device {
+        self.device.clone()
+    }
+
+    fn finish(&mut self) -> Result<(), WeightError> {
+        let mut extra: Vec<String> = self
+            .index
+            .keys()
+            .filter(|k| !self.taken.contains(k))
+            .cloned()
+            .collect();
+        if extra.is_empty() {
+            return Ok(());
+        }
+        extra.sort();
+        Err(WeightError::Extra { names: extra })
+    }
+}
+
+/// Decodes a tensor's bytes (little-endian) to f32.
+fn to_f32(name: &str, view: &TensorView<'_>) -> Result<(Vec<f32>, DiskDtype), WeightError> {
+    let bytes = view.data();
+    match view.dtype() {
+        Dtype::F32 => Ok((
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            DiskDtype::F32,
+        )),
+        Dtype::BF16 => Ok((
+            bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            DiskDtype::Bf16,
+        )),
+        Dtype::F16 => Ok((
+            bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            DiskDtype::F16,
+        )),
+        other => Err(WeightError::Dtype {
+            name: name.into(),
+            dtype: format!("{other:?}"),
+        }),
+    }
+}
+
+/// Collects every float parameter with its dotted checkpoint path.
+struct NamedParams {
+    path: Vec<String>,
+    out: Vec<(String, TensorData)>,
+}
+
+impl ModuleVisitor for NamedParams {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.out
+            .push((self.path.join("."), param.val().into_data()));
+    }
+}
+
+/// Every float parameter of a module as `(checkpoint name, data)`, in module order.
+pub fn named_tensors<M: Module>(module: &M) -> Vec<(String, TensorData)> {
+    let mut visitor = NamedParams {
+        path: Vec::new(),
+        out: Vec::new(),
+    };
+    module.visit(&mut visitor);
+    visitor.out
+}
+
+/// Writes `tensors` to a safetensors file at `path`, each in its recorded disk dtype
+/// (f32 when unknown). Written to a temporary sibling and renamed, so a crash never leaves a
+/// half-written file under the real name.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, TensorData)],
+    dtypes: &HashMap<String, DiskDtype>,
+) -> Result<(), WeightError> {
+    let mut encoded: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
+    for (name, data) in tensors {
+        let values = data.try_to_vec::<f32>().map_err(|e| WeightError::Format {
+            path: path.to_path_buf(),
+            reason: format!("tensor `{name}`: {e:?}"),
+        })?;
+        let dtype = dtypes.get(name).copied().unwrap_or(DiskDtype::F32);
+        let (st_dtype, bytes) = match dtype {
+            DiskDtype::F32 => (
+                Dtype::F32,
+                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            DiskDtype::Bf16 => (
+                Dtype::BF16,
+                values
+                    .iter()
+                    .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            ),
+            DiskDtype::F16 => (
+                Dtype::F16,
+                values
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            ),
+        };
+        encoded.push((name.clone(), st_dtype, data.shape().to_vec(), bytes));
+    }
+    let views: Vec<(String, TensorView<'_>)> = encoded
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            TensorView::new(*dtype, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| WeightError::Format {
+                    path: path.to_path_buf(),
+                    reason: format!("tensor `{name}`: {e}"),
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    let mut metadata = HashMap::new();
+    metadata.insert("format".to_string(), "pt".to_string());
+    let tmp = path.with_extension("safetensors.tmp");
+    safetensors::serialize_to_file(views, Some(metadata), &tmp).map_err(|e| {
+        WeightError::Format {
+            path: tmp.clone(),
+            reason: e.to_string(),
+        }
+    })?;
+    File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|source| WeightError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+}

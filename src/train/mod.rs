@@ -1,0 +1,3 @@
+//! Training: losses, optimizers, schedules and the one-step trainer.
+
+pub mod loss;
