@@ -79,8 +79,9 @@ def expand(text, values, depth=0):
 
 
 def sentence_count(text):
-    """Rough sentence count of prose, ignoring fenced code blocks."""
+    """Rough sentence count of prose, ignoring fenced code blocks and list items."""
     prose = re.sub(r"```.*?```", " ", text, flags=re.S)
+    prose = re.sub(r"(?m)^\s*(?:[-*]|\d+\.)\s.*$", " ", prose)
     return len(re.findall(r"[.!?](?:\s|$)", prose))
 
 
