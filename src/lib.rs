@@ -1,1 +1,5 @@
 //! dreamloop learning core.
+
+pub mod checkpoint;
+pub mod events;
+pub mod rollback;
