@@ -681,3 +681,47 @@ fn a_full_filesystem_fails_the_save_and_keeps_the_previous_checkpoint() {
         step_dir_name(3) + "\n"
     );
 }
+
+#[test]
+fn a_crash_while_marking_good_and_mirroring_leaves_both_sides_usable() {
+    let fixture = |state: &Path, mirror: &Path| {
+        let (mut store, _) = CheckpointStore::open(
+            state,
+            RetentionPolicy {
+                keep_last: 1,
+                mirror_dir: Some(mirror.to_path_buf()),
+            },
+        )
+        .unwrap();
+        save(&mut store, 1).unwrap();
+        store.mark_good(1).unwrap();
+        save(&mut store, 2).unwrap();
+        store
+    };
+    let (state, mirror) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let faults = Faults::new(0, false);
+    let mut store = fixture(state.path(), mirror.path()).with_fault_hook(faults.clone());
+    store.mark_good(2).unwrap();
+    let total = faults.seen.load(Ordering::SeqCst);
+    assert!(total > 15, "only {total} operations counted");
+
+    for crash_at in 1..=total {
+        let (state, mirror) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut store =
+            fixture(state.path(), mirror.path()).with_fault_hook(Faults::new(crash_at, true));
+        let outcome = panic::catch_unwind(AssertUnwindSafe(|| store.mark_good(2)));
+        assert!(outcome.expect_err("the hook crashes").is::<Crash>());
+        drop(store);
+        let context = format!("crash at operation {crash_at} of {total}");
+        for root in [state.path(), mirror.path()] {
+            let (side, _) = open(root, 1);
+            let good = side.good().unwrap_or_else(|| panic!("{context}: no GOOD"));
+            assert!(good == 1 || good == 2, "{context}: GOOD {good}");
+            side.load(good).unwrap();
+            for listed in side.list().unwrap() {
+                side.load(listed.step)
+                    .unwrap_or_else(|e| panic!("{context}: {e}"));
+            }
+        }
+    }
+}
