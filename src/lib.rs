@@ -5,3 +5,6 @@
 
 pub mod model;
 pub mod train;
+pub mod checkpoint;
+pub mod events;
+pub mod rollback;
