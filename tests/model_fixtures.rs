@@ -328,3 +328,33 @@ fn sharded_checkpoint_loads() {
         logits_of(&single, &rows, None)
     );
 }
+
+/// Decoding one token at a time through the KV cache gives transformers' full-sequence
+/// logits at every position.
+#[test]
+fn cached_decoding_matches_full_sequence_logits() {
+    use dreamloop::model::llama::KvCache;
+    for name in ["llama_tied", "qwen2", "qwen3"] {
+        let model = Model::load(&fixture(name), &cpu()).unwrap();
+        let lm = model.frozen();
+        let case = &reference(name)["cases"]["seq16"];
+        let ids = ids_of(case).remove(0);
+        let want = floats(&case["logits"]);
+        let vocab = model.config.vocab_size;
+        let mut cache = KvCache::default();
+        // A 5-token prefill, then one token at a time.
+        let mut pos = 0;
+        for chunk in [&ids[..5], &ids[5..6], &ids[6..7], &ids[7..]] {
+            let n = chunk.len();
+            let input = Tensor::<2, Int>::from_data(
+                TensorData::new(chunk.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, n]),
+                &lm.device(),
+            );
+            let got = lm.forward_cached(input, &mut cache).into_data().try_to_vec::<f32>().unwrap();
+            let diff = max_abs_diff(&got, &want[pos * vocab..(pos + n) * vocab]);
+            assert!(diff <= LOGIT_ATOL, "{name}: cached logits at {pos}..{} differ by {diff}", pos + n);
+            pos += n;
+        }
+        assert_eq!(cache.len, ids.len());
+    }
+}

@@ -4,7 +4,9 @@
 //! live in the TOML config (later issues). Errors are reported with `anyhow` here only; the
 //! core returns typed errors.
 
+mod cmd_generate;
 mod cmd_logprobs;
+mod cmd_train;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +27,10 @@ enum Command {
     Score(cmd_logprobs::ScoreArgs),
     /// Per-token log-probs of every line of a JSONL file ({"ids":[..]}, {"text":..} or {"messages":[..]}).
     Logprobs(cmd_logprobs::LogprobsArgs),
+    /// One pass of SFT or DPO over a dataset file (TRL formats), written as a HF directory.
+    Train(cmd_train::TrainArgs),
+    /// Chat-templated generation (greedy by default) with a KV cache.
+    Generate(cmd_generate::GenerateArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -38,6 +44,8 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Score(args) => cmd_logprobs::score(args),
         Command::Logprobs(args) => cmd_logprobs::logprobs(args),
+        Command::Train(args) => cmd_train::run(args),
+        Command::Generate(args) => cmd_generate::run(args),
     };
     match result {
         Ok(code) => code,

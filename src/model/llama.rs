@@ -196,6 +196,44 @@ impl Attention {
     }
 }
 
+impl Attention {
+    /// Attention of `n` new positions over the cached keys/values plus their own; appends the
+    /// new keys/values (after RoPE, before `repeat_kv`) to `cache`.
+    ///
+    /// # Shapes
+    /// `x: [batch, n, hidden]`, `ctx.mask: [batch, 1, n, past + n]` → `[batch, n, hidden]`
+    pub fn forward_cached(&self, x: Tensor<3>, ctx: &ForwardContext, cache: &mut Option<(Tensor<4>, Tensor<4>)>) -> Tensor<3> {
+        let [batch, n, _] = x.dims();
+        let AttentionShape {
+            heads,
+            kv_heads,
+            head_dim,
+        } = self.shape;
+        let split = |t: Tensor<3>, h: usize| t.reshape([batch, n, h, head_dim]).swap_dims(1, 2);
+        let mut q = split(self.q_proj.forward(x.clone()), heads);
+        let mut k = split(self.k_proj.forward(x.clone()), kv_heads);
+        let v = split(self.v_proj.forward(x), kv_heads);
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(q);
+            k = kn.forward(k);
+        }
+        let q = apply_rope(q, &ctx.cos, &ctx.sin);
+        let k = apply_rope(k, &ctx.cos, &ctx.sin);
+        let (k, v) = match cache.take() {
+            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+            None => (k, v),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        let [_, _, total, _] = k.dims();
+        let k = repeat_kv(k, heads / kv_heads);
+        let v = repeat_kv(v, heads / kv_heads);
+        let scores = q.matmul(k.swap_dims(2, 3)) * (head_dim as f64).powf(-0.5);
+        let scores = scores.mask_fill(ctx.mask.clone().expand([batch, heads, n, total]), -1.0e30);
+        let out = softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([batch, n, heads * head_dim]);
+        self.o_proj.forward(out)
+    }
+}
+
 /// `x·cos + rotate_half(x)·sin` with `rotate_half(x) = cat(-x₂, x₁)` (HF's non-interleaved RoPE).
 ///
 /// # Shapes
@@ -268,6 +306,14 @@ pub struct CausalLm {
     /// Sliding-window width (mistral), if any.
     #[module(skip)]
     pub sliding_window: Option<usize>,
+}
+
+/// Keys and values of the positions decoded so far, per layer (`[batch, kv_heads, len, head_dim]`).
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    /// Positions already in the cache.
+    pub len: usize,
 }
 
 /// What a forward pass returns besides logits when asked.
@@ -442,6 +488,61 @@ impl CausalLm {
         self.logits_from_hidden(hidden)
     }
 
+    /// Logits of `input_ids` appended after the positions already in `cache` (a single
+    /// unpadded sequence per row), updating the cache: decoding is linear, not quadratic.
+    ///
+    /// # Shapes
+    /// `input_ids: [batch, n]` → `[batch, n, vocab]`
+    pub fn forward_cached(&self, input_ids: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3> {
+        let [batch, n] = input_ids.dims();
+        let device = input_ids.device();
+        if cache.layers.len() != self.model.layers.len() {
+            cache.layers = vec![None; self.model.layers.len()];
+        }
+        let past = cache.len;
+        let (cos, sin) = self.rope_tables(past, n, &device);
+        let mut mask = Vec::with_capacity(batch * n * (past + n));
+        for _ in 0..batch {
+            for i in 0..n {
+                let pos = past + i;
+                for j in 0..past + n {
+                    mask.push(j > pos || self.sliding_window.is_some_and(|w| pos >= j + w));
+                }
+            }
+        }
+        let ctx = ForwardContext {
+            cos,
+            sin,
+            mask: Tensor::<4, Bool>::from_data(TensorData::new(mask, [batch, 1, n, past + n]), &device),
+        };
+        let mut x = burn::tensor::module::embedding(self.model.embed_tokens.weight.val(), input_ids);
+        for (layer, slot) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
+            let attn = layer.self_attn.forward_cached(layer.input_layernorm.forward(x.clone()), &ctx, slot);
+            x = x + attn;
+            x = x.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(x));
+        }
+        cache.len += n;
+        self.logits_from_hidden(self.model.norm.forward(x))
+    }
+
+    /// cos/sin tables for positions `start..start + n`.
+    fn rope_tables(&self, start: usize, n: usize, device: &Device) -> (Tensor<4>, Tensor<4>) {
+        let half = self.inv_freq.len();
+        let head_dim = 2 * half;
+        let mut cos = Vec::with_capacity(n * head_dim);
+        let mut sin = Vec::with_capacity(n * head_dim);
+        for pos in start..start + n {
+            // transformers: freqs = inv_freq ⊗ position in float32, emb = cat(freqs, freqs).
+            let freqs: Vec<f32> = self.inv_freq.iter().map(|f| f * pos as f32).collect();
+            for _ in 0..2 {
+                cos.extend(freqs.iter().map(|f| f.cos()));
+                sin.extend(freqs.iter().map(|f| f.sin()));
+            }
+        }
+        let table = |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, [1, 1, n, head_dim]), device);
+        (table(cos), table(sin))
+    }
+
     /// RoPE tables for positions `0..seq` and the combined attention mask.
     fn context(
         &self,
@@ -450,20 +551,7 @@ impl CausalLm {
         attention_mask: Option<&[Vec<u8>]>,
         device: &Device,
     ) -> ForwardContext {
-        let half = self.inv_freq.len();
-        let head_dim = 2 * half;
-        let mut cos = Vec::with_capacity(seq * head_dim);
-        let mut sin = Vec::with_capacity(seq * head_dim);
-        for pos in 0..seq {
-            // transformers: freqs = inv_freq ⊗ position in float32, emb = cat(freqs, freqs).
-            let freqs: Vec<f32> = self.inv_freq.iter().map(|f| f * pos as f32).collect();
-            for _ in 0..2 {
-                cos.extend(freqs.iter().map(|f| f.cos()));
-                sin.extend(freqs.iter().map(|f| f.sin()));
-            }
-        }
-        let table =
-            |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, [1, 1, seq, head_dim]), device);
+        let (cos, sin) = self.rope_tables(0, seq, device);
         let mut mask = Vec::with_capacity(batch * seq * seq);
         for b in 0..batch {
             for i in 0..seq {
@@ -477,8 +565,8 @@ impl CausalLm {
             }
         }
         ForwardContext {
-            cos: table(cos),
-            sin: table(sin),
+            cos,
+            sin,
             mask: Tensor::<4, Bool>::from_data(TensorData::new(mask, [batch, 1, seq, seq]), device),
         }
     }

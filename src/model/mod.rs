@@ -10,6 +10,7 @@
 //! (`model.valid()`), or burn keeps the graph alive.
 
 pub mod config;
+pub mod generate;
 pub mod llama;
 pub mod logprobs;
 pub mod preset;

@@ -1,3 +1,5 @@
 //! Training: losses, optimizers, schedules and the one-step trainer.
 
 pub mod loss;
+pub mod dataset;
+pub mod trainer;

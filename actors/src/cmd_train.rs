@@ -1,0 +1,213 @@
+//! `dreamloop train`: one pass over a dataset file, in file order, through the same
+//! `Trainer` the loop uses — an operator's first run, and a way to compare with other tools.
+//!
+//! With a constant lr (no warmup) and no clipping the result matches PyTorch with TRL's
+//! semantics: SFT loss = mean over all completion tokens of a batch, DPO loss = mean over the
+//! batch's pairs, `torch.optim.AdamW` (1-D tensors not decayed, as HF's Trainer groups them).
+
+use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use dreamloop::model::{default_device, Model};
+use dreamloop::train::dataset::{parse_line, Item};
+use dreamloop::train::loss::DpoVariant;
+use dreamloop::train::optim::{AdamWConfig, ApolloConfig, OptimizerConfig};
+use dreamloop::train::schedule::LrSchedule;
+use dreamloop::train::trainer::{Batch, TrainError, Trainer, TrainerConfig};
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LossKind {
+    Sft,
+    Dpo,
+    Ipo,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OptimizerKind {
+    Adamw,
+    Apollo,
+    ApolloMini,
+}
+
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// The starting model: a Hugging Face directory or a preset name.
+    #[arg(long)]
+    pub model: String,
+    /// JSONL in TRL's formats (prompt/completion, prompt/chosen/rejected, or pre-tokenized).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Where the trained Hugging Face directory is written.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value = "sft")]
+    pub loss: LossKind,
+    /// DPO temperature β.
+    #[arg(long, default_value_t = 0.01)]
+    pub beta: f64,
+    /// DPO reference weights (default: a frozen copy of --model).
+    #[arg(long)]
+    pub ref_model: Option<String>,
+    #[arg(long, value_enum, default_value = "adamw")]
+    pub optimizer: OptimizerKind,
+    /// Peak learning rate (default: 1e-5 for SFT, 5e-7 for DPO/IPO).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Decoupled weight decay (not applied to 1-D tensors).
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Linear warmup steps (0 = constant lr from the first step).
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: u64,
+    /// Global grad-norm clipping threshold (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// Seed of APOLLO's projections.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// APOLLO rank (ignored by adamw and apollo-mini).
+    #[arg(long, default_value_t = 128)]
+    pub apollo_rank: usize,
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    let device = default_device().autodiff();
+    let model = Model::open(&args.model, &device).with_context(|| format!("loading model `{}`", args.model))?;
+    let reference = match &args.ref_model {
+        Some(spec) => Some(Model::open(spec, &default_device()).with_context(|| format!("loading reference `{spec}`"))?.lm),
+        None => None,
+    };
+    let lr = args.lr.unwrap_or(match args.loss {
+        LossKind::Sft => 1e-5,
+        LossKind::Dpo | LossKind::Ipo => 5e-7,
+    });
+    let optimizer = match args.optimizer {
+        OptimizerKind::Adamw => OptimizerConfig::Adamw(AdamWConfig {
+            weight_decay: args.weight_decay,
+            ..AdamWConfig::default()
+        }),
+        OptimizerKind::Apollo => OptimizerConfig::Apollo(ApolloConfig {
+            weight_decay: args.weight_decay,
+            seed: args.seed,
+            ..ApolloConfig::apollo(args.apollo_rank)
+        }),
+        OptimizerKind::ApolloMini => OptimizerConfig::Apollo(ApolloConfig {
+            weight_decay: args.weight_decay,
+            seed: args.seed,
+            ..ApolloConfig::mini()
+        }),
+    };
+    let settings = TrainerConfig {
+        optimizer,
+        schedule: LrSchedule::warmup_constant(lr, args.warmup_steps),
+        max_grad_norm: args.max_grad_norm,
+        beta: args.beta,
+        dpo_variant: if args.loss == LossKind::Ipo { DpoVariant::Ipo } else { DpoVariant::Sigmoid },
+        freeze: Vec::new(),
+        train_only: Vec::new(),
+        pad_id: model.config.pad_token_id.or(model.config.eos_token_id).unwrap_or(0),
+    };
+
+    // Read and tokenize every line first: a bad line is reported and skipped, never fatal.
+    let shown = args.data.display().to_string();
+    let file = std::fs::File::open(&args.data).with_context(|| format!("opening {shown}"))?;
+    let mut items = Vec::new();
+    let mut bad = 0usize;
+    for (index, line) in std::io::BufReader::new(file).split(b'\n').enumerate() {
+        let bytes = line.with_context(|| format!("reading {shown}"))?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let parsed = match std::str::from_utf8(&bytes) {
+            Ok(text) => parse_line(text, model.tokenizer.as_ref(), model.config.vocab_size, &shown, index + 1)
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(format!("{shown}:{}: <line>: not UTF-8: {e}", index + 1)),
+        };
+        match parsed {
+            Ok(item) => {
+                let wrong = match (&item, args.loss) {
+                    (Item::Sft(_), LossKind::Sft) | (Item::Dpo(_), LossKind::Dpo | LossKind::Ipo) => None,
+                    (Item::Sft(_), _) => Some("an SFT example in a preference run"),
+                    (Item::Dpo(_), _) => Some("a preference pair in an SFT run"),
+                };
+                match wrong {
+                    Some(why) => {
+                        bad += 1;
+                        eprintln!("{shown}:{}: skipped: {why}", index + 1);
+                    }
+                    None => items.push(item),
+                }
+            }
+            Err(e) => {
+                bad += 1;
+                eprintln!("{e}");
+            }
+        }
+    }
+    if items.is_empty() {
+        bail!("{shown}: no usable examples ({bad} bad lines)");
+    }
+
+    let mut trainer = Trainer::new(model.config.clone(), model.lm, reference, settings)?
+        .with_files(model.dtypes, model.tokenizer.as_ref());
+    let batches: Vec<Batch> = items
+        .chunks(args.batch_size.max(1))
+        .map(|chunk| {
+            let mut batch = Batch::default();
+            for item in chunk {
+                match item {
+                    Item::Sft(e) => batch.sft.push(e.clone()),
+                    Item::Dpo(e) => batch.dpo.push(e.clone()),
+                }
+            }
+            batch
+        })
+        .collect();
+    let total = batches.len();
+    let tty = std::io::stderr().is_terminal();
+    let mut skipped = 0usize;
+    for (i, batch) in batches.iter().enumerate() {
+        match trainer.step(batch) {
+            Ok(r) => {
+                let dpo = r
+                    .dpo
+                    .as_ref()
+                    .map(|d| format!(" margin {:.4} acc {:.2}", d.margins, d.accuracy))
+                    .unwrap_or_default();
+                let line = format!(
+                    "step {}/{total} loss {:.4}{dpo} grad_norm {:.3} lr {:.2e} {:.0} tok/s",
+                    i + 1,
+                    r.loss,
+                    r.grad_norm,
+                    r.lr,
+                    r.tokens as f64 / r.seconds.max(1e-9)
+                );
+                if tty {
+                    eprint!("\r{line}\x1b[K");
+                } else {
+                    eprintln!("{line}");
+                }
+            }
+            Err(e @ (TrainError::NonFiniteLoss { .. } | TrainError::NonFiniteGradient | TrainError::Repeated { .. })) => {
+                skipped += 1;
+                eprintln!("\nstep {}/{total}: skipped: {e}", i + 1);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+    trainer.save(&args.out).with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!(
+        "wrote {} ({} steps, {} skipped, {bad} bad lines)",
+        args.out.display(),
+        trainer.step_count(),
+        skipped
+    );
+    Ok(if bad > 0 || skipped > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })
+}

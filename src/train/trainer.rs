@@ -1,0 +1,459 @@
+//! The one-step online trainer: take this batch, take one optimizer step, report.
+//!
+//! The loop never ends and never repeats an example, so there are no epochs here: a
+//! [`Trainer`] holds the policy weights (autodiff), a frozen reference copy (no autodiff;
+//! DPO only), the optimizer, the schedule position and the hashes of every example it has
+//! trained on. [`Trainer::step`] reads as the recipe:
+//!
+//! 1. refuse any example seen before;
+//! 2. forward: SFT log-probs (one padded batch) and DPO policy log-probs of chosen and
+//!    rejected (one padded batch, as TRL concatenates them), reference log-probs forward-only;
+//! 3. loss = SFT loss + DPO loss (whichever the batch has);
+//! 4. guard: a non-finite loss or gradient skips the step and touches nothing;
+//! 5. global grad-norm clipping, optimizer step at the scheduled lr;
+//! 6. record the hashes, advance the step, report.
+//!
+//! The trainer draws no random numbers itself (APOLLO's projection seeds live in the
+//! optimizer state), so a resumed run is bit-identical to an uninterrupted one as long as
+//! weights, optimizer state, schedule and step are restored: see [`Trainer::save`].
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::{Module, ModuleMapper, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::clip::{clip_grad_norm, grad_norm, grads_finite};
+use super::loss::{dpo_loss, sft_loss, DpoStats, DpoVariant};
+use super::optim::{ModelOptimizer, OptimError, OptimizerConfig};
+use super::schedule::LrSchedule;
+use crate::model::logprobs::{logprobs, ScoredSeq};
+use crate::model::{CausalLm, Device, DiskDtype, ModelConfig, ModelError, Tokenizer};
+
+/// A tokenized SFT example: the loss covers `completion` only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SftItem {
+    pub prompt: Vec<u32>,
+    pub completion: Vec<u32>,
+    /// Content hash (the never-repeat key).
+    pub hash: u64,
+}
+
+/// A tokenized DPO pair sharing one prompt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DpoItem {
+    pub prompt: Vec<u32>,
+    pub chosen: Vec<u32>,
+    pub rejected: Vec<u32>,
+    pub hash: u64,
+}
+
+/// One optimizer step's worth of examples.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch {
+    pub sft: Vec<SftItem>,
+    pub dpo: Vec<DpoItem>,
+}
+
+impl Batch {
+    fn hashes(&self) -> impl Iterator<Item = u64> + '_ {
+        self.sft.iter().map(|e| e.hash).chain(self.dpo.iter().map(|e| e.hash))
+    }
+    pub fn is_empty(&self) -> bool {
+        self.sft.is_empty() && self.dpo.is_empty()
+    }
+}
+
+/// How the trainer trains.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerConfig {
+    pub optimizer: OptimizerConfig,
+    pub schedule: LrSchedule,
+    /// Global L2 clipping threshold over all gradients; 0 disables clipping.
+    pub max_grad_norm: f64,
+    /// DPO temperature β.
+    pub beta: f64,
+    pub dpo_variant: DpoVariant,
+    /// Parameter-name globs (`*`, `?`) that get no gradient and no optimizer state.
+    pub freeze: Vec<String>,
+    /// If non-empty, only parameters matching one of these globs train.
+    pub train_only: Vec<String>,
+    /// Padding id for batches (masked, so any valid id works).
+    pub pad_id: u32,
+}
+
+/// Why a step was not taken. Weights and optimizer state are unchanged in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("example {hash:016x} was trained on before; the loop never repeats an example")]
+    Repeated { hash: u64 },
+    #[error("the batch is empty")]
+    EmptyBatch,
+    #[error("an example has no completion tokens (prompt-only SFT item or empty DPO response)")]
+    EmptyCompletion,
+    #[error("the loss is not finite ({value}); step skipped")]
+    NonFiniteLoss { value: f64 },
+    #[error("a gradient is not finite; step skipped")]
+    NonFiniteGradient,
+    #[error(transparent)]
+    Optimizer(#[from] OptimError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("{path}: {reason}")]
+    State { path: PathBuf, reason: String },
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepReport {
+    /// Steps taken so far, this one included.
+    pub step: u64,
+    pub loss: f64,
+    pub sft_loss: Option<f64>,
+    pub dpo: Option<DpoStats>,
+    /// Global gradient L2 norm before clipping.
+    pub grad_norm: f64,
+    pub lr: f64,
+    /// Tokens in the forward passes (prompt + completion, padding excluded).
+    pub tokens: usize,
+    pub sft_examples: usize,
+    pub dpo_pairs: usize,
+    pub seconds: f64,
+}
+
+/// Everything besides weights and optimizer moments that a resumed run needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub step: u64,
+    pub schedule: LrSchedule,
+    pub config: TrainerConfig,
+}
+
+/// The online trainer.
+pub struct Trainer {
+    /// Architecture and the `config.json` to write back on save.
+    pub config: ModelConfig,
+    /// Policy weights on an autodiff device. `None` only transiently inside `step`.
+    model: Option<CausalLm>,
+    /// Frozen reference weights (non-autodiff), for DPO.
+    reference: CausalLm,
+    optim: ModelOptimizer,
+    schedule: LrSchedule,
+    step: u64,
+    seen: HashSet<u64>,
+    settings: TrainerConfig,
+    /// Disk dtypes, tokenizer and extra files, so saved weights are a complete HF directory.
+    dtypes: HashMap<String, DiskDtype>,
+    tokenizer_files: Vec<(String, Vec<u8>)>,
+}
+
+impl Trainer {
+    /// A trainer for `model`, which must live on an autodiff device. The reference for DPO
+    /// is a frozen copy of these starting weights unless `reference` names other weights.
+    pub fn new(
+        config: ModelConfig,
+        model: CausalLm,
+        reference: Option<CausalLm>,
+        settings: TrainerConfig,
+    ) -> Result<Self, TrainError> {
+        let optim = ModelOptimizer::new(settings.optimizer.clone())?;
+        let reference = reference.unwrap_or_else(|| model.valid());
+        let model = apply_freeze(model, &settings.freeze, &settings.train_only);
+        Ok(Trainer {
+            config,
+            model: Some(model),
+            reference,
+            optim,
+            schedule: settings.schedule.clone(),
+            step: 0,
+            seen: HashSet::new(),
+            settings,
+            dtypes: HashMap::new(),
+            tokenizer_files: Vec::new(),
+        })
+    }
+
+    /// Keeps the tokenizer files and disk dtypes of the source checkpoint for saving.
+    pub fn with_files(mut self, dtypes: HashMap<String, DiskDtype>, tokenizer: Option<&Tokenizer>) -> Self {
+        self.dtypes = dtypes;
+        self.tokenizer_files = tokenizer.map(|t| t.files.clone()).unwrap_or_default();
+        self
+    }
+
+    /// The policy weights (autodiff).
+    pub fn model(&self) -> &CausalLm {
+        self.model.as_ref().expect("model is only absent inside step()")
+    }
+
+    /// A forward-only copy of the current weights, for probes.
+    pub fn frozen(&self) -> CausalLm {
+        self.model().valid()
+    }
+
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// The lr the next step will use.
+    pub fn current_lr(&self) -> f64 {
+        self.schedule.lr_at(self.step)
+    }
+
+    /// Multiplies the lr curve (a rollback lowers it).
+    pub fn scale_lr(&mut self, factor: f64) {
+        self.schedule.scale(factor);
+    }
+
+    pub fn has_seen(&self, hash: u64) -> bool {
+        self.seen.contains(&hash)
+    }
+
+    /// Optimizer state bytes (for metrics and benchmarks).
+    pub fn optimizer(&self) -> &ModelOptimizer {
+        &self.optim
+    }
+
+    /// One optimizer step on `batch`.
+    pub fn step(&mut self, batch: &Batch) -> Result<StepReport, TrainError> {
+        let started = Instant::now();
+        if batch.is_empty() {
+            return Err(TrainError::EmptyBatch);
+        }
+        let mut in_batch = HashSet::new();
+        for hash in batch.hashes() {
+            if self.seen.contains(&hash) || !in_batch.insert(hash) {
+                return Err(TrainError::Repeated { hash });
+            }
+        }
+        let pad = self.settings.pad_id;
+        let model = self.model.as_ref().expect("model is only absent inside step()");
+        let mut report = StepReport {
+            sft_examples: batch.sft.len(),
+            dpo_pairs: batch.dpo.len(),
+            ..StepReport::default()
+        };
+
+        // Forward passes and the loss.
+        let mut loss: Option<Tensor<1>> = None;
+        if !batch.sft.is_empty() {
+            let seqs: Vec<ScoredSeq> = batch.sft.iter().map(|e| joined(&e.prompt, &e.completion)).collect();
+            check_completions(&seqs)?;
+            report.tokens += seqs.iter().map(|s| s.ids.len()).sum::<usize>();
+            let l = sft_loss(&logprobs(model, &seqs, pad));
+            report.sft_loss = Some(scalar(&l));
+            loss = Some(l);
+        }
+        if !batch.dpo.is_empty() {
+            let chosen: Vec<ScoredSeq> = batch.dpo.iter().map(|e| joined(&e.prompt, &e.chosen)).collect();
+            let rejected: Vec<ScoredSeq> = batch.dpo.iter().map(|e| joined(&e.prompt, &e.rejected)).collect();
+            check_completions(&chosen)?;
+            check_completions(&rejected)?;
+            report.tokens += chosen.iter().chain(&rejected).map(|s| s.ids.len()).sum::<usize>();
+            let pairs = chosen.len();
+            let both: Vec<ScoredSeq> = chosen.iter().chain(&rejected).cloned().collect();
+            let policy = logprobs(model, &both, pad);
+            let (pol_c, pol_r) = split_rows(policy, pairs);
+            let reference = sums_host(&self.reference, &both, pad);
+            let (ref_c, ref_r) = reference.split_at(pairs);
+            let (l, stats) = dpo_loss(&pol_c, &pol_r, ref_c, ref_r, self.settings.beta, self.settings.dpo_variant);
+            report.dpo = Some(stats);
+            loss = Some(match loss {
+                Some(s) => s + l,
+                None => l,
+            });
+        }
+        let loss = loss.expect("a non-empty batch has SFT or DPO items");
+        report.loss = scalar(&loss);
+        if !report.loss.is_finite() {
+            self.seen.extend(batch.hashes());
+            return Err(TrainError::NonFiniteLoss { value: report.loss });
+        }
+
+        // Backward, guard, clip, step.
+        let mut grads = GradientsParams::from_grads(loss.backward(), model);
+        if !grads_finite(model, &grads) {
+            self.seen.extend(batch.hashes());
+            return Err(TrainError::NonFiniteGradient);
+        }
+        report.grad_norm = if self.settings.max_grad_norm > 0.0 {
+            clip_grad_norm(model, &mut grads, self.settings.max_grad_norm)
+        } else {
+            grad_norm(model, &grads)
+        };
+        report.lr = self.schedule.lr_at(self.step);
+        let current = self.model.take().expect("model is only absent inside step()");
+        let backup = current.clone();
+        match self.optim.step(report.lr, current, grads) {
+            Ok(updated) => self.model = Some(updated),
+            Err(e) => {
+                self.model = Some(backup);
+                return Err(e.into());
+            }
+        }
+        self.seen.extend(batch.hashes());
+        self.step += 1;
+        report.step = self.step;
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
+    }
+
+    /// Writes everything a resumed run needs into `dir`: the weights as a Hugging Face
+    /// directory, `optimizer.bpk`, `trainer_state.json` and `seen.bin` (u64 LE hashes).
+    pub fn save(&self, dir: &Path) -> Result<(), TrainError> {
+        crate::model::save_dir(dir, &self.config, self.model(), &self.dtypes, None, &self.tokenizer_files)?;
+        self.optim.save(&dir.join("optimizer.bpk"))?;
+        let state = TrainerState {
+            step: self.step,
+            schedule: self.schedule.clone(),
+            config: self.settings.clone(),
+        };
+        let io = |path: PathBuf| move |e: std::io::Error| TrainError::State { path, reason: e.to_string() };
+        let state_path = dir.join("trainer_state.json");
+        std::fs::write(&state_path, serde_json::to_vec_pretty(&state).expect("state serialises"))
+            .map_err(io(state_path.clone()))?;
+        let mut seen: Vec<u64> = self.seen.iter().copied().collect();
+        seen.sort_unstable();
+        let bytes: Vec<u8> = seen.iter().flat_map(|h| h.to_le_bytes()).collect();
+        let seen_path = dir.join("seen.bin");
+        std::fs::write(&seen_path, bytes).map_err(io(seen_path.clone()))
+    }
+
+    /// Restores a trainer saved by [`Trainer::save`] onto `device` (autodiff for training).
+    /// The DPO reference is the weights in `reference_dir` (the run's starting model).
+    pub fn restore(dir: &Path, reference: CausalLm, device: &Device) -> Result<Self, TrainError> {
+        let model = crate::model::Model::load(dir, device)?;
+        let state_path = dir.join("trainer_state.json");
+        let bad = |reason: String| TrainError::State {
+            path: state_path.clone(),
+            reason,
+        };
+        let text = std::fs::read_to_string(&state_path).map_err(|e| bad(e.to_string()))?;
+        let state: TrainerState = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let seen_path = dir.join("seen.bin");
+        let seen_bytes = std::fs::read(&seen_path).map_err(|e| TrainError::State {
+            path: seen_path.clone(),
+            reason: e.to_string(),
+        })?;
+        if seen_bytes.len() % 8 != 0 {
+            return Err(TrainError::State {
+                path: seen_path,
+                reason: format!("{} bytes is not a whole number of u64 hashes", seen_bytes.len()),
+            });
+        }
+        let mut trainer = Trainer::new(model.config, model.lm, Some(reference), state.config)?
+            .with_files(model.dtypes, model.tokenizer.as_ref());
+        trainer.optim.load(&dir.join("optimizer.bpk"), device)?;
+        trainer.schedule = state.schedule;
+        trainer.step = state.step;
+        trainer.seen = seen_bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("chunks of 8")))
+            .collect();
+        Ok(trainer)
+    }
+}
+
+fn joined(prompt: &[u32], completion: &[u32]) -> ScoredSeq {
+    let mut ids = prompt.to_vec();
+    ids.extend_from_slice(completion);
+    ScoredSeq {
+        ids,
+        score_from: prompt.len().max(1),
+    }
+}
+
+fn check_completions(seqs: &[ScoredSeq]) -> Result<(), TrainError> {
+    if seqs.iter().any(|s| s.ids.len() < 2 || s.score_from >= s.ids.len()) {
+        return Err(TrainError::EmptyCompletion);
+    }
+    Ok(())
+}
+
+fn scalar(t: &Tensor<1>) -> f64 {
+    t.clone().into_scalar::<f32>() as f64
+}
+
+/// Splits a `[2·pairs, seq]` log-prob batch into its chosen and rejected halves.
+fn split_rows(lp: crate::model::logprobs::LogProbs, pairs: usize) -> (crate::model::logprobs::LogProbs, crate::model::logprobs::LogProbs) {
+    use crate::model::logprobs::LogProbs;
+    let [_, width] = lp.token.dims();
+    let half = |start: usize| LogProbs {
+        token: lp.token.clone().narrow(0, start, pairs),
+        mask: lp.mask.clone().narrow(0, start, pairs),
+        mask_host: lp.mask_host[start..start + pairs].to_vec(),
+    };
+    debug_assert!(width > 0);
+    (half(0), half(pairs))
+}
+
+/// Summed scored log-probs per sequence under frozen weights (no graph).
+fn sums_host(lm: &CausalLm, seqs: &[ScoredSeq], pad: u32) -> Vec<f64> {
+    logprobs(lm, seqs, pad)
+        .scored_host()
+        .iter()
+        .map(|v| v.iter().map(|&x| x as f64).sum())
+        .collect()
+}
+
+/// `*` matches any run of characters (dots included), `?` one character.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    let (mut pi, mut ni, mut star, mut mark) = (0, 0, None, 0);
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ni;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ni = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+/// Turns off gradients of frozen parameters (by name), so they get no optimizer state.
+struct Freezer<'a> {
+    path: Vec<String>,
+    freeze: &'a [String],
+    train_only: &'a [String],
+}
+
+impl ModuleMapper for Freezer<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let name = self.path.join(".");
+        let frozen = self.freeze.iter().any(|p| glob_match(p, &name))
+            || (!self.train_only.is_empty() && !self.train_only.iter().any(|p| glob_match(p, &name)));
+        if frozen {
+            param.set_require_grad(false)
+        } else {
+            param
+        }
+    }
+}
+
+fn apply_freeze(model: CausalLm, freeze: &[String], train_only: &[String]) -> CausalLm {
+    if freeze.is_empty() && train_only.is_empty() {
+        return model;
+    }
+    model.map(&mut Freezer {
+        path: Vec::new(),
+        freeze,
+        train_only,
+    })
+}
