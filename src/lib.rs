@@ -1,1 +1,3 @@
 //! dreamloop learning core.
+
+pub mod train;
