@@ -3,8 +3,8 @@
 //! CPU; the runtime (actors, signals, metrics export) lives in the `dreamloop-actors` crate.
 //! See `DESIGN.md` for the map.
 
-pub mod model;
-pub mod train;
 pub mod checkpoint;
 pub mod events;
+pub mod model;
 pub mod rollback;
+pub mod train;
