@@ -1,1 +1,2 @@
 //! dreamloop learning core.
+pub mod model;

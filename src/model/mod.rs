@@ -1,0 +1,3 @@
+//! Models: configs, decoders, weight I/O, tokenizers.
+
+pub mod gguf;
