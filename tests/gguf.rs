@@ -17,16 +17,23 @@ use std::path::Path;
 
 /// A tensor to write: name, dims (innermost first), ggml type id, raw bytes.
 struct RawTensor {
+    /// GGUF tensor name.
     name: String,
+    /// Dimensions, innermost first.
     dims: Vec<u64>,
+    /// ggml type id.
     type_id: u32,
+    /// Encoded blocks.
     data: Vec<u8>,
 }
 
 /// A GGUF v3 file under construction.
 struct Writer {
+    /// Metadata in write order.
     kv: Vec<(String, MetadataValue)>,
+    /// Tensors in write order.
     tensors: Vec<RawTensor>,
+    /// Data alignment (follows a `general.alignment` entry).
     alignment: u64,
 }
 
@@ -687,11 +694,17 @@ fn byte_level_chars() -> Vec<String> {
         .collect()
 }
 
+/// A tiny GGUF llama and the HF-order weights it encodes.
 struct TinyLlama {
+    /// The GGUF file.
     bytes: Vec<u8>,
+    /// Per layer: q_proj in HF row order (the file holds it permuted).
     q: Vec<Vec<f32>>,
+    /// Per layer: k_proj in HF row order.
     k: Vec<Vec<f32>>,
+    /// The embedding's exact values.
     embed: Vec<f32>,
+    /// Number of tokens.
     vocab: usize,
 }
 
@@ -1029,7 +1042,7 @@ fn gpt2_tokenizer_applies_merges_and_bos_and_rejects_other_models() {
 
 // ---------------------------------------------------------------- fuzz
 
-/// xorshift64*: a deterministic stream for the fuzz loop.
+/// xorshift64*: a deterministic stream for the fuzz loop (the field is the state).
 struct Rng(u64);
 
 impl Rng {

@@ -385,7 +385,7 @@ fn import_writes_hf_checkpoint() {
     );
 }
 
-/// xorshift64*: a deterministic stream for the fuzz loop.
+/// xorshift64*: a deterministic stream for the fuzz loop (the field is the state).
 struct Rng(u64);
 
 impl Rng {

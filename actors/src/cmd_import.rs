@@ -16,13 +16,14 @@ pub struct ImportGgufArgs {
 
 /// Runs the import and prints what was written.
 pub fn run(args: ImportGgufArgs) -> anyhow::Result<()> {
-    let report = dreamloop::model::gguf::import_gguf(&args.file, &args.out_dir).with_context(|| {
-        format!(
-            "importing {} into {}",
-            args.file.display(),
-            args.out_dir.display()
-        )
-    })?;
+    let report =
+        dreamloop::model::gguf::import_gguf(&args.file, &args.out_dir).with_context(|| {
+            format!(
+                "importing {} into {}",
+                args.file.display(),
+                args.out_dir.display()
+            )
+        })?;
     let types: Vec<String> = report
         .source_types
         .iter()

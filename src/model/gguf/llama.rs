@@ -311,3 +311,87 @@ pub fn required_hf_tensors(params: &LlamaParams) -> Vec<String> {
     }
     names
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(block_count: usize) -> LlamaParams {
+        LlamaParams {
+            block_count,
+            context_length: 16,
+            embedding_length: 8,
+            feed_forward_length: 16,
+            head_count: 4,
+            head_count_kv: 2,
+            head_dim: 2,
+            rope_freq_base: 10_000.0,
+            rms_norm_eps: 1e-5,
+            vocab_size: 10,
+            tied_embeddings: true,
+            bos_token_id: None,
+            eos_token_id: None,
+            pad_token_id: None,
+        }
+    }
+
+    #[test]
+    fn names_map_to_the_hf_table() {
+        let p = params(12);
+        let name = |g: &str| hf_tensor(g, &p).map(|t| (t.name, t.unpermute_heads));
+        assert_eq!(
+            name("token_embd.weight"),
+            Some(("model.embed_tokens.weight".into(), None))
+        );
+        assert_eq!(name("output.weight"), Some(("lm_head.weight".into(), None)));
+        assert_eq!(
+            name("output_norm.weight"),
+            Some(("model.norm.weight".into(), None))
+        );
+        assert_eq!(
+            name("blk.11.attn_q.weight"),
+            Some(("model.layers.11.self_attn.q_proj.weight".into(), Some(4)))
+        );
+        assert_eq!(
+            name("blk.0.attn_k.bias"),
+            Some(("model.layers.0.self_attn.k_proj.bias".into(), Some(2)))
+        );
+        assert_eq!(
+            name("blk.3.attn_output.weight"),
+            Some(("model.layers.3.self_attn.o_proj.weight".into(), None))
+        );
+        assert_eq!(
+            name("blk.3.ffn_down.weight"),
+            Some(("model.layers.3.mlp.down_proj.weight".into(), None))
+        );
+        assert_eq!(
+            name("blk.3.ffn_norm.weight"),
+            Some((
+                "model.layers.3.post_attention_layernorm.weight".into(),
+                None
+            ))
+        );
+        assert_eq!(
+            name("blk.3.attn_norm.weight"),
+            Some(("model.layers.3.input_layernorm.weight".into(), None))
+        );
+        for bad in [
+            "blk.12.attn_q.weight",
+            "blk.01.attn_q.weight",
+            "blk.1.attn_q.scale",
+            "blk.1.ffn_gate_exps.weight",
+            "rope_freqs.weight",
+            "blk..attn_q.weight",
+        ] {
+            assert_eq!(name(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn required_tensors_follow_tying() {
+        let mut p = params(2);
+        assert_eq!(required_hf_tensors(&p).len(), 2 + 2 * 9);
+        p.tied_embeddings = false;
+        assert!(required_hf_tensors(&p).contains(&"lm_head.weight".to_owned()));
+    }
+}
