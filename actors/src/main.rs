@@ -5,6 +5,7 @@
 //! core returns typed errors.
 
 mod cmd_generate;
+mod cmd_import;
 mod cmd_logprobs;
 mod cmd_train;
 
@@ -31,6 +32,8 @@ enum Command {
     Train(cmd_train::TrainArgs),
     /// Chat-templated generation (greedy by default) with a KV cache.
     Generate(cmd_generate::GenerateArgs),
+    /// Convert a GGUF file (llama architecture) into a Hugging Face directory.
+    ImportGguf(cmd_import::ImportGgufArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -46,6 +49,7 @@ fn main() -> std::process::ExitCode {
         Command::Logprobs(args) => cmd_logprobs::logprobs(args),
         Command::Train(args) => cmd_train::run(args),
         Command::Generate(args) => cmd_generate::run(args),
+        Command::ImportGguf(args) => cmd_import::run(args).map(|()| std::process::ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod generate;
+pub mod gguf;
 pub mod llama;
 pub mod logprobs;
 pub mod preset;
