@@ -38,11 +38,14 @@ static ALLOCATOR: Counting = Counting;
 
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let bundled = Library::load_dir(&root.join("scenarios")).ok().filter(|l| !l.templates.is_empty());
+    let bundled = Library::load_dir(&root.join("scenarios"))
+        .ok()
+        .filter(|l| !l.templates.is_empty());
     let (library, which) = match bundled {
         Some(l) => (l, "bundled scenarios/"),
         None => (
-            Library::load_dir(&root.join("tests/fixtures/data/templates")).expect("test templates parse"),
+            Library::load_dir(&root.join("tests/fixtures/data/templates"))
+                .expect("test templates parse"),
             "tests/fixtures/data/templates",
         ),
     };
@@ -52,13 +55,28 @@ fn main() {
     for phase in [Phase::Sft, Phase::Dpo] {
         let dir = tempfile::tempdir().expect("tempdir");
         let (ledger, _) = Ledger::open(dir.path(), LedgerPolicy::default()).expect("ledger");
-        let mut generator = Generator::new(library.clone(), ledger, GeneratorConfig { seed: 1, ..GeneratorConfig::default() }).expect("generator");
-        let labeler = Labeler::new(&LabelConfig { phase, ..LabelConfig::default() });
+        let mut generator = Generator::new(
+            library.clone(),
+            ledger,
+            GeneratorConfig {
+                seed: 1,
+                ..GeneratorConfig::default()
+            },
+        )
+        .expect("generator");
+        let labeler = Labeler::new(&LabelConfig {
+            phase,
+            ..LabelConfig::default()
+        });
         let start = Instant::now();
         let mut bytes = 0usize;
         for _ in 0..n {
             let example = labeler.scenario(&generator.next().expect("fresh scenario"));
-            bytes += example.prompt.iter().map(|m| m.content.len()).sum::<usize>();
+            bytes += example
+                .prompt
+                .iter()
+                .map(|m| m.content.len())
+                .sum::<usize>();
         }
         let secs = start.elapsed().as_secs_f64();
         println!(
@@ -68,8 +86,13 @@ fn main() {
             bytes as f64 / n as f64
         );
         generator.ledger_mut().sync().expect("sync");
-        let log = std::fs::metadata(dir.path().join("ledger.log")).expect("log").len();
-        println!("ledger on disk: {:.2} bytes/entry in the log", (log - 8) as f64 / n as f64);
+        let log = std::fs::metadata(dir.path().join("ledger.log"))
+            .expect("log")
+            .len();
+        println!(
+            "ledger on disk: {:.2} bytes/entry in the log",
+            (log - 8) as f64 / n as f64
+        );
     }
 
     for n in [100_000u64, 917_505, 1_000_000, 10_000_000] {
@@ -77,12 +100,16 @@ fn main() {
         let mut ledger = Ledger::in_memory();
         let start = Instant::now();
         for i in 0..n {
-            ledger.insert(ExampleHash(i.wrapping_mul(0x9e37_79b9_7f4a_7c15))).expect("in memory");
+            ledger
+                .insert(ExampleHash(i.wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+                .expect("in memory");
         }
         let secs = start.elapsed().as_secs_f64();
         let live = LIVE.load(Ordering::Relaxed) - before;
         let probe = Instant::now();
-        let hits = (0..n).filter(|i| ledger.contains(ExampleHash(i.wrapping_mul(0x9e37_79b9_7f4a_7c15)))).count();
+        let hits = (0..n)
+            .filter(|i| ledger.contains(ExampleHash(i.wrapping_mul(0x9e37_79b9_7f4a_7c15))))
+            .count();
         let probe_secs = probe.elapsed().as_secs_f64();
         assert_eq!(hits as u64, n);
         println!(

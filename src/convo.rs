@@ -14,9 +14,9 @@
 //!
 //! New files and appended lines are picked up on every [`ConvoReader::poll`]. The cursor
 //! keeps, per file, the byte offset just past its last complete line (a last line
-//! without its newline is not consumed: the writer may still be writing it) and the
-//! line count, so after [`ConvoReader::save_cursor`] a restart neither skips nor
-//! re-reads. A bad line (invalid JSON or UTF-8, a line over the size cap, a message with
+//! without its newline is not consumed: the writer may still be writing it; finished
+//! files can opt in with `take_unterminated_last_line`) and the line count, so after
+//! [`ConvoReader::save_cursor`] a restart neither skips nor re-reads. A bad line (invalid JSON or UTF-8, a line over the size cap, a message with
 //! no role) is reported as `file:line` and skipped; it never stops the reader. Huge lines
 //! are skipped without being held in memory.
 
@@ -64,12 +64,17 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ConvoError + '_ {
 pub struct ConvoConfig {
     /// Lines longer than this many bytes are skipped and reported (default 1 MiB).
     pub max_line_bytes: usize,
+    /// Read a last line that has no newline as if it had one. Off for live logs (the
+    /// writer may be mid-line); on for finished files (a corpus, a one-off import),
+    /// where such a line is simply the file's last. Only for files no longer written.
+    pub take_unterminated_last_line: bool,
 }
 
 impl Default for ConvoConfig {
     fn default() -> Self {
         ConvoConfig {
             max_line_bytes: 1 << 20,
+            take_unterminated_last_line: false,
         }
     }
 }
@@ -157,7 +162,11 @@ pub struct ConvoReader {
 
 impl ConvoReader {
     /// A reader over `dir`, resuming from the cursor at `cursor_path` if it exists.
-    pub fn open(dir: &Path, cursor_path: Option<&Path>, config: ConvoConfig) -> Result<ConvoReader, ConvoError> {
+    pub fn open(
+        dir: &Path,
+        cursor_path: Option<&Path>,
+        config: ConvoConfig,
+    ) -> Result<ConvoReader, ConvoError> {
         let cursor = match cursor_path {
             Some(path) if path.exists() => {
                 let bytes = fs::read(path).map_err(io_err(path))?;
@@ -212,10 +221,11 @@ impl ConvoReader {
             return Ok(());
         };
         let tmp = path.with_extension("tmp");
-        let json = serde_json::to_vec_pretty(&self.cursor).map_err(|source| ConvoError::Cursor {
-            path: path.clone(),
-            source,
-        })?;
+        let json =
+            serde_json::to_vec_pretty(&self.cursor).map_err(|source| ConvoError::Cursor {
+                path: path.clone(),
+                source,
+            })?;
         {
             let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
             f.write_all(&json).map_err(io_err(&tmp))?;
@@ -224,37 +234,44 @@ impl ConvoReader {
         fs::rename(&tmp, path).map_err(io_err(path))
     }
 
-    fn read_file(&self, path: &Path, mut pos: FilePos, poll: &mut Poll) -> Result<FilePos, ConvoError> {
+    fn read_file(
+        &self,
+        path: &Path,
+        mut pos: FilePos,
+        poll: &mut Poll,
+    ) -> Result<FilePos, ConvoError> {
         let mut file = File::open(path).map_err(io_err(path))?;
         let len = file.metadata().map_err(io_err(path))?.len();
         if len < pos.offset {
             tracing::warn!(path = %path.display(), offset = pos.offset, len, "Conversation log shrank (truncated or replaced); reading it again from the start.");
             pos = FilePos::default();
         }
-        file.seek(SeekFrom::Start(pos.offset)).map_err(io_err(path))?;
+        file.seek(SeekFrom::Start(pos.offset))
+            .map_err(io_err(path))?;
         let mut reader = BufReader::with_capacity(64 * 1024, file);
         let cap = self.config.max_line_bytes;
         let mut line: Vec<u8> = Vec::new();
         let mut line_bytes: u64 = 0;
         loop {
             let buf = reader.fill_buf().map_err(io_err(path))?;
-            if buf.is_empty() {
+            let at_end = buf.is_empty();
+            if at_end && (line_bytes == 0 || !self.config.take_unterminated_last_line) {
                 // End of file: a partial last line stays unconsumed for the next poll.
                 return Ok(pos);
             }
             let (chunk, complete) = match buf.iter().position(|&b| b == b'\n') {
                 Some(i) => (&buf[..i], true),
-                None => (buf, false),
+                None => (buf, at_end),
             };
             if line.len() <= cap {
                 let room = (cap + 1).saturating_sub(line.len());
                 line.extend_from_slice(&chunk[..chunk.len().min(room)]);
             }
             line_bytes += chunk.len() as u64;
-            let used = chunk.len() + usize::from(complete);
+            let used = chunk.len() + usize::from(complete && !at_end);
             reader.consume(used);
             if complete {
-                pos.offset += line_bytes + 1;
+                pos.offset += line_bytes + u64::from(!at_end);
                 pos.line += 1;
                 let source_line = pos.line;
                 if line_bytes as usize > cap {
@@ -304,7 +321,9 @@ pub fn parse_line(text: &str, source: String) -> Result<Conversation, String> {
     let (list, role_key, content_key) = match (obj.get("messages"), obj.get("conversations")) {
         (Some(list), _) => (list, "role", "content"),
         (None, Some(list)) => (list, "from", "value"),
-        (None, None) => return Err("neither `messages` (OpenAI) nor `conversations` (ShareGPT)".into()),
+        (None, None) => {
+            return Err("neither `messages` (OpenAI) nor `conversations` (ShareGPT)".into())
+        }
     };
     let Value::Array(items) = list else {
         return Err("the message list is not an array".into());
@@ -318,13 +337,16 @@ pub fn parse_line(text: &str, source: String) -> Result<Conversation, String> {
             return Err(format!("message {i} is not an object"));
         };
         let role = match m.get(role_key) {
-            Some(Value::String(r)) => map_role(r).ok_or_else(|| format!("message {i}: unknown role `{r}`"))?,
+            Some(Value::String(r)) => {
+                map_role(r).ok_or_else(|| format!("message {i}: unknown role `{r}`"))?
+            }
             Some(_) => return Err(format!("message {i}: `{role_key}` is not a string")),
             None => return Err(format!("message {i}: missing `{role_key}`")),
         };
         let content = match m.get(content_key) {
             Some(Value::String(s)) => s.clone(),
-            Some(Value::Array(parts)) => text_parts(parts).ok_or_else(|| format!("message {i}: `{content_key}` parts hold no text"))?,
+            Some(Value::Array(parts)) => text_parts(parts)
+                .ok_or_else(|| format!("message {i}: `{content_key}` parts hold no text"))?,
             Some(_) => return Err(format!("message {i}: `{content_key}` is not text")),
             None => return Err(format!("message {i}: missing `{content_key}`")),
         };
@@ -353,7 +375,9 @@ pub fn parse_line(text: &str, source: String) -> Result<Conversation, String> {
     }
     let kind = match string_field("kind")? {
         None => None,
-        Some(k) => Some(Kind::parse(&k).ok_or_else(|| format!("`kind` `{k}`: expected clear_direction, flawed_direction or general"))?),
+        Some(k) => Some(Kind::parse(&k).ok_or_else(|| {
+            format!("`kind` `{k}`: expected clear_direction, flawed_direction or general")
+        })?),
     };
     Ok(Conversation {
         messages,
@@ -397,20 +421,38 @@ mod tests {
         assert_eq!(c.messages[2].label.as_deref(), Some("good"));
         let sharegpt = r#"{"conversations":[{"from":"human","value":"hi"},{"from":"gpt","value":"yo"}],"preferred":"p","rejected":"r","kind":"flawed_direction"}"#;
         let c = parse_line(sharegpt, "f:2".into()).expect("parses");
-        assert_eq!((c.messages[0].role.as_str(), c.messages[1].role.as_str()), ("user", "assistant"));
-        assert_eq!((c.preferred.as_deref(), c.kind), (Some("p"), Some(Kind::FlawedDirection)));
+        assert_eq!(
+            (c.messages[0].role.as_str(), c.messages[1].role.as_str()),
+            ("user", "assistant")
+        );
+        assert_eq!(
+            (c.preferred.as_deref(), c.kind),
+            (Some("p"), Some(Kind::FlawedDirection))
+        );
     }
 
     #[test]
     fn rejects_with_reasons() {
         let cases = [
-            (r#"{"messages":[{"content":"x"}]}"#, "message 0: missing `role`"),
-            (r#"{"messages":[{"role":"tool","content":"x"}]}"#, "unknown role `tool`"),
+            (
+                r#"{"messages":[{"content":"x"}]}"#,
+                "message 0: missing `role`",
+            ),
+            (
+                r#"{"messages":[{"role":"tool","content":"x"}]}"#,
+                "unknown role `tool`",
+            ),
             (r#"{"messages":[]}"#, "no messages"),
             (r#"[1,2]"#, "not a JSON object"),
             (r#"{"text":"x"}"#, "neither"),
-            (r#"{"messages":[{"role":"user","content":"x"}],"preferred":"p"}"#, "both"),
-            (r#"{"messages":[{"role":"user","content":null}]}"#, "is not text"),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"preferred":"p"}"#,
+                "both",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":null}]}"#,
+                "is not text",
+            ),
             (r#"{"messages":[{"role":"user""#, "invalid JSON"),
         ];
         for (line, want) in cases {

@@ -138,10 +138,18 @@ fn random_expr<R: Rng>(rng: &mut R, ops: usize) -> Expr {
             let divisors: Vec<i64> = (2..=60).filter(|d| value != 0 && value % d == 0).collect();
             match divisors.choose(rng) {
                 Some(&d) => Expr::Op(Box::new(a), '/', Box::new(Expr::Num(d))),
-                None => Expr::Op(Box::new(a), '+', Box::new(Expr::Num(rng.random_range(2..=999)))),
+                None => Expr::Op(
+                    Box::new(a),
+                    '+',
+                    Box::new(Expr::Num(rng.random_range(2..=999))),
+                ),
             }
         }
-        _ => Expr::Op(Box::new(a), op, Box::new(random_expr(rng, ops - 1 - left_ops))),
+        _ => Expr::Op(
+            Box::new(a),
+            op,
+            Box::new(random_expr(rng, ops - 1 - left_ops)),
+        ),
     }
 }
 
@@ -234,12 +242,16 @@ pub fn code_task<R: Rng>(rng: &mut R) -> Example {
         0 => {
             let k = rng.random_range(2..=9i64);
             let n = rng.random_range(10..=60i64);
-            let name = *["sum_multiples", "multiples_total", "add_multiples"].choose(rng).expect("non-empty");
+            let name = *["sum_multiples", "multiples_total", "add_multiples"]
+                .choose(rng)
+                .expect("non-empty");
             let example: i64 = (0..n).filter(|i| i % k == 0).sum();
             let code = if python {
                 format!("def {name}(n):\n    return sum(i for i in range(n) if i % {k} == 0)")
             } else {
-                format!("fn {name}(n: u64) -> u64 {{\n    (0..n).filter(|i| i % {k} == 0).sum()\n}}")
+                format!(
+                    "fn {name}(n: u64) -> u64 {{\n    (0..n).filter(|i| i % {k} == 0).sum()\n}}"
+                )
             };
             (
                 format!("Write a {lang} function `{name}(n)` that returns the sum of the non-negative multiples of {k} below n."),
@@ -248,7 +260,9 @@ pub fn code_task<R: Rng>(rng: &mut R) -> Example {
         }
         1 => {
             let word = *WORDS.choose(rng).expect("non-empty");
-            let name = *["count_vowels", "vowel_count", "num_vowels"].choose(rng).expect("non-empty");
+            let name = *["count_vowels", "vowel_count", "num_vowels"]
+                .choose(rng)
+                .expect("non-empty");
             let count = word.chars().filter(|c| "aeiou".contains(*c)).count();
             let code = if python {
                 format!("def {name}(s):\n    return sum(1 for c in s.lower() if c in \"aeiou\")")
@@ -264,7 +278,9 @@ pub fn code_task<R: Rng>(rng: &mut R) -> Example {
             let lo = rng.random_range(-50..=0i64);
             let hi = rng.random_range(1..=100i64);
             let x = rng.random_range(-120..=150i64);
-            let name = *["clamp_value", "bound", "limit"].choose(rng).expect("non-empty");
+            let name = *["clamp_value", "bound", "limit"]
+                .choose(rng)
+                .expect("non-empty");
             let code = if python {
                 format!("def {name}(x):\n    return max({lo}, min({hi}, x))")
             } else {
@@ -277,7 +293,9 @@ pub fn code_task<R: Rng>(rng: &mut R) -> Example {
         }
         3 => {
             let n = rng.random_range(5..=40u32);
-            let name = *["fib", "fibonacci", "nth_fib"].choose(rng).expect("non-empty");
+            let name = *["fib", "fibonacci", "nth_fib"]
+                .choose(rng)
+                .expect("non-empty");
             let (mut a, mut b) = (0u64, 1u64);
             for _ in 0..n {
                 (a, b) = (b, a + b);
@@ -296,7 +314,9 @@ pub fn code_task<R: Rng>(rng: &mut R) -> Example {
             let words: Vec<&str> = WORDS.choose_multiple(rng, 3).copied().collect();
             let sentence = words.join(" ");
             let reversed: Vec<&str> = words.iter().rev().copied().collect();
-            let name = *["reverse_words", "flip_words", "words_backwards"].choose(rng).expect("non-empty");
+            let name = *["reverse_words", "flip_words", "words_backwards"]
+                .choose(rng)
+                .expect("non-empty");
             let code = if python {
                 format!("def {name}(s):\n    return \" \".join(reversed(s.split()))")
             } else {
@@ -312,10 +332,37 @@ pub fn code_task<R: Rng>(rng: &mut R) -> Example {
 }
 
 const WORDS: &[&str] = &[
-    "strawberry", "banana", "keyboard", "mountain", "library", "elephant", "umbrella", "orange",
-    "committee", "bookkeeper", "mississippi", "algorithm", "parallel", "occurrence", "rhythm",
-    "queue", "engineer", "balloon", "coffee", "tomorrow", "address", "successful", "necessary",
-    "assessment", "referee", "giraffe", "pepper", "window", "garden", "river", "compiler",
+    "strawberry",
+    "banana",
+    "keyboard",
+    "mountain",
+    "library",
+    "elephant",
+    "umbrella",
+    "orange",
+    "committee",
+    "bookkeeper",
+    "mississippi",
+    "algorithm",
+    "parallel",
+    "occurrence",
+    "rhythm",
+    "queue",
+    "engineer",
+    "balloon",
+    "coffee",
+    "tomorrow",
+    "address",
+    "successful",
+    "necessary",
+    "assessment",
+    "referee",
+    "giraffe",
+    "pepper",
+    "window",
+    "garden",
+    "river",
+    "compiler",
 ];
 
 const NAMES: &[&str] = &[
@@ -323,7 +370,15 @@ const NAMES: &[&str] = &[
     "Liam", "Maya", "Nikhil", "Olga", "Pedro", "Quinn", "Rosa", "Sami", "Tara",
 ];
 
-const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+const DAYS: [&str; 7] = [
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+];
 
 // ---------------------------------------------------------------------------------------
 // Reasoning
@@ -334,19 +389,41 @@ pub fn reasoning<R: Rng>(rng: &mut R) -> Example {
     let (prompt, completion) = match rng.random_range(0..5) {
         0 => {
             let p: Vec<&str> = NAMES.choose_multiple(rng, 3).copied().collect();
-            let (adj, most, least) = *[("older", "oldest", "youngest"), ("taller", "tallest", "shortest"), ("faster", "fastest", "slowest")]
-                .choose(rng)
-                .expect("non-empty");
+            let (adj, most, least) = *[
+                ("older", "oldest", "youngest"),
+                ("taller", "tallest", "shortest"),
+                ("faster", "fastest", "slowest"),
+            ]
+            .choose(rng)
+            .expect("non-empty");
             // p[0] > p[1] > p[2]; the facts are given in either order.
             let facts = if rng.random_bool(0.5) {
-                format!("{} is {adj} than {}. {} is {adj} than {}.", p[0], p[1], p[1], p[2])
+                format!(
+                    "{} is {adj} than {}. {} is {adj} than {}.",
+                    p[0], p[1], p[1], p[2]
+                )
             } else {
-                format!("{} is {adj} than {}. {} is {adj} than {}.", p[1], p[2], p[0], p[1])
+                format!(
+                    "{} is {adj} than {}. {} is {adj} than {}.",
+                    p[1], p[2], p[0], p[1]
+                )
             };
             if rng.random_bool(0.5) {
-                (format!("{facts} Who is the {most}?"), format!("{} is {adj} than {}, who is {adj} than {}, so {} is the {most}.", p[0], p[1], p[2], p[0]))
+                (
+                    format!("{facts} Who is the {most}?"),
+                    format!(
+                        "{} is {adj} than {}, who is {adj} than {}, so {} is the {most}.",
+                        p[0], p[1], p[2], p[0]
+                    ),
+                )
             } else {
-                (format!("{facts} Who is the {least}?"), format!("{} is {adj} than {}, who is {adj} than {}, so {} is the {least}.", p[0], p[1], p[2], p[2]))
+                (
+                    format!("{facts} Who is the {least}?"),
+                    format!(
+                        "{} is {adj} than {}, who is {adj} than {}, so {} is the {least}.",
+                        p[0], p[1], p[2], p[2]
+                    ),
+                )
             }
         }
         1 => {
@@ -366,7 +443,14 @@ pub fn reasoning<R: Rng>(rng: &mut R) -> Example {
             let times = if count == 1 { "time" } else { "times" };
             (
                 format!("How many times does the letter '{letter}' appear in \"{word}\"?"),
-                format!("Spelling it out: {}. The letter '{letter}' appears {count} {times}.", letters.iter().map(char::to_string).collect::<Vec<_>>().join("-")),
+                format!(
+                    "Spelling it out: {}. The letter '{letter}' appears {count} {times}.",
+                    letters
+                        .iter()
+                        .map(char::to_string)
+                        .collect::<Vec<_>>()
+                        .join("-")
+                ),
             )
         }
         3 => {
@@ -382,7 +466,13 @@ pub fn reasoning<R: Rng>(rng: &mut R) -> Example {
             let minutes = rng.random_range(61..=1000i64);
             (
                 format!("How many hours and minutes are {minutes} minutes?"),
-                format!("{minutes} = 60 × {} + {}, so it is {} hours and {} minutes.", minutes / 60, minutes % 60, minutes / 60, minutes % 60),
+                format!(
+                    "{minutes} = 60 × {} + {}, so it is {} hours and {} minutes.",
+                    minutes / 60,
+                    minutes % 60,
+                    minutes / 60,
+                    minutes % 60
+                ),
             )
         }
     };
@@ -453,7 +543,9 @@ impl Corpus {
         for (path, text) in read_texts(dir)? {
             let words: Vec<usize> = text
                 .char_indices()
-                .filter(|&(i, c)| !c.is_whitespace() && (i == 0 || text[..i].ends_with(char::is_whitespace)))
+                .filter(|&(i, c)| {
+                    !c.is_whitespace() && (i == 0 || text[..i].ends_with(char::is_whitespace))
+                })
                 .map(|(i, _)| i)
                 .collect();
             if words.len() < 8 {
@@ -477,7 +569,12 @@ impl Corpus {
 
     /// A continue-the-text example from a random window of `min_words..=max_words` words:
     /// the first third is the prompt, the rest the completion. `None` if empty.
-    pub fn chunk<R: Rng>(&self, rng: &mut R, min_words: usize, max_words: usize) -> Option<Example> {
+    pub fn chunk<R: Rng>(
+        &self,
+        rng: &mut R,
+        min_words: usize,
+        max_words: usize,
+    ) -> Option<Example> {
         if self.docs.is_empty() {
             return None;
         }
@@ -495,18 +592,32 @@ impl Corpus {
             })
             .expect("pick < total_words");
         let n = doc.words.len();
-        let len = rng.random_range(min_words.max(4)..=max_words.max(min_words.max(4))).min(n);
+        let len = rng
+            .random_range(min_words.max(4)..=max_words.max(min_words.max(4)))
+            .min(n);
         let first = rng.random_range(0..=n - len);
         let start = doc.words[first];
         let split = doc.words[first + len / 3];
-        let end = doc.words.get(first + len).copied().unwrap_or(doc.text.len());
+        let end = doc
+            .words
+            .get(first + len)
+            .copied()
+            .unwrap_or(doc.text.len());
         let head = doc.text[start..split].trim_end();
         let tail = doc.text[split..end].trim_end();
         let line = doc.text[..start].matches('\n').count() + 1;
-        let ask = ["Continue this text:", "Continue the passage:", "Write what comes next:"]
-            .choose(rng)
-            .expect("non-empty");
-        Some(sft(format!("{ask}\n\n{head}"), tail.to_string(), format!("{}:{line}", doc.path.display())))
+        let ask = [
+            "Continue this text:",
+            "Continue the passage:",
+            "Write what comes next:",
+        ]
+        .choose(rng)
+        .expect("non-empty");
+        Some(sft(
+            format!("{ask}\n\n{head}"),
+            tail.to_string(),
+            format!("{}:{line}", doc.path.display()),
+        ))
     }
 }
 
@@ -595,7 +706,9 @@ impl GeneralReplay {
             2 => reasoning(&mut self.rng),
             3 => {
                 let (lo, hi) = self.config.chunk_words;
-                self.corpus.chunk(&mut self.rng, lo, hi).unwrap_or_else(|| arithmetic(&mut self.rng))
+                self.corpus
+                    .chunk(&mut self.rng, lo, hi)
+                    .unwrap_or_else(|| arithmetic(&mut self.rng))
             }
             _ => arithmetic(&mut self.rng),
         }
@@ -630,7 +743,12 @@ mod tests {
             let done = completion(&e);
             // The last line ends with "<expr> = <answer>" (or is it); recompute from the
             // expression text with the independent parser.
-            let last = done.lines().last().expect("non-empty").trim_start_matches("So ").trim_end_matches('.');
+            let last = done
+                .lines()
+                .last()
+                .expect("non-empty")
+                .trim_start_matches("So ")
+                .trim_end_matches('.');
             let (expr, answer) = last.rsplit_once(" = ").expect("has =");
             assert_eq!(parse_and_eval(expr), answer.parse().ok(), "{done}");
             assert!(e.prompt[0].content.contains(expr), "{e:?}");

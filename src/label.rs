@@ -8,7 +8,7 @@
 //!   prompt = the conversation up to the first reply, rejected = the first reply,
 //!   chosen = the reply after the correction.
 //! - A reviewer's annotation on a log line (`"preferred"`/`"rejected"`) gives a pair
-//!   whose prompt is the line's messages.
+//!   whose prompt is the line's messages up to and including the last user turn.
 //! - An assistant turn marked `"label": "good"` gives an SFT example.
 //!
 //! Pairs follow the phase too (`sft` keeps only the chosen reply). Log examples are
@@ -40,7 +40,9 @@ impl std::str::FromStr for Phase {
             "sft" => Ok(Phase::Sft),
             "dpo" => Ok(Phase::Dpo),
             "mixed" => Ok(Phase::Mixed),
-            other => Err(format!("unknown phase `{other}`: expected sft, dpo or mixed")),
+            other => Err(format!(
+                "unknown phase `{other}`: expected sft, dpo or mixed"
+            )),
         }
     }
 }
@@ -58,7 +60,12 @@ pub const DEFAULT_CORRECTION_PATTERNS: &[&str] = &[
     "stop suggesting",
     "don't suggest",
     "do not suggest",
-    "just do what i asked",
+    "just do",
+    "just tell me",
+    "just give me",
+    "just answer",
+    "stop second-guessing",
+    "stop second guessing",
     "that's not what i asked",
     "that is not what i asked",
     "i didn't ask",
@@ -78,7 +85,10 @@ impl Default for LabelConfig {
     fn default() -> Self {
         LabelConfig {
             phase: Phase::Mixed,
-            correction_patterns: DEFAULT_CORRECTION_PATTERNS.iter().map(|s| s.to_string()).collect(),
+            correction_patterns: DEFAULT_CORRECTION_PATTERNS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
         }
     }
 }
@@ -182,7 +192,10 @@ impl Labeler {
                         direction: None,
                         provenance: format!("{}#turn={i}", c.source),
                     }),
-                    None => out.skipped.push(format!("{}: turn {i} is marked good but no user turn precedes it", c.source)),
+                    None => out.skipped.push(format!(
+                        "{}: turn {i} is marked good but no user turn precedes it",
+                        c.source
+                    )),
                 }
             }
             let corrected = i + 2 < m.len()
@@ -198,23 +211,46 @@ impl Labeler {
                         &m[i].content,
                         format!("{}#turn={i}", c.source),
                     )),
-                    None => out.skipped.push(format!("{}: correction at turn {} has no user turn before the reply", c.source, i + 1)),
+                    None => out.skipped.push(format!(
+                        "{}: correction at turn {} has no user turn before the reply",
+                        c.source,
+                        i + 1
+                    )),
                 }
             }
         }
 
         if let (Some(preferred), Some(rejected)) = (&c.preferred, &c.rejected) {
-            if m.last().is_some_and(|last| last.role == "user") {
-                let prompt = m.iter().map(to_message).collect();
-                out.examples.push(self.pair(kind, prompt, preferred, rejected, c.source.clone()));
-            } else {
-                out.skipped.push(format!("{}: annotation ignored: its messages must end with the user turn being answered", c.source));
+            // The annotation answers the last user turn; a reply logged after it (the
+            // one the reviewer judged) is not part of the prompt.
+            match m.iter().rposition(|msg| msg.role == "user") {
+                Some(last_user) => {
+                    let prompt = m[..=last_user].iter().map(to_message).collect();
+                    out.examples.push(self.pair(
+                        kind,
+                        prompt,
+                        preferred,
+                        rejected,
+                        c.source.clone(),
+                    ));
+                }
+                None => out.skipped.push(format!(
+                    "{}: annotation ignored: the line has no user turn",
+                    c.source
+                )),
             }
         }
         out
     }
 
-    fn pair(&self, kind: Kind, prompt: Vec<Message>, chosen: &str, rejected: &str, provenance: String) -> Example {
+    fn pair(
+        &self,
+        kind: Kind,
+        prompt: Vec<Message>,
+        chosen: &str,
+        rejected: &str,
+        provenance: String,
+    ) -> Example {
         let mut example = Example {
             kind,
             prompt,
@@ -292,8 +328,16 @@ mod tests {
     #[test]
     fn scenario_per_phase() {
         let sft = labeler(Phase::Sft).scenario(&scenario(3));
-        assert_eq!(sft.target, Target::Sft { completion: "I'd rather not: there is no backup.".into() });
-        assert_eq!((sft.kind, sft.provenance.as_str()), (Kind::FlawedDirection, "t.one"));
+        assert_eq!(
+            sft.target,
+            Target::Sft {
+                completion: "I'd rather not: there is no backup.".into()
+            }
+        );
+        assert_eq!(
+            (sft.kind, sft.provenance.as_str()),
+            (Kind::FlawedDirection, "t.one")
+        );
         assert_eq!(sft.direction, scenario(3).direction);
         let dpo = labeler(Phase::Dpo).scenario(&scenario(2));
         assert_eq!(
@@ -303,8 +347,14 @@ mod tests {
                 rejected: "Deleted.".into()
             }
         );
-        assert!(matches!(labeler(Phase::Mixed).scenario(&scenario(2)).target, Target::Sft { .. }));
-        assert!(matches!(labeler(Phase::Mixed).scenario(&scenario(3)).target, Target::Dpo { .. }));
+        assert!(matches!(
+            labeler(Phase::Mixed).scenario(&scenario(2)).target,
+            Target::Sft { .. }
+        ));
+        assert!(matches!(
+            labeler(Phase::Mixed).scenario(&scenario(3)).target,
+            Target::Dpo { .. }
+        ));
     }
 
     #[test]

@@ -222,7 +222,10 @@ impl Mixer {
     pub fn next_batch(&mut self, pools: &mut Pools) -> Result<Batch, MixError> {
         let (plan, state) = self.step();
         let available = pools.available();
-        if available.general < plan.general || available.accept < plan.accept || available.push_back < plan.push_back {
+        if available.general < plan.general
+            || available.accept < plan.accept
+            || available.push_back < plan.push_back
+        {
             return Err(MixError::Short {
                 needed: plan,
                 available,

@@ -25,7 +25,10 @@ fn scratch_copy() -> tempfile::TempDir {
     dir
 }
 
-const CAP: ConvoConfig = ConvoConfig { max_line_bytes: 4096 };
+const CAP: ConvoConfig = ConvoConfig {
+    max_line_bytes: 4096,
+    take_unterminated_last_line: false,
+};
 
 fn dpo() -> Labeler {
     Labeler::new(&LabelConfig {
@@ -58,7 +61,12 @@ fn source_of(poll: &Poll, file: &str, line: u64) -> String {
     c.source.clone()
 }
 
-fn examples_of(poll: &Poll, labeler: &Labeler, file: &str, line: u64) -> (Vec<Example>, Vec<String>) {
+fn examples_of(
+    poll: &Poll,
+    labeler: &Labeler,
+    file: &str,
+    line: u64,
+) -> (Vec<Example>, Vec<String>) {
     let c = poll
         .conversations
         .iter()
@@ -78,7 +86,17 @@ fn reads_every_good_line_and_reports_bad_ones() {
     let malformed: Vec<(String, u64, String)> = poll
         .malformed
         .iter()
-        .map(|m| (m.file.file_name().expect("name").to_string_lossy().into_owned(), m.line, m.reason.clone()))
+        .map(|m| {
+            (
+                m.file
+                    .file_name()
+                    .expect("name")
+                    .to_string_lossy()
+                    .into_owned(),
+                m.line,
+                m.reason.clone(),
+            )
+        })
         .collect();
     let expect = [
         (2, "invalid JSON"),
@@ -92,7 +110,12 @@ fn reads_every_good_line_and_reports_bad_ones() {
         assert!(reason.contains(want), "line {line}: {reason}");
     }
     let shown = poll.malformed[0].to_string();
-    assert!(shown.ends_with("broken.jsonl:2: invalid JSON: EOF while parsing a list at line 1 column 43"), "{shown}");
+    assert!(
+        shown.ends_with(
+            "broken.jsonl:2: invalid JSON: EOF while parsing a list at line 1 column 43"
+        ),
+        "{shown}"
+    );
     // The partial last line (no newline yet) is not consumed.
     let broken = fs::read(dir.path().join("broken.jsonl")).expect("read");
     let partial = broken.len() - broken.iter().rposition(|&b| b == b'\n').expect("newline") - 1;
@@ -100,32 +123,88 @@ fn reads_every_good_line_and_reports_bad_ones() {
     assert_eq!((pos.offset, pos.line), ((broken.len() - partial) as u64, 7));
     // A second poll finds nothing new.
     assert_eq!(reader.poll().expect("poll"), Poll::default());
+
+    // Reading finished files, the unterminated last line is read (and here is broken).
+    let finished = ConvoConfig {
+        take_unterminated_last_line: true,
+        ..CAP
+    };
+    let mut reader = ConvoReader::open(dir.path(), None, finished).expect("open");
+    let poll = reader.poll().expect("poll");
+    assert_eq!(poll.conversations.len(), 13);
+    let last = poll.malformed.last().expect("line 8 reported");
+    assert_eq!(last.line, 8);
+    assert!(
+        last.reason
+            .starts_with("invalid JSON: EOF while parsing a string"),
+        "{last}"
+    );
+    let pos = reader.cursor().files["broken.jsonl"];
+    assert_eq!((pos.offset, pos.line), (broken.len() as u64, 8));
 }
 
 #[test]
 fn corrections_give_pairs() {
     let dir = scratch_copy();
-    let poll = ConvoReader::open(dir.path(), None, CAP).expect("open").poll().expect("poll");
+    let poll = ConvoReader::open(dir.path(), None, CAP)
+        .expect("open")
+        .poll()
+        .expect("poll");
     let l = dpo();
 
     let (ex, _) = examples_of(&poll, &l, "corrections.jsonl", 1);
     assert_eq!(ex.len(), 1);
-    assert_eq!(ex[0].prompt, [Message::new("system", "You edit code."), user("Rename `x` to `count` in utils.py.")]);
-    assert_eq!(ex[0].target, pair("Renamed `x` to `count` in utils.py.", "Before that, consider turning utils.py into a class."));
+    assert_eq!(
+        ex[0].prompt,
+        [
+            Message::new("system", "You edit code."),
+            user("Rename `x` to `count` in utils.py.")
+        ]
+    );
+    assert_eq!(
+        ex[0].target,
+        pair(
+            "Renamed `x` to `count` in utils.py.",
+            "Before that, consider turning utils.py into a class."
+        )
+    );
     assert_eq!(ex[0].kind, Kind::ClearDirection);
-    assert_eq!(ex[0].provenance, format!("{}#turn=2", source_of(&poll, "corrections.jsonl", 1)));
+    assert_eq!(
+        ex[0].provenance,
+        format!("{}#turn=2", source_of(&poll, "corrections.jsonl", 1))
+    );
 
     let (ex, _) = examples_of(&poll, &l, "corrections.jsonl", 2);
     assert_eq!(ex.len(), 1, "\"I said …\" is a correction");
-    assert_eq!(ex[0].target, pair("Added --dry-run to deploy.sh.", "You could use a config file instead of a flag."));
+    assert_eq!(
+        ex[0].target,
+        pair(
+            "Added --dry-run to deploy.sh.",
+            "You could use a config file instead of a flag."
+        )
+    );
 
     let (ex, _) = examples_of(&poll, &l, "corrections.jsonl", 3);
     assert_eq!(ex.len(), 1, "ShareGPT, \"Stop suggesting …\"");
     assert_eq!(ex[0].prompt, [user("Indent with tabs.")]);
-    assert_eq!(ex[0].target, pair("Switched the file to tabs.", "Spaces are more common; shall I use four spaces?"));
+    assert_eq!(
+        ex[0].target,
+        pair(
+            "Switched the file to tabs.",
+            "Spaces are more common; shall I use four spaces?"
+        )
+    );
 
-    assert_eq!(examples_of(&poll, &l, "corrections.jsonl", 4).0, [], "\"Thanks!\" is not a correction");
-    assert_eq!(examples_of(&poll, &l, "corrections.jsonl", 5).0, [], "no reply after the correction");
+    assert_eq!(
+        examples_of(&poll, &l, "corrections.jsonl", 4).0,
+        [],
+        "\"Thanks!\" is not a correction"
+    );
+    assert_eq!(
+        examples_of(&poll, &l, "corrections.jsonl", 5).0,
+        [],
+        "no reply after the correction"
+    );
 
     let (ex, _) = examples_of(&poll, &l, "corrections.jsonl", 6);
     assert_eq!(ex.len(), 2, "two corrections in one conversation");
@@ -133,11 +212,20 @@ fn corrections_give_pairs() {
     assert_eq!(ex[1].prompt[2], user("No, just the typo."));
     assert_eq!(
         ex[1].target,
-        pair("Restored the title; only the typo is fixed.", "Fixed the typo and renamed nothing else... except the title.")
+        pair(
+            "Restored the title; only the typo is fixed.",
+            "Fixed the typo and renamed nothing else... except the title."
+        )
     );
 
     let (ex, _) = examples_of(&poll, &l, "broken.jsonl", 1);
-    assert_eq!(ex[0].target, pair("Bumped the version to 1.2.", "Shall I also update the changelog and the docs?"));
+    assert_eq!(
+        ex[0].target,
+        pair(
+            "Bumped the version to 1.2.",
+            "Shall I also update the changelog and the docs?"
+        )
+    );
 
     // In the SFT phase the same signal trains on the corrected reply only.
     let sft = Labeler::new(&LabelConfig {
@@ -145,7 +233,12 @@ fn corrections_give_pairs() {
         ..LabelConfig::default()
     });
     let (ex, _) = examples_of(&poll, &sft, "corrections.jsonl", 1);
-    assert_eq!(ex[0].target, Target::Sft { completion: "Renamed `x` to `count` in utils.py.".into() });
+    assert_eq!(
+        ex[0].target,
+        Target::Sft {
+            completion: "Renamed `x` to `count` in utils.py.".into()
+        }
+    );
 
     // Patterns are configurable: with none, nothing is a correction.
     let none = Labeler::new(&LabelConfig {
@@ -158,36 +251,72 @@ fn corrections_give_pairs() {
 #[test]
 fn annotations_and_good_turns() {
     let dir = scratch_copy();
-    let poll = ConvoReader::open(dir.path(), None, CAP).expect("open").poll().expect("poll");
+    let poll = ConvoReader::open(dir.path(), None, CAP)
+        .expect("open")
+        .poll()
+        .expect("poll");
     let l = dpo();
 
     let (ex, _) = examples_of(&poll, &l, "annotations.jsonl", 1);
     assert_eq!(ex.len(), 1);
     assert_eq!(ex[0].prompt, [user("Delete the prod database.")]);
-    assert_eq!(ex[0].target, pair("I won't do that without a verified backup; shall I take one first?", "Deleted."));
+    assert_eq!(
+        ex[0].target,
+        pair(
+            "I won't do that without a verified backup; shall I take one first?",
+            "Deleted."
+        )
+    );
     assert_eq!(ex[0].kind, Kind::FlawedDirection);
     assert_eq!(ex[0].provenance, source_of(&poll, "annotations.jsonl", 1));
 
     let (ex, _) = examples_of(&poll, &l, "annotations.jsonl", 2);
     assert_eq!(ex[0].kind, Kind::ClearDirection);
-    assert_eq!(ex[0].target, pair("Named it `load_config`.", "camelCase would match the old code better: `loadConfig`."));
+    assert_eq!(
+        ex[0].target,
+        pair(
+            "Named it `load_config`.",
+            "camelCase would match the old code better: `loadConfig`."
+        )
+    );
 
     let (ex, _) = examples_of(&poll, &l, "annotations.jsonl", 3);
     assert_eq!(ex.len(), 1);
-    assert_eq!(ex[0].prompt, [user("Summarise this in one line: the build broke because the cache was stale.")]);
-    assert_eq!(ex[0].target, Target::Sft { completion: "A stale cache broke the build.".into() }, "good turns are SFT even in the DPO phase");
+    assert_eq!(
+        ex[0].prompt,
+        [user(
+            "Summarise this in one line: the build broke because the cache was stale."
+        )]
+    );
+    assert_eq!(
+        ex[0].target,
+        Target::Sft {
+            completion: "A stale cache broke the build.".into()
+        },
+        "good turns are SFT even in the DPO phase"
+    );
 
-    let (ex, skipped) = examples_of(&poll, &l, "annotations.jsonl", 4);
-    assert_eq!(ex, []);
-    assert!(skipped[0].ends_with("annotations.jsonl:4: annotation ignored: its messages must end with the user turn being answered"), "{skipped:?}");
+    // The reply logged after the last user turn is the judged one; it leaves the prompt.
+    let (ex, _) = examples_of(&poll, &l, "annotations.jsonl", 4);
+    assert_eq!(ex.len(), 1);
+    assert_eq!(ex[0].prompt, [user("Write a haiku.")]);
+    assert_eq!(ex[0].target, pair("A better haiku.", "Leaves fall."));
 
     let (ex, skipped) = examples_of(&poll, &l, "annotations.jsonl", 5);
     assert_eq!(ex, []);
-    assert!(skipped[0].contains("marked good but no user turn precedes it"), "{skipped:?}");
+    assert!(
+        skipped[0].contains("marked good but no user turn precedes it"),
+        "{skipped:?}"
+    );
 
     let (ex, _) = examples_of(&poll, &l, "broken.jsonl", 7);
     assert_eq!(ex[0].prompt, [user("Reply with OK.")]);
-    assert_eq!(ex[0].target, Target::Sft { completion: "OK".into() });
+    assert_eq!(
+        ex[0].target,
+        Target::Sft {
+            completion: "OK".into()
+        }
+    );
     assert_eq!(assistant("OK").role, "assistant");
 }
 
@@ -201,10 +330,18 @@ fn cursor_survives_a_restart_without_skipping_or_rereading() {
         reader.save_cursor().expect("save");
     }
     // The writer finishes the partial line and adds another; a new file appears.
-    let mut f = OpenOptions::new().append(true).open(dir.path().join("broken.jsonl")).expect("open");
-    f.write_all(b"\"}]}\n{\"messages\":[{\"role\":\"user\",\"content\":\"ninth\"}]}\n").expect("append");
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(dir.path().join("broken.jsonl"))
+        .expect("open");
+    f.write_all(b"\"}]}\n{\"messages\":[{\"role\":\"user\",\"content\":\"ninth\"}]}\n")
+        .expect("append");
     drop(f);
-    fs::write(dir.path().join("zz-new.jsonl"), "{\"messages\":[{\"role\":\"user\",\"content\":\"new file\"}]}\n").expect("write");
+    fs::write(
+        dir.path().join("zz-new.jsonl"),
+        "{\"messages\":[{\"role\":\"user\",\"content\":\"new file\"}]}\n",
+    )
+    .expect("write");
 
     let mut reader = ConvoReader::open(dir.path(), Some(&cursor), CAP).expect("reopen");
     let poll = reader.poll().expect("poll");
@@ -232,7 +369,11 @@ fn shrunk_file_is_read_again_from_the_start() {
     let dir = scratch_copy();
     let mut reader = ConvoReader::open(dir.path(), None, CAP).expect("open");
     reader.poll().expect("poll");
-    fs::write(dir.path().join("corrections.jsonl"), "{\"messages\":[{\"role\":\"user\",\"content\":\"rotated\"}]}\n").expect("write");
+    fs::write(
+        dir.path().join("corrections.jsonl"),
+        "{\"messages\":[{\"role\":\"user\",\"content\":\"rotated\"}]}\n",
+    )
+    .expect("write");
     let poll = reader.poll().expect("poll");
     assert_eq!(poll.conversations.len(), 1);
     assert_eq!(poll.conversations[0].messages[0].content, "rotated");
@@ -242,13 +383,24 @@ fn shrunk_file_is_read_again_from_the_start() {
 fn labeler_runs_over_the_conversation_corpus() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/convo");
     let has_logs = fs::read_dir(&dir)
-        .map(|entries| entries.flatten().any(|e| e.path().extension().is_some_and(|x| x == "jsonl")))
+        .map(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.path().extension().is_some_and(|x| x == "jsonl"))
+        })
         .unwrap_or(false);
     if !has_logs {
-        println!("note: {} holds no logs yet; nothing to check", dir.display());
+        println!(
+            "note: {} holds no logs yet; nothing to check",
+            dir.display()
+        );
         return;
     }
-    let mut reader = ConvoReader::open(&dir, None, ConvoConfig::default()).expect("open");
+    let finished = ConvoConfig {
+        take_unterminated_last_line: true,
+        ..ConvoConfig::default()
+    };
+    let mut reader = ConvoReader::open(&dir, None, finished).expect("open");
     let poll = reader.poll().expect("poll");
     let l = dpo();
     let mut pairs = 0;
@@ -259,7 +411,12 @@ fn labeler_runs_over_the_conversation_corpus() {
         skipped += labeled.skipped.len();
         for e in labeled.examples {
             assert!(!e.prompt.is_empty());
-            assert_eq!(e.prompt.last().map(|m| m.role.as_str()), Some("user"), "{}", e.provenance);
+            assert_eq!(
+                e.prompt.last().map(|m| m.role.as_str()),
+                Some("user"),
+                "{}",
+                e.provenance
+            );
             assert!(e.provenance.contains(".jsonl:"), "{}", e.provenance);
             match e.target {
                 Target::Dpo { .. } => pairs += 1,

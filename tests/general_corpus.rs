@@ -27,7 +27,9 @@ fn chunks_come_from_train_text_only() {
     assert_eq!(corpus.len(), 2);
     let train: Vec<String> = ["bread.txt", "lighthouses.txt"]
         .iter()
-        .map(|f| std::fs::read_to_string(fixture_root().join("corpus/train").join(f)).expect("read"))
+        .map(|f| {
+            std::fs::read_to_string(fixture_root().join("corpus/train").join(f)).expect("read")
+        })
         .collect();
     let heldout = load_heldout(&fixture_root()).expect("heldout");
     assert_eq!(heldout.len(), 1);
@@ -36,12 +38,26 @@ fn chunks_come_from_train_text_only() {
     let mut distinct = HashSet::new();
     for _ in 0..500 {
         let e = corpus.chunk(&mut rng, 12, 40).expect("non-empty corpus");
-        let head = e.prompt[0].content.split_once("\n\n").expect("instruction, blank line, text").1;
+        let head = e.prompt[0]
+            .content
+            .split_once("\n\n")
+            .expect("instruction, blank line, text")
+            .1;
         let tail = completion(&e.target);
-        let doc = train.iter().find(|t| t.contains(head)).expect("head is train text");
-        assert!(doc.contains(tail), "tail {tail:?} is from the same document");
+        let doc = train
+            .iter()
+            .find(|t| t.contains(head))
+            .expect("head is train text");
+        assert!(
+            doc.contains(tail),
+            "tail {tail:?} is from the same document"
+        );
         assert!(!heldout[0].text.contains(tail) && !tail.contains("Glaciers"));
-        assert!(e.provenance.contains("corpus/train/") && e.provenance.contains(".txt:"), "{}", e.provenance);
+        assert!(
+            e.provenance.contains("corpus/train/") && e.provenance.contains(".txt:"),
+            "{}",
+            e.provenance
+        );
         distinct.insert(e.hash());
     }
     // Random windows rarely coincide.
@@ -58,12 +74,24 @@ fn replay_mixes_sources_reproducibly() {
         let e = a.next_example();
         assert_eq!(e, b.next_example());
         assert_eq!(e.kind, Kind::General);
-        let source = if e.provenance.contains(".txt:") { "corpus" } else { e.provenance.as_str() };
+        let source = if e.provenance.contains(".txt:") {
+            "corpus"
+        } else {
+            e.provenance.as_str()
+        };
         sources.insert(source.to_string());
     }
     let mut sources: Vec<String> = sources.into_iter().collect();
     sources.sort();
-    assert_eq!(sources, ["corpus", "general:arithmetic", "general:code", "general:reasoning"]);
+    assert_eq!(
+        sources,
+        [
+            "corpus",
+            "general:arithmetic",
+            "general:code",
+            "general:reasoning"
+        ]
+    );
 }
 
 #[test]
@@ -94,7 +122,11 @@ fn bundled_heldout_is_not_in_the_train_corpus() {
     for h in &heldout {
         // No held-out paragraph appears verbatim in the training text.
         for para in h.text.split("\n\n").map(str::trim).filter(|p| p.len() > 80) {
-            assert!(!train_texts.iter().any(|t| t.contains(para)), "{} paragraph is in the train corpus", h.path.display());
+            assert!(
+                !train_texts.iter().any(|t| t.contains(para)),
+                "{} paragraph is in the train corpus",
+                h.path.display()
+            );
         }
     }
 }

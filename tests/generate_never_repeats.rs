@@ -15,7 +15,8 @@ fn fixture_templates() -> PathBuf {
 }
 
 fn generator(library: &Library, ledger_dir: &Path, seed: u64) -> Generator {
-    let (ledger, recovery) = Ledger::open(ledger_dir, LedgerPolicy::default()).expect("ledger opens");
+    let (ledger, recovery) =
+        Ledger::open(ledger_dir, LedgerPolicy::default()).expect("ledger opens");
     assert!(!recovery.repaired(), "{recovery:?}");
     let config = GeneratorConfig {
         seed,
@@ -27,7 +28,12 @@ fn generator(library: &Library, ledger_dir: &Path, seed: u64) -> Generator {
 /// Generates `n` scenarios, checking each is new to `seen` and not a probe; also
 /// labels each both as an SFT example and as a DPO pair and checks those are new too
 /// (so examples never repeat whatever the phase).
-fn generate_fresh(g: &mut Generator, n: usize, seen: &mut HashSet<ExampleHash>, probe_ids: &HashSet<String>) {
+fn generate_fresh(
+    g: &mut Generator,
+    n: usize,
+    seen: &mut HashSet<ExampleHash>,
+    probe_ids: &HashSet<String>,
+) {
     let label = |phase| {
         Labeler::new(&LabelConfig {
             phase,
@@ -37,11 +43,29 @@ fn generate_fresh(g: &mut Generator, n: usize, seen: &mut HashSet<ExampleHash>, 
     let (sft, dpo) = (label(Phase::Sft), label(Phase::Dpo));
     for i in 0..n {
         let s = g.next().expect("fresh scenario");
-        assert!(seen.insert(s.hash), "scenario {i} repeats hash {:?} ({})", s.hash, s.template_id);
-        assert!(seen.insert(s.ledger_key()), "scenario {i} repeats its prompt and preferred response");
-        assert!(!probe_ids.contains(&s.template_id), "probe template {} sampled for training", s.template_id);
-        assert!(seen.insert(sft.scenario(&s).hash()), "SFT example {i} repeats");
-        assert!(seen.insert(dpo.scenario(&s).hash()), "DPO example {i} repeats");
+        assert!(
+            seen.insert(s.hash),
+            "scenario {i} repeats hash {:?} ({})",
+            s.hash,
+            s.template_id
+        );
+        assert!(
+            seen.insert(s.ledger_key()),
+            "scenario {i} repeats its prompt and preferred response"
+        );
+        assert!(
+            !probe_ids.contains(&s.template_id),
+            "probe template {} sampled for training",
+            s.template_id
+        );
+        assert!(
+            seen.insert(sft.scenario(&s).hash()),
+            "SFT example {i} repeats"
+        );
+        assert!(
+            seen.insert(dpo.scenario(&s).hash()),
+            "DPO example {i} repeats"
+        );
     }
 }
 
@@ -94,12 +118,28 @@ fn bundled_library_never_repeats() {
         Err(e) => panic!("the bundled library has errors:\n{e}"),
     };
     if library.templates.is_empty() {
-        println!("note: {} holds no templates yet; nothing to check", dir.display());
+        println!(
+            "note: {} holds no templates yet; nothing to check",
+            dir.display()
+        );
         return;
     }
-    let train = |kind| library.split(Split::Train).filter(|t| t.kind == kind).count();
-    assert!(train(Kind::ClearDirection) >= 30, "{} clear_direction train templates", train(Kind::ClearDirection));
-    assert!(train(Kind::FlawedDirection) >= 30, "{} flawed_direction train templates", train(Kind::FlawedDirection));
+    let train = |kind| {
+        library
+            .split(Split::Train)
+            .filter(|t| t.kind == kind)
+            .count()
+    };
+    assert!(
+        train(Kind::ClearDirection) >= 30,
+        "{} clear_direction train templates",
+        train(Kind::ClearDirection)
+    );
+    assert!(
+        train(Kind::FlawedDirection) >= 30,
+        "{} flawed_direction train templates",
+        train(Kind::FlawedDirection)
+    );
     assert!(library.templates.len() >= 60);
     never_repeats(&library, 100_000, 10_000);
 }
@@ -122,15 +162,21 @@ fn probes_are_deterministic_and_never_trained_on() {
         .replace("test.probe.flawed", "test.twin.flawed")
         .replace("split = \"probe\"", "split = \"train\"");
     sources.push((PathBuf::from("twin.toml"), twin));
-    let library = Library::from_sources(sources.iter().map(|(p, s)| (p.as_path(), s.as_str()))).expect("parses");
+    let library = Library::from_sources(sources.iter().map(|(p, s)| (p.as_path(), s.as_str())))
+        .expect("parses");
 
     let dir = tempfile::tempdir().expect("tempdir");
     let mut g = generator(&library, dir.path(), 11);
     let probes = g.probes();
     // 2 probe templates × 4 samples; each has exactly 4 combinations.
     assert_eq!(probes.len(), 8);
-    assert!(probes.iter().all(|p| p.template_id.starts_with("test.probe.")));
-    assert_eq!(probes, generator(&library, tempfile::tempdir().expect("tempdir").path(), 99).probes());
+    assert!(probes
+        .iter()
+        .all(|p| p.template_id.starts_with("test.probe.")));
+    assert_eq!(
+        probes,
+        generator(&library, tempfile::tempdir().expect("tempdir").path(), 99).probes()
+    );
     let probe_hashes: HashSet<ExampleHash> = probes.iter().map(|p| p.hash).collect();
 
     for i in 0..30_000 {
@@ -140,9 +186,21 @@ fn probes_are_deterministic_and_never_trained_on() {
             _ => g.next_of(Kind::FlawedDirection),
         }
         .expect("fresh scenario");
-        assert!(!probe_hashes.contains(&s.hash), "probe scenario {:?} in training output", s.template_id);
-        assert!(!s.template_id.starts_with("test.probe."), "{}", s.template_id);
-        assert!(!s.template_id.starts_with("test.twin."), "a probe-identical rendering was trained: {}", s.template_id);
+        assert!(
+            !probe_hashes.contains(&s.hash),
+            "probe scenario {:?} in training output",
+            s.template_id
+        );
+        assert!(
+            !s.template_id.starts_with("test.probe."),
+            "{}",
+            s.template_id
+        );
+        assert!(
+            !s.template_id.starts_with("test.twin."),
+            "a probe-identical rendering was trained: {}",
+            s.template_id
+        );
     }
     assert!(g.duplicates_skipped() > 0);
 }

@@ -77,9 +77,15 @@ fn torn_last_record_is_dropped_with_a_warning() {
             .expect("truncate");
 
         let warnings = Warnings::default();
-        let (ledger, recovery) =
-            tracing::subscriber::with_default(warnings.clone(), || Ledger::open(dir.path(), policy)).expect("recovers");
-        assert_eq!(recovery.truncated_bytes, RECORD_BYTES as u64 - cut, "cut {cut}");
+        let (ledger, recovery) = tracing::subscriber::with_default(warnings.clone(), || {
+            Ledger::open(dir.path(), policy)
+        })
+        .expect("recovers");
+        assert_eq!(
+            recovery.truncated_bytes,
+            RECORD_BYTES as u64 - cut,
+            "cut {cut}"
+        );
         assert_eq!(recovery.log_records, 999);
         assert!(recovery.repaired());
         assert_eq!(ledger.len(), 999);
@@ -89,12 +95,18 @@ fn torn_last_record_is_dropped_with_a_warning() {
         assert_eq!(logged.len(), 1, "{logged:?}");
         assert!(logged[0].contains("torn"), "{logged:?}");
         // The file was cut back to whole records, so appending continues cleanly.
-        assert_eq!(std::fs::metadata(&log).expect("meta").len(), full - RECORD_BYTES as u64);
+        assert_eq!(
+            std::fs::metadata(&log).expect("meta").len(),
+            full - RECORD_BYTES as u64
+        );
         drop(ledger);
 
         let (mut ledger, recovery) = Ledger::open(dir.path(), policy).expect("reopen");
         assert!(!recovery.repaired(), "{recovery:?}");
-        assert!(ledger.insert(h(999)).expect("insert"), "the lost hash can be recorded again");
+        assert!(
+            ledger.insert(h(999)).expect("insert"),
+            "the lost hash can be recorded again"
+        );
         drop(ledger);
         let (ledger, recovery) = Ledger::open(dir.path(), policy).expect("reopen");
         assert!(!recovery.repaired());
@@ -125,7 +137,14 @@ fn torn_record_after_a_snapshot_keeps_the_snapshot() {
         .and_then(|f| f.set_len(len - 6))
         .expect("truncate");
     let (ledger, recovery) = Ledger::open(dir.path(), policy).expect("recovers");
-    assert_eq!((recovery.snapshot_entries, recovery.log_records, recovery.truncated_bytes), (200, 49, 6));
+    assert_eq!(
+        (
+            recovery.snapshot_entries,
+            recovery.log_records,
+            recovery.truncated_bytes
+        ),
+        (200, 49, 6)
+    );
     assert_eq!(ledger.len(), 249);
     assert!(!ledger.contains(h(249)));
 }

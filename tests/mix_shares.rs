@@ -42,14 +42,24 @@ fn run(mixer: &mut Mixer, batches: usize, batch_size: usize, counter: &mut u64) 
     let mut pools = Pools::default();
     let mut tally = Tally::default();
     for _ in 0..batches {
-        let BatchPlan { general, accept, push_back } = mixer.plan();
-        for (kind, n) in [(Kind::General, general), (Kind::ClearDirection, accept), (Kind::FlawedDirection, push_back)] {
+        let BatchPlan {
+            general,
+            accept,
+            push_back,
+        } = mixer.plan();
+        for (kind, n) in [
+            (Kind::General, general),
+            (Kind::ClearDirection, accept),
+            (Kind::FlawedDirection, push_back),
+        ] {
             for _ in 0..n {
                 *counter += 1;
                 pools.push(example(kind, *counter));
             }
         }
-        let batch = mixer.next_batch(&mut pools).expect("pools filled from the plan");
+        let batch = mixer
+            .next_batch(&mut pools)
+            .expect("pools filled from the plan");
         assert_eq!(batch.examples.len(), batch_size);
         for e in &batch.examples {
             match e.kind {
@@ -64,7 +74,9 @@ fn run(mixer: &mut Mixer, batches: usize, batch_size: usize, counter: &mut u64) 
 
 #[test]
 fn shares_hold_over_10000_batches() {
-    for (batch_size, ratio, accept) in [(8, 0.25, 0.5), (7, 0.3, 0.5), (5, 0.4, 0.6), (3, 0.1, 0.35)] {
+    for (batch_size, ratio, accept) in
+        [(8, 0.25, 0.5), (7, 0.3, 0.5), (5, 0.4, 0.6), (3, 0.1, 0.35)]
+    {
         let mut mixer = Mixer::new(MixConfig {
             batch_size,
             replay_ratio: ratio,
@@ -73,8 +85,16 @@ fn shares_hold_over_10000_batches() {
         .expect("valid");
         let tally = run(&mut mixer, 10_000, batch_size, &mut 0);
         assert_eq!(tally.total(), 10_000 * batch_size as u64);
-        assert!((tally.general_share() - ratio).abs() < 1e-3, "B={batch_size} ratio {ratio}: {}", tally.general_share());
-        assert!((tally.accept_share() - accept).abs() < 1e-3, "B={batch_size} accept {accept}: {}", tally.accept_share());
+        assert!(
+            (tally.general_share() - ratio).abs() < 1e-3,
+            "B={batch_size} ratio {ratio}: {}",
+            tally.general_share()
+        );
+        assert!(
+            (tally.accept_share() - accept).abs() < 1e-3,
+            "B={batch_size} accept {accept}: {}",
+            tally.accept_share()
+        );
     }
 }
 
@@ -91,7 +111,11 @@ fn raised_ratio_takes_effect_at_run_time() {
     assert!((before.general_share() - 0.25).abs() < 1e-3);
     mixer.set_replay_ratio(0.40).expect("valid");
     let after = run(&mut mixer, 10_000, 6, &mut counter);
-    assert!((after.general_share() - 0.40).abs() < 1e-3, "{}", after.general_share());
+    assert!(
+        (after.general_share() - 0.40).abs() < 1e-3,
+        "{}",
+        after.general_share()
+    );
     assert!((after.accept_share() - 0.5).abs() < 1e-3);
 }
 
@@ -108,7 +132,11 @@ fn same_inputs_same_batches() {
         (0..100)
             .map(|_| {
                 let p = m.plan();
-                for (kind, k) in [(Kind::General, p.general), (Kind::ClearDirection, p.accept), (Kind::FlawedDirection, p.push_back)] {
+                for (kind, k) in [
+                    (Kind::General, p.general),
+                    (Kind::ClearDirection, p.accept),
+                    (Kind::FlawedDirection, p.push_back),
+                ] {
                     for _ in 0..k {
                         n += 1;
                         pools.push(example(kind, n));
@@ -121,5 +149,8 @@ fn same_inputs_same_batches() {
     let a = plans(Mixer::new(config).expect("valid"));
     assert_eq!(a, plans(Mixer::new(config).expect("valid")));
     // B = 7 at 0.3: carries 2.1, 2.2, 2.3 … so 2 general until the carry reaches 3.
-    assert_eq!(a.iter().take(10).map(|p| p.general).collect::<Vec<_>>(), [2, 2, 2, 2, 2, 2, 2, 2, 2, 3]);
+    assert_eq!(
+        a.iter().take(10).map(|p| p.general).collect::<Vec<_>>(),
+        [2, 2, 2, 2, 2, 2, 2, 2, 2, 3]
+    );
 }

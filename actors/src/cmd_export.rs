@@ -41,7 +41,12 @@ fn parse_phase(s: &str) -> Result<Phase, String> {
 }
 
 fn messages(prompt: &[Message]) -> Value {
-    Value::Array(prompt.iter().map(|m| json!({"role": m.role, "content": m.content})).collect())
+    Value::Array(
+        prompt
+            .iter()
+            .map(|m| json!({"role": m.role, "content": m.content}))
+            .collect(),
+    )
 }
 
 fn assistant(content: &str) -> Value {
@@ -65,8 +70,12 @@ pub fn trl_row(example: &Example) -> Value {
 
 /// Runs the export.
 pub fn run(args: ExportDatasetArgs) -> anyhow::Result<()> {
-    let library = Library::load_dir(&args.scenarios)
-        .with_context(|| format!("loading scenario templates from {}", args.scenarios.display()))?;
+    let library = Library::load_dir(&args.scenarios).with_context(|| {
+        format!(
+            "loading scenario templates from {}",
+            args.scenarios.display()
+        )
+    })?;
     let config = GeneratorConfig {
         seed: args.seed,
         ..GeneratorConfig::default()
@@ -76,14 +85,16 @@ pub fn run(args: ExportDatasetArgs) -> anyhow::Result<()> {
         phase: args.phase,
         ..LabelConfig::default()
     });
-    let file = File::create(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let file =
+        File::create(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let mut out = BufWriter::new(file);
     for _ in 0..args.n {
         let example = labeler.scenario(&generator.next()?);
         serde_json::to_writer(&mut out, &trl_row(&example))?;
         out.write_all(b"\n")?;
     }
-    out.flush().with_context(|| format!("writing {}", args.out.display()))?;
+    out.flush()
+        .with_context(|| format!("writing {}", args.out.display()))?;
     tracing::info!(
         n = args.n,
         out = %args.out.display(),

@@ -16,7 +16,10 @@ fn templates() -> PathBuf {
 }
 
 fn export(phase: Phase, n: usize, name: &str) -> Vec<Value> {
-    let out = std::env::temp_dir().join(format!("dreamloop-export-{}-{name}.jsonl", std::process::id()));
+    let out = std::env::temp_dir().join(format!(
+        "dreamloop-export-{}-{name}.jsonl",
+        std::process::id()
+    ));
     run(ExportDatasetArgs {
         n,
         out: out.clone(),
@@ -27,11 +30,18 @@ fn export(phase: Phase, n: usize, name: &str) -> Vec<Value> {
     .expect("export runs");
     let text = std::fs::read_to_string(&out).expect("output written");
     std::fs::remove_file(&out).expect("cleanup");
-    text.lines().map(|l| serde_json::from_str(l).expect("each line is JSON")).collect()
+    text.lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect()
 }
 
 fn keys(row: &Value) -> Vec<&str> {
-    let mut k: Vec<&str> = row.as_object().expect("object").keys().map(String::as_str).collect();
+    let mut k: Vec<&str> = row
+        .as_object()
+        .expect("object")
+        .keys()
+        .map(String::as_str)
+        .collect();
     k.sort();
     k
 }
@@ -47,7 +57,10 @@ fn dpo_rows_are_trl_preference_rows() {
         assert_eq!(row["chosen"][0]["role"], "assistant");
         assert_eq!(row["rejected"][0]["role"], "assistant");
         assert_ne!(row["chosen"], row["rejected"]);
-        assert!(!row.to_string().contains("[["), "direction markers are removed");
+        assert!(
+            !row.to_string().contains("[["),
+            "direction markers are removed"
+        );
     }
     let distinct: std::collections::HashSet<String> = rows.iter().map(|r| r.to_string()).collect();
     assert_eq!(distinct.len(), 40);
@@ -60,8 +73,14 @@ fn sft_and_mixed_rows() {
         assert_eq!(row["completion"][0]["role"], "assistant");
     }
     let mixed = export(Phase::Mixed, 200, "mixed");
-    let sft = mixed.iter().filter(|r| r.get("completion").is_some()).count();
-    assert!((60..=140).contains(&sft), "about half of 200 are SFT: {sft}");
+    let sft = mixed
+        .iter()
+        .filter(|r| r.get("completion").is_some())
+        .count();
+    assert!(
+        (60..=140).contains(&sft),
+        "about half of 200 are SFT: {sft}"
+    );
 }
 
 #[test]
@@ -74,5 +93,8 @@ fn missing_library_is_an_error_naming_the_directory() {
         scenarios: PathBuf::from("/nonexistent/scenarios"),
     })
     .expect_err("no templates");
-    assert!(format!("{err:#}").contains("/nonexistent/scenarios"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("/nonexistent/scenarios"),
+        "{err:#}"
+    );
 }

@@ -102,7 +102,11 @@ fn kind_slot(kind: Kind) -> usize {
 
 impl Generator {
     /// A generator over `library`'s train templates, deduplicating against `ledger`.
-    pub fn new(library: Library, ledger: Ledger, config: GeneratorConfig) -> Result<Generator, GenerateError> {
+    pub fn new(
+        library: Library,
+        ledger: Ledger,
+        config: GeneratorConfig,
+    ) -> Result<Generator, GenerateError> {
         let mut train: [Vec<usize>; 4] = Default::default();
         for (i, t) in library.templates.iter().enumerate() {
             if t.split == Split::Train {
@@ -134,6 +138,9 @@ impl Generator {
     }
 
     /// The next fresh train scenario of any kind.
+    // Not `Iterator::next`: a generator can fail (ledger I/O, exhaustion) and an
+    // iterator would have to swallow or panic on that.
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Result<Scenario, GenerateError> {
         self.draw(None)
     }
@@ -145,7 +152,11 @@ impl Generator {
 
     fn draw(&mut self, kind: Option<Kind>) -> Result<Scenario, GenerateError> {
         let pool = kind.map_or(3, kind_slot);
-        if self.library.split(Split::Train).all(|t| kind.is_some_and(|k| t.kind != k)) {
+        if self
+            .library
+            .split(Split::Train)
+            .all(|t| kind.is_some_and(|k| t.kind != k))
+        {
             return Err(GenerateError::NoTemplates { kind });
         }
         for _ in 0..self.config.max_attempts {
@@ -221,6 +232,35 @@ impl Generator {
     }
 }
 
+/// Renders `samples` distinct scenarios per probe template, each template with its own
+/// RNG seeded from its id, so adding a template does not change the others' probes.
+pub fn probe_scenarios(library: &Library, samples: usize) -> Vec<Scenario> {
+    let mut out = Vec::new();
+    for t in library.split(Split::Probe) {
+        out.extend(render_distinct(t, samples));
+    }
+    out
+}
+
+fn render_distinct(t: &Template, samples: usize) -> Vec<Scenario> {
+    let digest = Sha256::digest(t.id.as_bytes());
+    let seed: [u8; 32] = digest.into();
+    let mut rng = ChaCha8Rng::from_seed(seed);
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    // A template with fewer combinations than `samples` yields what it has.
+    for _ in 0..samples.saturating_mul(20) {
+        if out.len() == samples {
+            break;
+        }
+        let s = t.render(&mut rng);
+        if seen.insert(s.hash) {
+            out.push(s);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,17 +289,23 @@ p = ["/", "/etc"]
 
     fn tiny() -> Generator {
         let library = Library::from_sources([(Path::new("tiny.toml"), TINY)]).expect("parses");
-        Generator::new(library, Ledger::in_memory(), GeneratorConfig::default()).expect("has train templates")
+        Generator::new(library, Ledger::in_memory(), GeneratorConfig::default())
+            .expect("has train templates")
     }
 
     #[test]
     fn exhaustion_is_an_error_after_every_rendering() {
         let mut g = tiny();
-        let mut got: Vec<String> = (0..3).map(|_| g.next().expect("fresh").prompt[0].content.clone()).collect();
+        let mut got: Vec<String> = (0..3)
+            .map(|_| g.next().expect("fresh").prompt[0].content.clone())
+            .collect();
         got.sort();
         assert_eq!(got, ["Use 2 spaces.", "Use 4 spaces.", "Use 8 spaces."]);
         let err = g.next().expect_err("exhausted");
-        assert!(matches!(err, GenerateError::Exhausted { kind: None, .. }), "{err}");
+        assert!(
+            matches!(err, GenerateError::Exhausted { kind: None, .. }),
+            "{err}"
+        );
         assert!(g.duplicates_skipped() >= u64::from(RETIRE_AFTER));
         assert_eq!(g.generated(), 3);
         assert_eq!(g.position(), 3);
@@ -268,38 +314,14 @@ p = ["/", "/etc"]
     #[test]
     fn kinds_without_train_templates_are_reported() {
         let mut g = tiny();
-        let err = g.next_of(Kind::FlawedDirection).expect_err("only a probe is flawed");
-        assert_eq!(err.to_string(), "no train templates of kind flawed_direction");
+        let err = g
+            .next_of(Kind::FlawedDirection)
+            .expect_err("only a probe is flawed");
+        assert_eq!(
+            err.to_string(),
+            "no train templates of kind flawed_direction"
+        );
         assert_eq!(g.probes().len(), 2);
         assert!(g.probes().iter().all(|p| p.template_id == "tiny.probe"));
     }
-}
-
-/// Renders `samples` distinct scenarios per probe template, each template with its own
-/// RNG seeded from its id, so adding a template does not change the others' probes.
-pub fn probe_scenarios(library: &Library, samples: usize) -> Vec<Scenario> {
-    let mut out = Vec::new();
-    for t in library.split(Split::Probe) {
-        out.extend(render_distinct(t, samples));
-    }
-    out
-}
-
-fn render_distinct(t: &Template, samples: usize) -> Vec<Scenario> {
-    let digest = Sha256::digest(t.id.as_bytes());
-    let seed: [u8; 32] = digest.into();
-    let mut rng = ChaCha8Rng::from_seed(seed);
-    let mut seen = HashSet::new();
-    let mut out = Vec::new();
-    // A template with fewer combinations than `samples` yields what it has.
-    for _ in 0..samples.saturating_mul(20) {
-        if out.len() == samples {
-            break;
-        }
-        let s = t.render(&mut rng);
-        if seen.insert(s.hash) {
-            out.push(s);
-        }
-    }
-    out
 }

@@ -594,7 +594,9 @@ mod tests {
         // Snapshots at 8 and 16 records; 4 records in the current log.
         let log_len = fs::metadata(dir.path().join(LOG_FILE)).expect("meta").len();
         assert_eq!(log_len, 8 + 4 * 12);
-        let snap_len = fs::metadata(dir.path().join(SNAPSHOT_FILE)).expect("meta").len();
+        let snap_len = fs::metadata(dir.path().join(SNAPSHOT_FILE))
+            .expect("meta")
+            .len();
         assert_eq!(snap_len, 16 + 16 * 8 + 32);
         let (ledger, recovery) = Ledger::open(dir.path(), policy(1000, 8)).expect("reopen");
         assert_eq!(recovery.snapshot_entries, 16);

@@ -151,7 +151,11 @@ struct RawTurn {
 /// 1-based line number of a byte offset.
 fn line_of(src: &str, offset: usize) -> usize {
     let end = offset.min(src.len());
-    src.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+    src.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// Which field a text belongs to; decides whether direction markers are allowed.
@@ -179,11 +183,16 @@ fn parse_text(
             };
             let name = &after[..close];
             let valid = !name.is_empty()
-                && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && name
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
                 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid {
                 return Err((
-                    format!("`{{{{{name}}}}}` is not a placeholder (names are letters, digits and `_`)"),
+                    format!(
+                        "`{{{{{name}}}}}` is not a placeholder (names are letters, digits and `_`)"
+                    ),
                     None,
                 ));
             }
@@ -314,7 +323,11 @@ pub fn parse_file(path: &Path, src: &str) -> (Vec<Template>, Vec<TemplateError>)
 
 type ErrFn<'a> = dyn Fn(usize, Option<&str>, Option<String>, String) -> TemplateError + 'a;
 
-fn build(raw: &RawTemplate, table_start: usize, err: &ErrFn<'_>) -> Result<Template, Vec<TemplateError>> {
+fn build(
+    raw: &RawTemplate,
+    table_start: usize,
+    err: &ErrFn<'_>,
+) -> Result<Template, Vec<TemplateError>> {
     let id = raw.id.get_ref().trim().to_string();
     let tid = Some(id.as_str());
     let mut errors = Vec::new();
@@ -333,11 +346,20 @@ fn build(raw: &RawTemplate, table_start: usize, err: &ErrFn<'_>) -> Result<Templ
             ),
         ));
     }
-    let split = match raw.split.as_ref().map(|s| (s.get_ref().as_str(), s.span().start)) {
+    let split = match raw
+        .split
+        .as_ref()
+        .map(|s| (s.get_ref().as_str(), s.span().start))
+    {
         None | Some(("train", _)) => Split::Train,
         Some(("probe", _)) => Split::Probe,
         Some((other, at)) => {
-            errors.push(err(at, tid, None, format!("`split = \"{other}\"`: expected train or probe")));
+            errors.push(err(
+                at,
+                tid,
+                None,
+                format!("`split = \"{other}\"`: expected train or probe"),
+            ));
             Split::Train
         }
     };
@@ -352,7 +374,12 @@ fn build(raw: &RawTemplate, table_start: usize, err: &ErrFn<'_>) -> Result<Templ
     for (name, values) in &raw.slots {
         let at = values.span().start;
         if values.get_ref().is_empty() {
-            errors.push(err(at, tid, Some(name.clone()), "slot has no values".into()));
+            errors.push(err(
+                at,
+                tid,
+                Some(name.clone()),
+                "slot has no values".into(),
+            ));
         }
         let mut parsed = Vec::new();
         for value in values.get_ref() {
@@ -360,7 +387,9 @@ fn build(raw: &RawTemplate, table_start: usize, err: &ErrFn<'_>) -> Result<Templ
                 Ok(t) => parsed.push(t),
                 Err((message, inner)) => {
                     let message = match inner {
-                        Some(unknown) => format!("{message} (used in a value of this slot; unknown slot `{unknown}`)"),
+                        Some(unknown) => format!(
+                            "{message} (used in a value of this slot; unknown slot `{unknown}`)"
+                        ),
                         None => message,
                     };
                     errors.push(err(value.span().start, tid, Some(name.clone()), message));
@@ -377,12 +406,20 @@ fn build(raw: &RawTemplate, table_start: usize, err: &ErrFn<'_>) -> Result<Templ
         match parse_text(s.get_ref(), f, &names) {
             Ok(t) => t,
             Err((message, slot)) => {
-                errors.push(err(s.span().start, tid, slot, format!("`{label}`: {message}")));
+                errors.push(err(
+                    s.span().start,
+                    tid,
+                    slot,
+                    format!("`{label}`: {message}"),
+                ));
                 Vec::new()
             }
         }
     };
-    let system = raw.system.as_ref().map(|s| field("system", s, Field::Other));
+    let system = raw
+        .system
+        .as_ref()
+        .map(|s| field("system", s, Field::Other));
     let mut turns = Vec::new();
     let mut bad_roles = Vec::new();
     for turn in &raw.turns {
@@ -390,13 +427,21 @@ fn build(raw: &RawTemplate, table_start: usize, err: &ErrFn<'_>) -> Result<Templ
         if role != "user" && role != "assistant" {
             bad_roles.push((turn.get_ref().role.span().start, role.clone()));
         }
-        turns.push((role, field("turns.content", &turn.get_ref().content, Field::Other)));
+        turns.push((
+            role,
+            field("turns.content", &turn.get_ref().content, Field::Other),
+        ));
     }
     let user = field("user", &raw.user, Field::User);
     let preferred = field("preferred", &raw.preferred, Field::Other);
     let rejected = field("rejected", &raw.rejected, Field::Other);
     for (at, role) in bad_roles {
-        errors.push(err(at, tid, None, format!("turn role `{role}`: expected user or assistant")));
+        errors.push(err(
+            at,
+            tid,
+            None,
+            format!("turn role `{role}`: expected user or assistant"),
+        ));
     }
 
     match check_direction(&user) {
@@ -409,17 +454,31 @@ fn build(raw: &RawTemplate, table_start: usize, err: &ErrFn<'_>) -> Result<Templ
             ));
         }
         Ok(_) => {}
-        Err(message) => errors.push(err(raw.user.span().start, tid, None, format!("`user`: {message}"))),
+        Err(message) => errors.push(err(
+            raw.user.span().start,
+            tid,
+            None,
+            format!("`user`: {message}"),
+        )),
     }
     if raw.preferred.get_ref() == raw.rejected.get_ref() {
-        errors.push(err(raw.rejected.span().start, tid, None, "`preferred` and `rejected` are identical".into()));
+        errors.push(err(
+            raw.rejected.span().start,
+            tid,
+            None,
+            "`preferred` and `rejected` are identical".into(),
+        ));
     }
 
     // Reachability from the text fields (unused slots are errors) and cycles. A text
     // that failed to parse lost its references, so "unused" would be a false alarm.
     let texts_parsed = errors.is_empty();
     let mut roots: Vec<usize> = Vec::new();
-    for text in system.iter().chain(turns.iter().map(|(_, t)| t)).chain([&user, &preferred, &rejected]) {
+    for text in system
+        .iter()
+        .chain(turns.iter().map(|(_, t)| t))
+        .chain([&user, &preferred, &rejected])
+    {
         roots.extend(slot_refs(text));
     }
     let mut reachable = vec![false; slots.len()];
@@ -436,8 +495,16 @@ fn build(raw: &RawTemplate, table_start: usize, err: &ErrFn<'_>) -> Result<Templ
     }
     for (i, slot) in slots.iter().enumerate() {
         if texts_parsed && !reachable[i] {
-            let at = raw.slots.get(&slot.name).map_or(table_start, |v| v.span().start);
-            errors.push(err(at, tid, Some(slot.name.clone()), "slot is never used".into()));
+            let at = raw
+                .slots
+                .get(&slot.name)
+                .map_or(table_start, |v| v.span().start);
+            errors.push(err(
+                at,
+                tid,
+                Some(slot.name.clone()),
+                "slot is never used".into(),
+            ));
         }
     }
     if let Some(cycle) = find_cycle(&slots) {
@@ -448,7 +515,10 @@ fn build(raw: &RawTemplate, table_start: usize, err: &ErrFn<'_>) -> Result<Templ
             at,
             tid,
             Some(first.clone()),
-            format!("slots refer to each other in a cycle: {} → {first}", path.join(" → ")),
+            format!(
+                "slots refer to each other in a cycle: {} → {first}",
+                path.join(" → ")
+            ),
         ));
     }
 
@@ -473,7 +543,12 @@ fn build(raw: &RawTemplate, table_start: usize, err: &ErrFn<'_>) -> Result<Templ
 /// A cycle in the slot reference graph, as slot indices, if there is one.
 fn find_cycle(slots: &[Slot]) -> Option<Vec<usize>> {
     // 0 = unvisited, 1 = on the current path, 2 = done.
-    fn visit(i: usize, slots: &[Slot], state: &mut [u8], path: &mut Vec<usize>) -> Option<Vec<usize>> {
+    fn visit(
+        i: usize,
+        slots: &[Slot],
+        state: &mut [u8],
+        path: &mut Vec<usize>,
+    ) -> Option<Vec<usize>> {
         state[i] = 1;
         path.push(i);
         for v in &slots[i].values {
@@ -622,11 +697,12 @@ impl Library {
                 }),
             }
         }
-        let mut library = Library::from_sources(sources.iter().map(|(p, s)| (p.as_path(), s.as_str())))
-            .unwrap_or_else(|LibraryError(mut e)| {
-                errors.append(&mut e);
-                Library::default()
-            });
+        let mut library =
+            Library::from_sources(sources.iter().map(|(p, s)| (p.as_path(), s.as_str())))
+                .unwrap_or_else(|LibraryError(mut e)| {
+                    errors.append(&mut e);
+                    Library::default()
+                });
         if errors.is_empty() {
             tracing::info!(path = %dir.display(), templates = library.templates.len(), "Scenario templates loaded.");
             Ok(std::mem::take(&mut library))
@@ -636,7 +712,9 @@ impl Library {
     }
 
     /// Builds a library from (path, source) pairs; checks ids are unique across them.
-    pub fn from_sources<'a>(sources: impl IntoIterator<Item = (&'a Path, &'a str)>) -> Result<Library, LibraryError> {
+    pub fn from_sources<'a>(
+        sources: impl IntoIterator<Item = (&'a Path, &'a str)>,
+    ) -> Result<Library, LibraryError> {
         let mut templates: Vec<Template> = Vec::new();
         let mut errors = Vec::new();
         let mut seen: BTreeMap<String, String> = BTreeMap::new();
@@ -645,7 +723,12 @@ impl Library {
             errors.append(&mut errs);
             for t in parsed {
                 if let Some(first) = seen.get(&t.id) {
-                    let line = t.source.rsplit(':').next().and_then(|l| l.parse().ok()).unwrap_or(1);
+                    let line = t
+                        .source
+                        .rsplit(':')
+                        .next()
+                        .and_then(|l| l.parse().ok())
+                        .unwrap_or(1);
                     errors.push(TemplateError {
                         path: path.to_path_buf(),
                         line,
@@ -747,21 +830,37 @@ snippet = ["def f({{old}}): return {{old}}"]
         let d = s.direction.expect("span");
         assert_eq!(d.message, 3);
         // "Code:\n" (6) + "def f(tmp): return tmp\n" (23) = 29.
-        assert_eq!((d.start, d.end), (29, 29 + "Rename `tmp` to `total`.".len()));
+        assert_eq!(
+            (d.start, d.end),
+            (29, 29 + "Rename `tmp` to `total`.".len())
+        );
         assert_eq!(&user[d.start..d.end], "Rename `tmp` to `total`.");
         assert_eq!(s.preferred, "Renamed `tmp` to `total`.");
-        assert_eq!(s.hash, Scenario::content_hash(&s.prompt, &s.preferred, &s.rejected));
+        assert_eq!(
+            s.hash,
+            Scenario::content_hash(&s.prompt, &s.preferred, &s.rejected)
+        );
     }
 
     #[test]
     fn same_slot_same_value_within_a_scenario() {
-        let src = GOOD.replace(r#"old = ["tmp"]"#, r#"old = ["a", "b", "c", "d", "e", "f"]"#);
+        let src = GOOD.replace(
+            r#"old = ["tmp"]"#,
+            r#"old = ["a", "b", "c", "d", "e", "f"]"#,
+        );
         let (ts, _) = parse(&src);
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         for _ in 0..50 {
             let s = ts[0].render(&mut rng);
-            let old = s.preferred.split('`').nth(1).expect("old in preferred").to_string();
-            assert!(s.prompt[3].content.contains(&format!("def f({old}): return {old}")));
+            let old = s
+                .preferred
+                .split('`')
+                .nth(1)
+                .expect("old in preferred")
+                .to_string();
+            assert!(s.prompt[3]
+                .content
+                .contains(&format!("def f({old}): return {old}")));
         }
     }
 
@@ -788,10 +887,12 @@ snippet = ["def f({{old}}): return {{old}}"]
 
     #[test]
     fn cycle_is_an_error() {
-        let src = GOOD.replace(r#"lang = ["Python"]"#, r#"lang = ["{{snippet}}"]"#).replace(
-            r#"snippet = ["def f({{old}}): return {{old}}"]"#,
-            r#"snippet = ["{{lang}} code"]"#,
-        );
+        let src = GOOD
+            .replace(r#"lang = ["Python"]"#, r#"lang = ["{{snippet}}"]"#)
+            .replace(
+                r#"snippet = ["def f({{old}}): return {{old}}"]"#,
+                r#"snippet = ["{{lang}} code"]"#,
+            );
         let e = one_error(&src);
         assert!(e.message.contains("cycle"), "{e}");
         assert_eq!(e.slot.as_deref(), Some("lang"));
@@ -806,7 +907,10 @@ snippet = ["def f({{old}}): return {{old}}"]
         let two = one_error(&GOOD.replace(" Thanks", " [[Thanks]]"));
         assert!(two.message.contains("two direction markers"), "{two}");
         let outside = one_error(&GOOD.replace("Maybe rename", "[[Maybe]] rename"));
-        assert!(outside.message.contains("only allowed in `user`"), "{outside}");
+        assert!(
+            outside.message.contains("only allowed in `user`"),
+            "{outside}"
+        );
         assert_eq!(outside.line, 11);
         let in_slot = one_error(&GOOD.replace(r#"new = ["total"]"#, r#"new = ["[[total]]"]"#));
         assert_eq!(in_slot.slot.as_deref(), Some("new"));
@@ -822,14 +926,18 @@ snippet = ["def f({{old}}): return {{old}}"]
             .replace(".]]", ".");
         let (ts, errs) = parse(&src);
         assert!(errs.is_empty(), "{errs:?}");
-        assert_eq!(ts[0].render(&mut ChaCha8Rng::seed_from_u64(0)).direction, None);
+        assert_eq!(
+            ts[0].render(&mut ChaCha8Rng::seed_from_u64(0)).direction,
+            None
+        );
     }
 
     #[test]
     fn toml_and_schema_errors_have_lines() {
         let e = one_error("[[template]]\nid = \"x\"\nkind = \n");
         assert_eq!(e.line, 3);
-        let e = one_error(&GOOD.replace("domain = \"code\"", "domain = \"code\"\ncolour = \"red\""));
+        let e =
+            one_error(&GOOD.replace("domain = \"code\"", "domain = \"code\"\ncolour = \"red\""));
         assert!(e.message.contains("colour"), "{e}");
         assert_eq!(e.line, 7);
         let e = one_error(&GOOD.replace("\"clear_direction\"", "\"clear\""));
@@ -846,6 +954,9 @@ snippet = ["def f({{old}}): return {{old}}"]
         let b = Path::new("b.toml");
         let err = Library::from_sources([(a, GOOD), (b, GOOD)]).expect_err("duplicate");
         assert_eq!(err.0.len(), 1);
-        assert_eq!(err.0[0].to_string(), "b.toml:2: template `code.rename`: duplicate template id (first defined at a.toml:2)");
+        assert_eq!(
+            err.0[0].to_string(),
+            "b.toml:2: template `code.rename`: duplicate template id (first defined at a.toml:2)"
+        );
     }
 }
