@@ -208,8 +208,16 @@ impl ConvoReader {
         for name in names {
             let path = self.dir.join(&name);
             let pos = self.cursor.files.get(&name).copied().unwrap_or_default();
-            let pos = self.read_file(&path, pos, &mut poll)?;
-            self.cursor.files.insert(name, pos);
+            // One unreadable file (removed mid-poll, permissions) must not stop the
+            // others; its position is kept and it is tried again next poll.
+            match self.read_file(&path, pos, &mut poll) {
+                Ok(pos) => {
+                    self.cursor.files.insert(name, pos);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "Could not read a conversation log; will retry next poll.")
+                }
+            }
         }
         Ok(poll)
     }

@@ -63,7 +63,9 @@ fn sft(prompt: String, completion: String, provenance: String) -> Example {
 /// An arithmetic expression over integers.
 #[derive(Debug, Clone, PartialEq)]
 enum Expr {
+    /// A literal.
     Num(i64),
+    /// `left op right`, op one of `+ - * /`.
     Op(Box<Expr>, char, Box<Expr>),
 }
 

@@ -115,36 +115,54 @@ pub struct Template {
     slots: Vec<Slot>,
 }
 
+/// A template file as TOML gives it; spans locate errors. Field meanings are in
+/// `scenarios/README.md` and on [`Template`].
 #[derive(Deserialize)]
 struct RawFile {
+    /// The `[[template]]` tables, with the span of each table for its line.
     #[serde(default)]
     template: Vec<Spanned<RawTemplate>>,
 }
 
+/// One `[[template]]` table before validation; strings keep their spans so that an
+/// error names the line of the field it is about.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTemplate {
+    /// Unique id.
     id: Spanned<String>,
+    /// Kind name, checked against [`Kind::parse`].
     kind: Spanned<String>,
+    /// `train` (default) or `probe`.
     #[serde(default)]
     split: Option<Spanned<String>>,
+    /// Free-form domain label.
     #[serde(default)]
     domain: Option<String>,
+    /// Optional system prompt text.
     #[serde(default)]
     system: Option<Spanned<String>>,
+    /// Earlier turns.
     #[serde(default)]
     turns: Vec<Spanned<RawTurn>>,
+    /// Final user turn text, with the direction markers.
     user: Spanned<String>,
+    /// Winning response text.
     preferred: Spanned<String>,
+    /// Losing response text.
     rejected: Spanned<String>,
+    /// Slot name → values; the list's span gives the slot's line.
     #[serde(default)]
     slots: BTreeMap<String, Spanned<Vec<Spanned<String>>>>,
 }
 
+/// One earlier turn before validation.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTurn {
+    /// `user` or `assistant`.
     role: Spanned<String>,
+    /// The turn's text.
     content: Spanned<String>,
 }
 
@@ -161,8 +179,11 @@ fn line_of(src: &str, offset: usize) -> usize {
 /// Which field a text belongs to; decides whether direction markers are allowed.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Field {
+    /// The final user turn: the one place markers belong.
     User,
+    /// System, turns, preferred, rejected.
     Other,
+    /// A slot value: markers there would make the span depend on sampling.
     SlotValue,
 }
 
@@ -581,8 +602,11 @@ fn find_cycle(slots: &[Slot]) -> Option<Vec<usize>> {
 
 /// Per-render state: the value chosen for each slot (lazily, first use decides).
 struct Render<'a, R: Rng> {
+    /// The template's slots.
     slots: &'a [Slot],
+    /// The value index chosen per slot, once first reached.
     chosen: Vec<Option<usize>>,
+    /// The sampling stream.
     rng: &'a mut R,
 }
 
