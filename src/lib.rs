@@ -4,6 +4,7 @@
 //! See `DESIGN.md` for the map.
 
 pub mod checkpoint;
+pub mod config;
 pub mod convo;
 pub mod eval;
 pub mod events;

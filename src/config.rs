@@ -1,0 +1,708 @@
+//! `DreamConfig`: the daemon's TOML file, parsed strictly and validated as a whole.
+//!
+//! The file describes the loop (model, phase, optimizer, data, evaluation, rollback policy,
+//! checkpoints, queues, supervision); CLI flags describe the process (`--state-dir`,
+//! `--metrics-addr`, `--paused`) and override the file's `state_dir` / `metrics_addr`.
+//! Every table uses `deny_unknown_fields`, so a misspelt key is an error that names its line,
+//! not a silently ignored setting. [`DreamConfig::validate`] then checks ranges and lists
+//! *every* bad field with its TOML path (`train.batch_size`, `rollback.patience`), so one run of
+//! `dreamloop validate-config` shows all problems.
+//!
+//! The commented defaults live in `config/dreamloop.toml`; the reasons for each number are
+//! written there, next to the number (vector's and nanoGPT's habit).
+//!
+//! # Hot reload
+//!
+//! On SIGHUP the daemon re-reads the file and applies only [`HotSettings`]: the peak learning
+//! rate, the replay ratio, the evaluation cadence, the rollback thresholds and the phase. A
+//! change to anything else (model, optimizer, batch size, directories) is reported and
+//! ignored until a restart, because it would invalidate the checkpointed optimizer state or
+//! the data already queued.
+//!
+//! This module knows nothing about actors or signals; it only reads, checks and converts.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::general::GeneralConfig;
+use crate::label::Phase;
+use crate::mix::MixConfig;
+use crate::rollback::Policy;
+use crate::train::loss::DpoVariant;
+use crate::train::optim::{ApolloConfig, OptimizerConfig};
+use crate::train::schedule::LrSchedule;
+use crate::train::trainer::TrainerConfig;
+
+/// The config file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The config file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key or a value of the wrong type.
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// 1-based line of the offending value (0 when the parser gave no position).
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// The parser's message (names the key).
+        message: String,
+    },
+    /// The file parsed but some values are out of range; every one is listed.
+    #[error("{path}: {} invalid setting(s):\n{}", errors.len(), errors.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// Every problem found.
+        errors: Vec<FieldError>,
+    },
+}
+
+/// One out-of-range setting, named by its TOML path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Dotted TOML path (`train.batch_size`).
+    pub field: String,
+    /// What is wrong and what is accepted.
+    pub reason: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// burn's flex CPU backend (f32).
+    Cpu,
+    /// burn's CUDA backend (needs a build with `--features cuda`).
+    Cuda,
+}
+
+/// `[model]`: which weights to train.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A preset name (`tiny`) or a Hugging Face directory.
+    pub spec: String,
+    /// `cpu` or `cuda`.
+    #[serde(default = "default_backend")]
+    pub backend: Backend,
+    /// DPO reference weights (preset or directory); absent: a frozen copy of `spec`.
+    #[serde(default)]
+    pub reference: Option<String>,
+}
+
+fn default_backend() -> Backend {
+    Backend::Cpu
+}
+
+/// Shape of the learning-rate curve after the warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleShape {
+    /// Constant at the peak.
+    Constant,
+    /// Cosine cycles with restarts (SGDR) down to `floor_ratio · lr`.
+    Cosine,
+}
+
+/// `[train]`: how one step trains.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// Peak learning rate (hot-reloadable).
+    pub lr: f64,
+    /// Linear warmup steps from `lr / warmup_steps` to `lr`.
+    pub warmup_steps: u64,
+    /// `constant` or `cosine` after the warmup.
+    pub schedule: ScheduleShape,
+    /// Length of one cosine cycle in steps (cosine only).
+    #[serde(default = "default_cycle_steps")]
+    pub cycle_steps: u64,
+    /// Cosine floor as a fraction of `lr` (cosine only).
+    #[serde(default)]
+    pub floor_ratio: f64,
+    /// Examples per optimizer step.
+    pub batch_size: usize,
+    /// Global gradient-norm clipping threshold (0: off).
+    pub max_grad_norm: f64,
+    /// DPO temperature β.
+    pub beta: f64,
+    /// `sigmoid` (DPO) or `ipo`.
+    #[serde(default)]
+    pub dpo_variant: DpoVariant,
+    /// Parameter-name globs that never train.
+    #[serde(default)]
+    pub freeze: Vec<String>,
+    /// If non-empty, only parameters matching one of these globs train.
+    #[serde(default)]
+    pub train_only: Vec<String>,
+    /// The optimizer and its hyper-parameters: `[train.optimizer.adamw]` or
+    /// `[train.optimizer.apollo]` (APOLLO-Mini is `apollo` with rank 1, tensor scaling).
+    pub optimizer: OptimizerConfig,
+}
+
+fn default_cycle_steps() -> u64 {
+    1000
+}
+
+/// `[data]`: where examples come from and how they are mixed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Scenario templates, with `corpus/train` and `corpus/heldout` inside.
+    pub scenarios_dir: PathBuf,
+    /// Conversation logs (`*.jsonl`), read incrementally; absent: none.
+    #[serde(default)]
+    pub logs_dir: Option<PathBuf>,
+    /// Share of general replay examples per batch (hot-reloadable).
+    pub replay_ratio: f64,
+    /// Share of clear-direction (accept) examples among the behavioural ones.
+    pub accept_share: f64,
+    /// Relative weights of the general sources: arithmetic, code, reasoning, corpus text.
+    pub general_weights: [f64; 4],
+    /// Corpus window length in words, `[min, max]`.
+    pub chunk_words: [usize; 2],
+    /// Seed of scenario sampling and general replay (streams advance with the ledger).
+    pub seed: u64,
+}
+
+/// `[eval]`: what the monitor measures and how often.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    /// Evaluate the weights every this many optimizer steps (hot-reloadable).
+    pub every_n_steps: u64,
+    /// Renderings per probe template.
+    pub probe_samples: usize,
+    /// Arithmetic and code multiple-choice probes.
+    pub general_items: usize,
+    /// Held-out texts used for perplexity (the first N files; 0: all).
+    pub max_heldout_texts: usize,
+    /// Bytes kept of each held-out text (cut at a character boundary; 0: whole text).
+    pub heldout_max_bytes: usize,
+    /// Seed of the general probes (fixed, so evaluations compare like with like).
+    pub seed: u64,
+}
+
+/// `[checkpoint]`: how often and how many.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSection {
+    /// Save every this many optimizer steps (evaluations that mark GOOD also save).
+    pub every_n_steps: u64,
+    /// Newest checkpoints kept besides GOOD and LATEST.
+    pub keep_last: usize,
+    /// A second root (another disk) receiving every GOOD checkpoint; absent: none.
+    #[serde(default)]
+    pub mirror_dir: Option<PathBuf>,
+}
+
+/// `[queues]`: every queue is bounded; these are the bounds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSection {
+    /// Labeled examples the mixer may hold ahead of the trainer, per class.
+    pub examples: usize,
+    /// Jobs waiting for the trainer thread (its crossbeam channel).
+    pub trainer: usize,
+}
+
+/// `[supervisor]`: the restart budget.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SupervisorSection {
+    /// Restarts of one actor allowed within `window_seconds`; one more stops the daemon.
+    pub max_restarts: u32,
+    /// The budget window.
+    pub window_seconds: u64,
+    /// Seconds an actor call may take before it counts as a failure (an eval of a large
+    /// model is the longest call).
+    pub call_timeout_seconds: u64,
+    /// Seconds between two status lines on stderr (a TTY also gets a live line).
+    pub status_every_seconds: u64,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DreamConfig {
+    /// Where checkpoints, ledger, events and status live (`--state-dir` overrides).
+    pub state_dir: PathBuf,
+    /// The Prometheus listener (`--metrics-addr` overrides); loopback by default.
+    pub metrics_addr: String,
+    /// `sft`, `dpo` or `mixed` (hot-reloadable).
+    pub phase: Phase,
+    /// `[model]`.
+    pub model: ModelSection,
+    /// `[train]`.
+    pub train: TrainSection,
+    /// `[data]`.
+    pub data: DataSection,
+    /// `[eval]`.
+    pub eval: EvalSection,
+    /// `[rollback]`: the policy's thresholds and adjustments (hot-reloadable).
+    #[serde(default)]
+    pub rollback: Policy,
+    /// `[checkpoint]`.
+    pub checkpoint: CheckpointSection,
+    /// `[queues]`.
+    pub queues: QueueSection,
+    /// `[supervisor]`.
+    pub supervisor: SupervisorSection,
+}
+
+/// The settings a SIGHUP applies without a restart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HotSettings {
+    /// Peak learning rate (the rollback multiplier still applies on top).
+    pub lr: f64,
+    /// Replay ratio (the policy may raise it again after a rollback).
+    pub replay_ratio: f64,
+    /// Evaluation cadence in steps.
+    pub eval_every_n_steps: u64,
+    /// The rollback policy.
+    pub rollback: Policy,
+    /// SFT, DPO or mixed.
+    pub phase: Phase,
+}
+
+impl DreamConfig {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<DreamConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config = Self::parse(&text, path)?;
+        config.validate().map_err(|errors| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            errors,
+        })?;
+        Ok(config)
+    }
+
+    /// Parses TOML text (`path` only names it in errors). Not validated.
+    pub fn parse(text: &str, path: &Path) -> Result<DreamConfig, ConfigError> {
+        toml::from_str(text).map_err(|e: toml::de::Error| {
+            let (line, column) = e
+                .span()
+                .map(|span| {
+                    let before = &text[..span.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                    (line, column)
+                })
+                .unwrap_or((0, 0));
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: e.message().to_string(),
+            }
+        })
+    }
+
+    /// Checks every range; returns all problems, each named by its TOML path.
+    pub fn validate(&self) -> Result<(), Vec<FieldError>> {
+        let mut errors = Vec::new();
+        let mut bad = |field: &str, reason: String| {
+            errors.push(FieldError {
+                field: field.to_string(),
+                reason,
+            })
+        };
+        if self.state_dir.as_os_str().is_empty() {
+            bad("state_dir", "must not be empty".into());
+        }
+        if self.metrics_addr.parse::<std::net::SocketAddr>().is_err() {
+            bad(
+                "metrics_addr",
+                format!(
+                    "`{}` is not an address:port such as 127.0.0.1:9464",
+                    self.metrics_addr
+                ),
+            );
+        }
+        if self.model.spec.trim().is_empty() {
+            bad(
+                "model.spec",
+                "must name a preset (tiny) or a model directory".into(),
+            );
+        }
+        let t = &self.train;
+        if !(t.lr.is_finite() && t.lr > 0.0 && t.lr < 1.0) {
+            bad("train.lr", format!("must be in (0, 1), got {}", t.lr));
+        }
+        if t.schedule == ScheduleShape::Cosine && t.cycle_steps == 0 {
+            bad(
+                "train.cycle_steps",
+                "must be at least 1 for a cosine schedule".into(),
+            );
+        }
+        if !(0.0..=1.0).contains(&t.floor_ratio) {
+            bad(
+                "train.floor_ratio",
+                format!("must be in [0, 1], got {}", t.floor_ratio),
+            );
+        }
+        if t.batch_size == 0 {
+            bad("train.batch_size", "must be at least 1".into());
+        }
+        if !(t.max_grad_norm.is_finite() && t.max_grad_norm >= 0.0) {
+            bad(
+                "train.max_grad_norm",
+                format!("must be ≥ 0 (0 disables clipping), got {}", t.max_grad_norm),
+            );
+        }
+        if !(t.beta.is_finite() && t.beta > 0.0) {
+            bad("train.beta", format!("must be > 0, got {}", t.beta));
+        }
+        if let Err(e) = t.optimizer.validate() {
+            let section = format!("train.optimizer.{}", t.optimizer.algorithm());
+            match e {
+                crate::train::optim::OptimError::InvalidConfig { field, reason } => {
+                    bad(&format!("{section}.{field}"), reason)
+                }
+                other => bad(&section, other.to_string()),
+            }
+        }
+        let d = &self.data;
+        for (field, value) in [
+            ("data.replay_ratio", d.replay_ratio),
+            ("data.accept_share", d.accept_share),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                bad(field, format!("must be a ratio in [0, 1], got {value}"));
+            }
+        }
+        if d.general_weights
+            .iter()
+            .any(|w| !(w.is_finite() && *w >= 0.0))
+            || d.general_weights.iter().sum::<f64>() <= 0.0
+        {
+            bad(
+                "data.general_weights",
+                format!(
+                    "must be four finite weights ≥ 0 with a positive sum, got {:?}",
+                    d.general_weights
+                ),
+            );
+        }
+        if d.chunk_words[0] == 0 || d.chunk_words[0] > d.chunk_words[1] {
+            bad(
+                "data.chunk_words",
+                format!(
+                    "must be [min, max] with 1 ≤ min ≤ max, got {:?}",
+                    d.chunk_words
+                ),
+            );
+        }
+        if self.eval.every_n_steps == 0 {
+            bad("eval.every_n_steps", "must be at least 1".into());
+        }
+        if self.eval.probe_samples == 0 {
+            bad("eval.probe_samples", "must be at least 1".into());
+        }
+        if let Err(policy_errors) = self.rollback.validate() {
+            for e in policy_errors {
+                bad(
+                    &format!("rollback.{}", e.field),
+                    format!("{} (got {})", e.expected, e.value),
+                );
+            }
+        }
+        if self.checkpoint.every_n_steps == 0 {
+            bad("checkpoint.every_n_steps", "must be at least 1".into());
+        }
+        if self.checkpoint.keep_last == 0 {
+            bad("checkpoint.keep_last", "must be at least 1".into());
+        }
+        if self.queues.examples < t.batch_size {
+            bad(
+                "queues.examples",
+                format!(
+                    "must hold at least one batch (train.batch_size = {}), got {}",
+                    t.batch_size, self.queues.examples
+                ),
+            );
+        }
+        if self.queues.trainer == 0 {
+            bad("queues.trainer", "must be at least 1".into());
+        }
+        let s = &self.supervisor;
+        if s.window_seconds == 0 {
+            bad("supervisor.window_seconds", "must be at least 1".into());
+        }
+        if s.call_timeout_seconds == 0 {
+            bad(
+                "supervisor.call_timeout_seconds",
+                "must be at least 1".into(),
+            );
+        }
+        if s.status_every_seconds == 0 {
+            bad(
+                "supervisor.status_every_seconds",
+                "must be at least 1".into(),
+            );
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// The learning-rate schedule the file describes (multiplier 1).
+    pub fn schedule(&self) -> LrSchedule {
+        let t = &self.train;
+        match t.schedule {
+            ScheduleShape::Constant => LrSchedule::warmup_constant(t.lr, t.warmup_steps),
+            ScheduleShape::Cosine => {
+                LrSchedule::warmup_cosine(t.lr, t.warmup_steps, t.cycle_steps, t.floor_ratio)
+            }
+        }
+    }
+
+    /// The trainer's settings; `pad_id` comes from the model.
+    pub fn trainer_config(&self, pad_id: u32) -> TrainerConfig {
+        let t = &self.train;
+        TrainerConfig {
+            optimizer: t.optimizer.clone(),
+            schedule: self.schedule(),
+            max_grad_norm: t.max_grad_norm,
+            beta: t.beta,
+            dpo_variant: t.dpo_variant,
+            freeze: t.freeze.clone(),
+            train_only: t.train_only.clone(),
+            pad_id,
+        }
+    }
+
+    /// The mixer's settings.
+    pub fn mix_config(&self) -> MixConfig {
+        MixConfig {
+            batch_size: self.train.batch_size,
+            replay_ratio: self.data.replay_ratio,
+            accept_share: self.data.accept_share,
+        }
+    }
+
+    /// The general-replay settings.
+    pub fn general_config(&self) -> GeneralConfig {
+        GeneralConfig {
+            weights: self.data.general_weights,
+            chunk_words: (self.data.chunk_words[0], self.data.chunk_words[1]),
+        }
+    }
+
+    /// The hot-reloadable subset.
+    pub fn hot(&self) -> HotSettings {
+        HotSettings {
+            lr: self.train.lr,
+            replay_ratio: self.data.replay_ratio,
+            eval_every_n_steps: self.eval.every_n_steps,
+            rollback: self.rollback.clone(),
+            phase: self.phase,
+        }
+    }
+
+    /// TOML paths of settings that differ from `other` but need a restart to apply.
+    pub fn cold_differences(&self, other: &DreamConfig) -> Vec<&'static str> {
+        let mut a = self.clone();
+        let b = other;
+        let mut out = Vec::new();
+        // Neutralise the hot settings, then compare section by section.
+        a.train.lr = b.train.lr;
+        a.data.replay_ratio = b.data.replay_ratio;
+        a.eval.every_n_steps = b.eval.every_n_steps;
+        a.rollback = b.rollback.clone();
+        a.phase = b.phase;
+        for (name, differs) in [
+            ("state_dir", a.state_dir != b.state_dir),
+            ("metrics_addr", a.metrics_addr != b.metrics_addr),
+            ("model", a.model != b.model),
+            ("train", a.train != b.train),
+            ("data", a.data != b.data),
+            ("eval", a.eval != b.eval),
+            ("checkpoint", a.checkpoint != b.checkpoint),
+            ("queues", a.queues != b.queues),
+            ("supervisor", a.supervisor != b.supervisor),
+        ] {
+            if differs {
+                out.push(name);
+            }
+        }
+        out
+    }
+
+    /// A small configuration for tests and the first run: the tiny preset on CPU, batch 2,
+    /// frequent evaluations and checkpoints, a handful of probes.
+    pub fn tiny(scenarios_dir: &Path, state_dir: &Path) -> DreamConfig {
+        DreamConfig {
+            state_dir: state_dir.to_path_buf(),
+            metrics_addr: "127.0.0.1:0".into(),
+            phase: Phase::Sft,
+            model: ModelSection {
+                spec: "tiny".into(),
+                backend: Backend::Cpu,
+                reference: None,
+            },
+            train: TrainSection {
+                lr: 2e-5,
+                warmup_steps: 0,
+                schedule: ScheduleShape::Constant,
+                cycle_steps: 1000,
+                floor_ratio: 0.0,
+                batch_size: 2,
+                max_grad_norm: 1.0,
+                beta: 0.01,
+                dpo_variant: DpoVariant::Sigmoid,
+                freeze: Vec::new(),
+                train_only: Vec::new(),
+                optimizer: OptimizerConfig::Apollo(ApolloConfig::mini()),
+            },
+            data: DataSection {
+                scenarios_dir: scenarios_dir.to_path_buf(),
+                logs_dir: None,
+                replay_ratio: 0.25,
+                accept_share: 0.5,
+                general_weights: [0.25, 0.25, 0.2, 0.3],
+                chunk_words: [16, 48],
+                seed: 0,
+            },
+            eval: EvalSection {
+                every_n_steps: 5,
+                probe_samples: 1,
+                general_items: 4,
+                max_heldout_texts: 1,
+                heldout_max_bytes: 2048,
+                seed: 0,
+            },
+            rollback: Policy::default(),
+            checkpoint: CheckpointSection {
+                every_n_steps: 5,
+                keep_last: 2,
+                mirror_dir: None,
+            },
+            queues: QueueSection {
+                examples: 8,
+                trainer: 1,
+            },
+            supervisor: SupervisorSection {
+                max_restarts: 3,
+                window_seconds: 600,
+                call_timeout_seconds: 600,
+                status_every_seconds: 30,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    }
+
+    /// Every file in `config/` parses and validates.
+    #[test]
+    fn every_bundled_config_is_valid() {
+        let mut seen = 0;
+        let mut entries: Vec<_> = std::fs::read_dir(dir().join("config"))
+            .expect("config/ exists")
+            .map(|e| e.expect("readable entry").path())
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .collect();
+        entries.sort();
+        for path in entries {
+            DreamConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            seen += 1;
+        }
+        assert!(seen >= 1, "config/ holds no .toml file");
+    }
+
+    /// The defaults file carries the numbers DESIGN.md §4 and the task prescribe.
+    #[test]
+    fn defaults_follow_the_recipes() {
+        let c = DreamConfig::load(&dir().join("config/dreamloop.toml")).expect("valid");
+        assert_eq!(c.model.spec, "tiny");
+        assert_eq!(c.model.backend, Backend::Cpu);
+        assert!((1e-5..=2e-5).contains(&c.train.lr), "SFT lr {}", c.train.lr);
+        assert_eq!(c.train.beta, 0.01);
+        assert_eq!(c.data.replay_ratio, 0.25);
+        assert_eq!(c.rollback.lr_factor_on_rollback, 0.5);
+        assert_eq!(c.rollback.max_replay_ratio, 0.40);
+        assert!(c.metrics_addr.starts_with("127.0.0.1:"));
+    }
+
+    #[test]
+    fn unknown_key_names_its_line() {
+        let text =
+            "state_dir = \"s\"\nmetrics_addr = \"127.0.0.1:1\"\nphase = \"sft\"\nbogus = 1\n";
+        match DreamConfig::parse(text, Path::new("x.toml")) {
+            Err(ConfigError::Parse { line, message, .. }) => {
+                assert_eq!(line, 4, "{message}");
+                assert!(message.contains("bogus"), "{message}");
+            }
+            other => panic!("expected a parse error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn validate_lists_every_bad_field() {
+        let mut c = DreamConfig::tiny(Path::new("scenarios"), Path::new("state"));
+        c.train.batch_size = 0;
+        c.data.replay_ratio = 1.5;
+        c.rollback.patience = 0;
+        c.eval.every_n_steps = 0;
+        c.metrics_addr = "nowhere".into();
+        let errors = c.validate().expect_err("invalid");
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        for expected in [
+            "metrics_addr",
+            "train.batch_size",
+            "data.replay_ratio",
+            "eval.every_n_steps",
+            "rollback.patience",
+        ] {
+            assert!(
+                fields.contains(&expected),
+                "{expected} missing from {fields:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn tiny_is_valid_and_hot_differences_are_not_cold() {
+        let a = DreamConfig::tiny(Path::new("scenarios"), Path::new("state"));
+        a.validate().expect("tiny is valid");
+        let mut b = a.clone();
+        b.train.lr = 1e-4;
+        b.data.replay_ratio = 0.4;
+        b.phase = Phase::Dpo;
+        b.rollback.patience = 5;
+        b.eval.every_n_steps = 7;
+        assert!(a.cold_differences(&b).is_empty());
+        b.train.batch_size = 4;
+        assert_eq!(a.cold_differences(&b), vec!["train"]);
+    }
+}
