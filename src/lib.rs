@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod events;
+pub mod metrics;
 pub mod model;
 pub mod rollback;
 pub mod train;
