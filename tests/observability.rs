@@ -72,7 +72,9 @@ fn rule_violations(def: &MetricDef) -> Vec<String> {
     let base = name.strip_suffix("_total").unwrap_or(name);
     for reserved in ["_bucket", "_sum", "_count", "_created"] {
         if base.ends_with(reserved) {
-            fail(&format!("ends with `{reserved}`, which Prometheus derives itself"));
+            fail(&format!(
+                "ends with `{reserved}`, which Prometheus derives itself"
+            ));
         }
     }
     if base.ends_with("_info")
@@ -87,7 +89,10 @@ fn rule_violations(def: &MetricDef) -> Vec<String> {
     }
     match def.unit.suffix() {
         Some(unit) if !base.ends_with(unit) => {
-            fail(&format!("unit {:?} needs the name to end in `{unit}`", def.unit));
+            fail(&format!(
+                "unit {:?} needs the name to end in `{unit}`",
+                def.unit
+            ));
         }
         Some(_) => {}
         None => {
@@ -101,7 +106,9 @@ fn rule_violations(def: &MetricDef) -> Vec<String> {
     }
     for unit in NON_BASE_UNITS {
         if base.ends_with(unit) || base.contains(&format!("{unit}_")) {
-            fail(&format!("`{unit}` is not a base unit (seconds, bytes, ratio)"));
+            fail(&format!(
+                "`{unit}` is not a base unit (seconds, bytes, ratio)"
+            ));
         }
     }
     if def.help.is_empty() || !def.help.ends_with('.') || def.help.contains('\n') {
@@ -128,10 +135,14 @@ fn label_violations(name: &str, label: &Label) -> Vec<String> {
         out.push(format!("{name}: label `{l}` must be lower_snake_case"));
     }
     if l == "le" || l == "quantile" {
-        out.push(format!("{name}: label `{l}` is reserved for histograms/summaries"));
+        out.push(format!(
+            "{name}: label `{l}` is reserved for histograms/summaries"
+        ));
     }
     if UNBOUNDED_LABELS.contains(&l) {
-        out.push(format!("{name}: label `{l}` has one value per example or step"));
+        out.push(format!(
+            "{name}: label `{l}` has one value per example or step"
+        ));
     }
     match label.values {
         LabelValues::OneOf(values) => {
@@ -163,10 +174,18 @@ fn label_violations(name: &str, label: &Label) -> Vec<String> {
 fn catalogue_names_are_unique() {
     let mut seen = HashSet::new();
     for def in CATALOGUE {
-        assert!(seen.insert(def.name), "{} is in the catalogue twice", def.name);
+        assert!(
+            seen.insert(def.name),
+            "{} is in the catalogue twice",
+            def.name
+        );
     }
     // The catalogue covers DESIGN.md §7's subsystems: a truncated list fails here.
-    assert!(CATALOGUE.len() >= 45, "catalogue has {} entries", CATALOGUE.len());
+    assert!(
+        CATALOGUE.len() >= 45,
+        "catalogue has {} entries",
+        CATALOGUE.len()
+    );
 }
 
 #[test]
@@ -179,15 +198,60 @@ fn catalogue_follows_the_naming_rule() {
 fn naming_rule_rejects_bad_names() {
     // The rule must be able to fail: each of these breaks exactly one part of it.
     let bad = [
-        ("dreamloop_train_steps", MetricKind::Counter, Unit::Dimensionless, &[][..]),
-        ("dreamloop_train_loss_total", MetricKind::Gauge, Unit::Dimensionless, &[][..]),
-        ("dreamloop_train_step_duration_ms", MetricKind::Histogram, Unit::Seconds, &[][..]),
-        ("dreamloop_eval_accuracy_percent", MetricKind::Gauge, Unit::Ratio, &[][..]),
-        ("dreamloop_eval_accuracy_ratio", MetricKind::Gauge, Unit::Dimensionless, &[][..]),
-        ("dreamloop_bogus_loss", MetricKind::Gauge, Unit::Dimensionless, &[][..]),
-        ("train_loss", MetricKind::Gauge, Unit::Dimensionless, &[][..]),
-        ("dreamloop_checkpoint_size_count", MetricKind::Gauge, Unit::Dimensionless, &[][..]),
-        ("dreamloop_train_info", MetricKind::Gauge, Unit::Dimensionless, &[][..]),
+        (
+            "dreamloop_train_steps",
+            MetricKind::Counter,
+            Unit::Dimensionless,
+            &[][..],
+        ),
+        (
+            "dreamloop_train_loss_total",
+            MetricKind::Gauge,
+            Unit::Dimensionless,
+            &[][..],
+        ),
+        (
+            "dreamloop_train_step_duration_ms",
+            MetricKind::Histogram,
+            Unit::Seconds,
+            &[][..],
+        ),
+        (
+            "dreamloop_eval_accuracy_percent",
+            MetricKind::Gauge,
+            Unit::Ratio,
+            &[][..],
+        ),
+        (
+            "dreamloop_eval_accuracy_ratio",
+            MetricKind::Gauge,
+            Unit::Dimensionless,
+            &[][..],
+        ),
+        (
+            "dreamloop_bogus_loss",
+            MetricKind::Gauge,
+            Unit::Dimensionless,
+            &[][..],
+        ),
+        (
+            "train_loss",
+            MetricKind::Gauge,
+            Unit::Dimensionless,
+            &[][..],
+        ),
+        (
+            "dreamloop_checkpoint_size_count",
+            MetricKind::Gauge,
+            Unit::Dimensionless,
+            &[][..],
+        ),
+        (
+            "dreamloop_train_info",
+            MetricKind::Gauge,
+            Unit::Dimensionless,
+            &[][..],
+        ),
         (
             "dreamloop_train_examples_total",
             MetricKind::Counter,
@@ -241,7 +305,11 @@ fn label_values_match_the_policy_enums() {
     };
     assert_eq!(pause_values.len(), pauses.len());
     for pause in pauses {
-        assert!(labels::PAUSE_REASON.allows(pause.label()), "{}", pause.label());
+        assert!(
+            labels::PAUSE_REASON.allows(pause.label()),
+            "{}",
+            pause.label()
+        );
     }
     assert!(labels::LAYER.allows("0") && labels::LAYER.allows("47"));
     assert!(!labels::LAYER.allows("-1") && !labels::LAYER.allows("x") && !labels::LAYER.allows(""));
@@ -326,7 +394,10 @@ fn token_extraction_finds_names_and_histogram_series() {
     .into();
     assert_eq!(tokens, expected);
     assert!(catalogued("dreamloop_eval_duration_seconds_bucket").is_some());
-    assert!(catalogued("dreamloop_train_loss_sum").is_none(), "loss is a gauge");
+    assert!(
+        catalogued("dreamloop_train_loss_sum").is_none(),
+        "loss is a gauge"
+    );
     assert!(catalogued("dreamloop_train_lossy").is_none());
 }
 
@@ -335,7 +406,11 @@ fn dashboards_and_alerts_use_only_catalogued_metrics() {
     let mut paths = files("grafana/dashboards", ".json");
     paths.extend(files("grafana/alerts", ".yml"));
     let (unknown, used) = check_names(&paths);
-    assert!(unknown.is_empty(), "not in src/metrics.rs:\n{}", unknown.join("\n"));
+    assert!(
+        unknown.is_empty(),
+        "not in src/metrics.rs:\n{}",
+        unknown.join("\n")
+    );
     assert!(used.len() >= 20, "the ops files use only {used:?}");
 }
 
@@ -350,8 +425,15 @@ fn metrics_source_names_only_catalogued_metrics() {
         .step_by(2)
         .filter(|s| s.starts_with("dreamloop_"))
         .collect();
-    assert!(literals.len() >= CATALOGUE.len(), "{} name literals", literals.len());
-    let orphans: Vec<&&str> = literals.iter().filter(|name| find(name).is_none()).collect();
+    assert!(
+        literals.len() >= CATALOGUE.len(),
+        "{} name literals",
+        literals.len()
+    );
+    let orphans: Vec<&&str> = literals
+        .iter()
+        .filter(|name| find(name).is_none())
+        .collect();
     assert!(orphans.is_empty(), "not in CATALOGUE: {orphans:?}");
 }
 
@@ -372,8 +454,13 @@ fn dashboard_is_provisionable_with_units_everywhere() {
         let dash: serde_json::Value =
             serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let where_ = path.display();
-        assert!(dash["uid"].as_str().is_some_and(|u| !u.is_empty()), "{where_}: uid");
-        let vars = dash["templating"]["list"].as_array().expect("templating.list");
+        assert!(
+            dash["uid"].as_str().is_some_and(|u| !u.is_empty()),
+            "{where_}: uid"
+        );
+        let vars = dash["templating"]["list"]
+            .as_array()
+            .expect("templating.list");
         assert!(
             vars.iter().any(|v| v["name"] == "datasource"
                 && v["type"] == "datasource"
@@ -382,7 +469,11 @@ fn dashboard_is_provisionable_with_units_everywhere() {
         );
         let all = panels(&dash);
         let data_panels: Vec<_> = all.iter().filter(|p| p["type"] != "row").collect();
-        assert!(data_panels.len() >= 10, "{where_}: {} panels", data_panels.len());
+        assert!(
+            data_panels.len() >= 10,
+            "{where_}: {} panels",
+            data_panels.len()
+        );
         let mut ids = HashSet::new();
         for panel in &all {
             let title = panel["title"].as_str().unwrap_or("<untitled>");
@@ -393,7 +484,10 @@ fn dashboard_is_provisionable_with_units_everywhere() {
                 continue;
             }
             let unit = panel["fieldConfig"]["defaults"]["unit"].as_str();
-            assert!(unit.is_some_and(|u| !u.is_empty()), "{where_}: `{title}` has no unit");
+            assert!(
+                unit.is_some_and(|u| !u.is_empty()),
+                "{where_}: `{title}` has no unit"
+            );
             assert_eq!(
                 panel["datasource"]["uid"], "${datasource}",
                 "{where_}: `{title}` datasource"
@@ -401,7 +495,10 @@ fn dashboard_is_provisionable_with_units_everywhere() {
             let targets = panel["targets"].as_array().expect("targets");
             assert!(!targets.is_empty(), "{where_}: `{title}` has no query");
             for target in targets {
-                assert_eq!(target["datasource"]["uid"], "${datasource}", "{where_}: `{title}`");
+                assert_eq!(
+                    target["datasource"]["uid"], "${datasource}",
+                    "{where_}: `{title}`"
+                );
                 let expr = target["expr"].as_str().unwrap_or("");
                 assert!(
                     !metric_tokens(expr).is_empty(),
@@ -418,7 +515,11 @@ fn dashboard_is_provisionable_with_units_everywhere() {
 /// `alert: Name` lines of a rules file.
 fn alert_names(text: &str) -> BTreeSet<String> {
     text.lines()
-        .filter_map(|l| l.trim().strip_prefix("- alert:").or(l.trim().strip_prefix("alert:")))
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix("- alert:")
+                .or(l.trim().strip_prefix("alert:"))
+        })
         .map(|name| name.trim().to_string())
         .collect()
 }
@@ -430,9 +531,7 @@ fn every_alert_has_unit_tests() {
     let alerts = alert_names(&rules);
     assert!(alerts.len() >= 4, "{alerts:?}");
     for alert in &alerts {
-        let evals = tests
-            .matches(&format!("alertname: {alert}\n"))
-            .count();
+        let evals = tests.matches(&format!("alertname: {alert}\n")).count();
         // One case where it fires and one where it does not, at least.
         assert!(evals >= 2, "{alert}: {evals} alert_rule_test cases");
     }

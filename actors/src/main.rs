@@ -7,6 +7,8 @@
 mod cmd_generate;
 mod cmd_logprobs;
 mod cmd_train;
+mod systemd;
+mod telemetry;
 
 use clap::{Parser, Subcommand};
 
