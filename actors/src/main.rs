@@ -9,6 +9,8 @@ mod cmd_generate;
 mod cmd_import;
 mod cmd_logprobs;
 mod cmd_train;
+mod systemd;
+mod telemetry;
 
 use clap::{Parser, Subcommand};
 
