@@ -11,6 +11,7 @@ pub mod events;
 pub mod example;
 pub mod general;
 pub mod label;
+pub mod metrics;
 pub mod mix;
 pub mod model;
 pub mod rollback;

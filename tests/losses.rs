@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::tensor::backend::Gradients;
+use burn::tensor::Gradients;
 use burn::tensor::Tensor;
 use dreamloop::model::logprobs::{logprobs, ScoredSeq};
 use dreamloop::model::{cpu, Model};

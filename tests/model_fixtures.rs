@@ -350,9 +350,17 @@ fn cached_decoding_matches_full_sequence_logits() {
                 TensorData::new(chunk.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, n]),
                 &lm.device(),
             );
-            let got = lm.forward_cached(input, &mut cache).into_data().try_to_vec::<f32>().unwrap();
+            let got = lm
+                .forward_cached(input, &mut cache)
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap();
             let diff = max_abs_diff(&got, &want[pos * vocab..(pos + n) * vocab]);
-            assert!(diff <= LOGIT_ATOL, "{name}: cached logits at {pos}..{} differ by {diff}", pos + n);
+            assert!(
+                diff <= LOGIT_ATOL,
+                "{name}: cached logits at {pos}..{} differ by {diff}",
+                pos + n
+            );
             pos += n;
         }
         assert_eq!(cache.len, ids.len());

@@ -30,8 +30,12 @@ pub struct GenerateArgs {
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     let device = default_device();
-    let model = Model::open(&args.model, &device).with_context(|| format!("loading model `{}`", args.model))?;
-    let tok = model.tokenizer.as_ref().context("the model has no tokenizer.json")?;
+    let model = Model::open(&args.model, &device)
+        .with_context(|| format!("loading model `{}`", args.model))?;
+    let tok = model
+        .tokenizer
+        .as_ref()
+        .context("the model has no tokenizer.json")?;
     let mut messages = Vec::new();
     if let Some(system) = args.system {
         messages.push(ChatMessage {

@@ -76,9 +76,14 @@ pub struct TrainArgs {
 
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let device = default_device().autodiff();
-    let model = Model::open(&args.model, &device).with_context(|| format!("loading model `{}`", args.model))?;
+    let model = Model::open(&args.model, &device)
+        .with_context(|| format!("loading model `{}`", args.model))?;
     let reference = match &args.ref_model {
-        Some(spec) => Some(Model::open(spec, &default_device()).with_context(|| format!("loading reference `{spec}`"))?.lm),
+        Some(spec) => Some(
+            Model::open(spec, &default_device())
+                .with_context(|| format!("loading reference `{spec}`"))?
+                .lm,
+        ),
         None => None,
     };
     let lr = args.lr.unwrap_or(match args.loss {
@@ -106,10 +111,18 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         schedule: LrSchedule::warmup_constant(lr, args.warmup_steps),
         max_grad_norm: args.max_grad_norm,
         beta: args.beta,
-        dpo_variant: if args.loss == LossKind::Ipo { DpoVariant::Ipo } else { DpoVariant::Sigmoid },
+        dpo_variant: if args.loss == LossKind::Ipo {
+            DpoVariant::Ipo
+        } else {
+            DpoVariant::Sigmoid
+        },
         freeze: Vec::new(),
         train_only: Vec::new(),
-        pad_id: model.config.pad_token_id.or(model.config.eos_token_id).unwrap_or(0),
+        pad_id: model
+            .config
+            .pad_token_id
+            .or(model.config.eos_token_id)
+            .unwrap_or(0),
     };
 
     // Read and tokenize every line first: a bad line is reported and skipped, never fatal.
@@ -123,14 +136,21 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
             continue;
         }
         let parsed = match std::str::from_utf8(&bytes) {
-            Ok(text) => parse_line(text, model.tokenizer.as_ref(), model.config.vocab_size, &shown, index + 1)
-                .map_err(|e| e.to_string()),
+            Ok(text) => parse_line(
+                text,
+                model.tokenizer.as_ref(),
+                model.config.vocab_size,
+                &shown,
+                index + 1,
+            )
+            .map_err(|e| e.to_string()),
             Err(e) => Err(format!("{shown}:{}: <line>: not UTF-8: {e}", index + 1)),
         };
         match parsed {
             Ok(item) => {
                 let wrong = match (&item, args.loss) {
-                    (Item::Sft(_), LossKind::Sft) | (Item::Dpo(_), LossKind::Dpo | LossKind::Ipo) => None,
+                    (Item::Sft(_), LossKind::Sft)
+                    | (Item::Dpo(_), LossKind::Dpo | LossKind::Ipo) => None,
                     (Item::Sft(_), _) => Some("an SFT example in a preference run"),
                     (Item::Dpo(_), _) => Some("a preference pair in an SFT run"),
                 };
@@ -192,7 +212,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
                     eprintln!("{line}");
                 }
             }
-            Err(e @ (TrainError::NonFiniteLoss { .. } | TrainError::NonFiniteGradient | TrainError::Repeated { .. })) => {
+            Err(
+                e @ (TrainError::NonFiniteLoss { .. }
+                | TrainError::NonFiniteGradient
+                | TrainError::Repeated { .. }),
+            ) => {
                 skipped += 1;
                 eprintln!("\nstep {}/{total}: skipped: {e}", i + 1);
             }
@@ -202,12 +226,18 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     if tty {
         eprintln!();
     }
-    trainer.save(&args.out).with_context(|| format!("writing {}", args.out.display()))?;
+    trainer
+        .save(&args.out)
+        .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!(
         "wrote {} ({} steps, {} skipped, {bad} bad lines)",
         args.out.display(),
         trainer.step_count(),
         skipped
     );
-    Ok(if bad > 0 || skipped > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })
+    Ok(if bad > 0 || skipped > 0 {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -9,6 +9,8 @@ mod cmd_generate;
 mod cmd_import;
 mod cmd_logprobs;
 mod cmd_train;
+mod systemd;
+mod telemetry;
 
 use clap::{Parser, Subcommand};
 
@@ -52,8 +54,12 @@ fn main() -> std::process::ExitCode {
         Command::Logprobs(args) => cmd_logprobs::logprobs(args),
         Command::Train(args) => cmd_train::run(args),
         Command::Generate(args) => cmd_generate::run(args),
-        Command::ExportDataset(args) => cmd_export::run(args).map(|()| std::process::ExitCode::SUCCESS),
-        Command::ImportGguf(args) => cmd_import::run(args).map(|()| std::process::ExitCode::SUCCESS),
+        Command::ExportDataset(args) => {
+            cmd_export::run(args).map(|()| std::process::ExitCode::SUCCESS)
+        }
+        Command::ImportGguf(args) => {
+            cmd_import::run(args).map(|()| std::process::ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,

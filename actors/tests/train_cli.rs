@@ -16,7 +16,11 @@ fn tensors(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
         .tensors()
         .into_iter()
         .map(|(name, view)| {
-            let values = view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
             (name, view.shape().to_vec(), values)
         })
         .collect();
@@ -34,7 +38,20 @@ fn train_and_compare(loss: &str, data: &str, want: &str) {
         .arg(fixtures.join("train_reference").join(data))
         .arg("--out")
         .arg(out.path())
-        .args(["--loss", loss, "--lr", "1e-3", "--weight-decay", "0.01", "--batch-size", "2", "--max-grad-norm", "0", "--beta", "0.1"])
+        .args([
+            "--loss",
+            loss,
+            "--lr",
+            "1e-3",
+            "--weight-decay",
+            "0.01",
+            "--batch-size",
+            "2",
+            "--max-grad-norm",
+            "0",
+            "--beta",
+            "0.1",
+        ])
         .status()
         .unwrap();
     assert!(status.success(), "dreamloop train failed");
@@ -44,10 +61,21 @@ fn train_and_compare(loss: &str, data: &str, want: &str) {
     let start = tensors(&fixtures.join("models/llama_untied/model.safetensors"));
     for (((name, shape, g), (wname, wshape, w)), (_, _, s)) in got.iter().zip(&want).zip(&start) {
         assert_eq!((name, shape), (wname, wshape));
-        let diff = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let diff = g
+            .iter()
+            .zip(w)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
         assert!(diff < 2e-6, "{loss}: {name} differs from torch by {diff}");
-        let moved = w.iter().zip(s).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        assert!(moved > 1e-4, "{loss}: {name} did not move in the reference ({moved})");
+        let moved = w
+            .iter()
+            .zip(s)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            moved > 1e-4,
+            "{loss}: {name} did not move in the reference ({moved})"
+        );
     }
 }
 
@@ -65,10 +93,14 @@ fn dpo_matches_torch_with_trl_semantics() {
 fn bad_lines_are_reported_with_file_and_line_and_the_rest_is_trained() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("mixed.jsonl");
-    let good = std::fs::read_to_string(root().join("tests/fixtures/train_reference/sft.jsonl")).unwrap();
+    let good =
+        std::fs::read_to_string(root().join("tests/fixtures/train_reference/sft.jsonl")).unwrap();
     let mut lines: Vec<&str> = good.lines().collect();
     lines.insert(1, "{not json");
-    lines.insert(3, r#"{"input_ids": [1, 2, 999], "completion_mask": [0, 1, 1]}"#);
+    lines.insert(
+        3,
+        r#"{"input_ids": [1, 2, 999], "completion_mask": [0, 1, 1]}"#,
+    );
     std::fs::write(&data, lines.join("\n")).unwrap();
     let out = dir.path().join("out");
     let result = Command::new(env!("CARGO_BIN_EXE_dreamloop"))
@@ -82,8 +114,14 @@ fn bad_lines_are_reported_with_file_and_line_and_the_rest_is_trained() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&result.stderr);
-    assert!(stderr.contains("mixed.jsonl:2: <line>: not JSON"), "{stderr}");
-    assert!(stderr.contains("mixed.jsonl:4: input_ids: 999 is not a token id below 256"), "{stderr}");
+    assert!(
+        stderr.contains("mixed.jsonl:2: <line>: not JSON"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("mixed.jsonl:4: input_ids: 999 is not a token id below 256"),
+        "{stderr}"
+    );
     assert!(stderr.contains("3 steps"), "{stderr}");
     assert_eq!(result.status.code(), Some(2));
     assert!(out.join("model.safetensors").exists());

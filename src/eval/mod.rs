@@ -106,7 +106,11 @@ fn chat(messages: &[Message]) -> Vec<ChatMessage> {
 
 /// Prompt ids (generation prompt on) and the completion's ids: the full conversation's
 /// tokens after the prompt's, as TRL tokenizes.
-fn prompt_and_completion(tok: &Tokenizer, prompt: &[ChatMessage], completion: &str) -> Result<(Vec<u32>, Vec<u32>), TokenizerError> {
+fn prompt_and_completion(
+    tok: &Tokenizer,
+    prompt: &[ChatMessage],
+    completion: &str,
+) -> Result<(Vec<u32>, Vec<u32>), TokenizerError> {
     let p = tok.encode_chat(prompt, true)?.encoding.ids;
     let mut all = prompt.to_vec();
     all.push(ChatMessage {
@@ -114,7 +118,11 @@ fn prompt_and_completion(tok: &Tokenizer, prompt: &[ChatMessage], completion: &s
         content: completion.into(),
     });
     let full = tok.encode_chat(&all, false)?.encoding.ids;
-    let split = if full.starts_with(&p) { p.len() } else { common_prefix(&p, &full) };
+    let split = if full.starts_with(&p) {
+        p.len()
+    } else {
+        common_prefix(&p, &full)
+    };
     Ok((full[..split].to_vec(), full[split..].to_vec()))
 }
 
@@ -125,7 +133,14 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 impl ProbeSuite {
     /// Tokenizes probe scenarios, general multiple-choice items (built from `seed`) and the
     /// held-out texts.
-    pub fn build(tok: &Tokenizer, scenarios: &[Scenario], heldout: &[String], general_items: usize, seed: u64, pad: u32) -> Result<Self, TokenizerError> {
+    pub fn build(
+        tok: &Tokenizer,
+        scenarios: &[Scenario],
+        heldout: &[String],
+        general_items: usize,
+        seed: u64,
+        pad: u32,
+    ) -> Result<Self, TokenizerError> {
         let mut preference = Vec::new();
         for s in scenarios.iter().filter(|s| s.kind != Kind::General) {
             let messages = chat(&s.prompt);
@@ -134,15 +149,21 @@ impl ProbeSuite {
             let (direction, ablated) = match s.direction {
                 Some(span) => {
                     let enc = tok.encode_chat(&messages, true)?;
-                    let positions = enc.span_tokens(&messages, span.message, span.start, span.end)?;
+                    let positions =
+                        enc.span_tokens(&messages, span.message, span.start, span.end)?;
                     let mut cut = messages.clone();
                     let content = &cut[span.message].content;
-                    cut[span.message].content = format!("{}{}", &content[..span.start], &content[span.end..]);
-                    (positions, Some(prompt_and_completion(tok, &cut, &s.preferred)?))
+                    cut[span.message].content =
+                        format!("{}{}", &content[..span.start], &content[span.end..]);
+                    (
+                        positions,
+                        Some(prompt_and_completion(tok, &cut, &s.preferred)?),
+                    )
                 }
                 None => (Vec::new(), None),
             };
-            let (ablated_prompt, ablated_preferred) = ablated.unwrap_or_else(|| (prompt.clone(), preferred.clone()));
+            let (ablated_prompt, ablated_preferred) =
+                ablated.unwrap_or_else(|| (prompt.clone(), preferred.clone()));
             preference.push(PreferenceProbe {
                 kind: s.kind,
                 prompt,
@@ -157,10 +178,14 @@ impl ProbeSuite {
         let arithmetic = (0..general_items)
             .map(|i| arithmetic_probe(tok, i as u64 ^ seed))
             .collect::<Result<Vec<_>, _>>()?;
-        let tasks: Vec<crate::example::Example> = (0..general_items.max(4)).map(|_| crate::general::code_task(&mut rng)).collect();
+        let tasks: Vec<crate::example::Example> = (0..general_items.max(4))
+            .map(|_| crate::general::code_task(&mut rng))
+            .collect();
         let mut code = Vec::new();
         for (i, task) in tasks.iter().enumerate().take(general_items) {
-            let Target::Sft { completion } = &task.target else { continue };
+            let Target::Sft { completion } = &task.target else {
+                continue;
+            };
             let messages = chat(&task.prompt);
             let (prompt, correct) = prompt_and_completion(tok, &messages, completion)?;
             let mut candidates = vec![correct];
@@ -178,7 +203,11 @@ impl ProbeSuite {
         let mut heldout_ids = Vec::new();
         for text in heldout {
             let ids = tok.encode(text, false)?.ids;
-            heldout_ids.extend(ids.chunks(PERPLEXITY_WINDOW).filter(|c| c.len() >= 2).map(<[u32]>::to_vec));
+            heldout_ids.extend(
+                ids.chunks(PERPLEXITY_WINDOW)
+                    .filter(|c| c.len() >= 2)
+                    .map(<[u32]>::to_vec),
+            );
         }
         Ok(ProbeSuite {
             preference,
@@ -189,15 +218,33 @@ impl ProbeSuite {
         })
     }
 
+    /// Replaces the held-out text with pre-tokenized windows (a held-out set that is already
+    /// token ids, or a test with reference ids).
+    pub fn with_heldout_ids(mut self, windows: Vec<Vec<u32>>) -> Self {
+        self.heldout = windows.into_iter().filter(|w| w.len() >= 2).collect();
+        self
+    }
+
     /// Number of forward batches an evaluation runs (for progress bars).
     pub fn work_units(&self) -> usize {
         let p = self.preference.len();
-        let with_span = self.preference.iter().filter(|p| !p.direction.is_empty()).count();
-        let candidates = |c: &[ChoiceProbe]| c.iter().map(|c| c.candidates.len()).sum::<usize>();
-        [2 * p, p, with_span, candidates(&self.arithmetic), candidates(&self.code), self.heldout.len()]
+        let with_span = self
+            .preference
             .iter()
-            .map(|n| n.div_ceil(BATCH))
-            .sum()
+            .filter(|p| !p.direction.is_empty())
+            .count();
+        let candidates = |c: &[ChoiceProbe]| c.iter().map(|c| c.candidates.len()).sum::<usize>();
+        [
+            2 * p,
+            p,
+            with_span,
+            candidates(&self.arithmetic),
+            candidates(&self.code),
+            self.heldout.len(),
+        ]
+        .iter()
+        .map(|n| n.div_ceil(BATCH))
+        .sum()
     }
 
     /// Runs every probe on forward-only weights; `progress(done, total)` after each batch.
@@ -218,7 +265,10 @@ impl ProbeSuite {
             .flat_map(|p| [seq(&p.prompt, &p.preferred), seq(&p.prompt, &p.rejected)])
             .collect();
         let pref = sums(lm, &pref_seqs, self.pad, &mut tick);
-        for (kind, slot) in [(Kind::ClearDirection, &mut report.clear_direction), (Kind::FlawedDirection, &mut report.flawed_direction)] {
+        for (kind, slot) in [
+            (Kind::ClearDirection, &mut report.clear_direction),
+            (Kind::FlawedDirection, &mut report.flawed_direction),
+        ] {
             let margins: Vec<f64> = self
                 .preference
                 .iter()
@@ -230,9 +280,15 @@ impl ProbeSuite {
         }
 
         // Ablation: the preferred completion with and without the direction in the prompt.
-        let ablated: Vec<ScoredSeq> = self.preference.iter().map(|p| seq(&p.ablated_prompt, &p.ablated_preferred)).collect();
+        let ablated: Vec<ScoredSeq> = self
+            .preference
+            .iter()
+            .map(|p| seq(&p.ablated_prompt, &p.ablated_preferred))
+            .collect();
         let without = sums(lm, &ablated, self.pad, &mut tick);
-        let deltas: Vec<f64> = (0..self.preference.len()).map(|i| pref[2 * i] - without[i]).collect();
+        let deltas: Vec<f64> = (0..self.preference.len())
+            .map(|i| pref[2 * i] - without[i])
+            .collect();
         report.ablation_sensitivity = mean(&deltas);
 
         // Attention from the first response positions onto the direction tokens.
@@ -246,7 +302,14 @@ impl ProbeSuite {
         report.code = self.choices(lm, &self.code, &mut tick);
 
         // Perplexity over every held-out window.
-        let windows: Vec<ScoredSeq> = self.heldout.iter().map(|ids| ScoredSeq { ids: ids.clone(), score_from: 1 }).collect();
+        let windows: Vec<ScoredSeq> = self
+            .heldout
+            .iter()
+            .map(|ids| ScoredSeq {
+                ids: ids.clone(),
+                score_from: 1,
+            })
+            .collect();
         let (mut nll, mut count) = (0.0, 0usize);
         for chunk in windows.chunks(BATCH) {
             for row in logprobs(lm, chunk, self.pad).scored_host() {
@@ -255,35 +318,57 @@ impl ProbeSuite {
             }
             tick(1);
         }
-        report.perplexity = if count > 0 { (nll / count as f64).exp() } else { f64::NAN };
+        report.perplexity = if count > 0 {
+            (nll / count as f64).exp()
+        } else {
+            f64::NAN
+        };
         report.seconds = started.elapsed().as_secs_f64();
         report
     }
 
     /// Mean attention mass on direction tokens per layer, and how many probes had a span.
     fn attention(&self, lm: &CausalLm, tick: &mut dyn FnMut(usize)) -> (Vec<f64>, usize) {
-        let probes: Vec<&PreferenceProbe> = self.preference.iter().filter(|p| !p.direction.is_empty()).collect();
+        let probes: Vec<&PreferenceProbe> = self
+            .preference
+            .iter()
+            .filter(|p| !p.direction.is_empty())
+            .collect();
         let layers = lm.model.layers.len();
         let mut totals = vec![0.0; layers];
         for chunk in probes.chunks(BATCH) {
             let seqs: Vec<ScoredSeq> = chunk.iter().map(|p| seq(&p.prompt, &p.preferred)).collect();
             let (ids, mask, width) = pad_batch(&seqs, self.pad);
-            let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [seqs.len(), width]), &lm.device());
+            let input = Tensor::<2, Int>::from_data(
+                TensorData::new(ids, [seqs.len(), width]),
+                &lm.device(),
+            );
             let mut capture = Capture::default();
             lm.hidden_states(input, Some(&mask), Some(&mut capture));
             for (layer, probs) in capture.attention.into_iter().enumerate() {
                 let [batch, heads, q_len, k_len] = probs.dims();
-                let values: Vec<f32> = probs.into_data().convert::<f32>().try_to_vec().expect("f32 after convert");
+                let values: Vec<f32> = probs
+                    .into_data()
+                    .convert::<f32>()
+                    .try_to_vec()
+                    .expect("f32 after convert");
                 for (b, p) in chunk.iter().enumerate().take(batch) {
                     let start = p.prompt.len();
-                    let rows = (start..(start + ATTENTION_POSITIONS).min(start + p.preferred.len())).filter(|&q| q < q_len);
+                    let rows = (start
+                        ..(start + ATTENTION_POSITIONS).min(start + p.preferred.len()))
+                        .filter(|&q| q < q_len);
                     let mut acc = 0.0;
                     let mut n = 0;
                     for q in rows {
                         for h in 0..heads {
                             let row = &values[((b * heads + h) * q_len + q) * k_len..][..k_len];
                             let non_sink: f64 = 1.0 - row[0] as f64;
-                            let on: f64 = p.direction.iter().filter(|&&k| k > 0 && k < k_len).map(|&k| row[k] as f64).sum();
+                            let on: f64 = p
+                                .direction
+                                .iter()
+                                .filter(|&&k| k > 0 && k < k_len)
+                                .map(|&k| row[k] as f64)
+                                .sum();
                             acc += if non_sink > 0.0 { on / non_sink } else { 0.0 };
                             n += 1;
                         }
@@ -299,20 +384,41 @@ impl ProbeSuite {
         (totals.iter().map(|t| t / n.max(1) as f64).collect(), n)
     }
 
-    fn choices(&self, lm: &CausalLm, probes: &[ChoiceProbe], tick: &mut dyn FnMut(usize)) -> PreferenceScore {
-        let seqs: Vec<ScoredSeq> = probes.iter().flat_map(|p| p.candidates.iter().map(|c| seq(&p.prompt, c))).collect();
+    fn choices(
+        &self,
+        lm: &CausalLm,
+        probes: &[ChoiceProbe],
+        tick: &mut dyn FnMut(usize),
+    ) -> PreferenceScore {
+        let seqs: Vec<ScoredSeq> = probes
+            .iter()
+            .flat_map(|p| p.candidates.iter().map(|c| seq(&p.prompt, c)))
+            .collect();
         let mut scores = Vec::with_capacity(seqs.len());
         for chunk in seqs.chunks(BATCH) {
             let lp = logprobs(lm, chunk, self.pad);
-            scores.extend(lp.scored_host().into_iter().map(|v| (v.iter().map(|&x| x as f64).sum::<f64>(), v.len())));
+            scores.extend(
+                lp.scored_host()
+                    .into_iter()
+                    .map(|v| (v.iter().map(|&x| x as f64).sum::<f64>(), v.len())),
+            );
             tick(1);
         }
         let mut margins = Vec::new();
         let mut offset = 0;
         for p in probes {
             let n = p.candidates.len();
-            let value = |(s, len): (f64, usize)| if p.per_token { s / len.max(1) as f64 } else { s };
-            let vals: Vec<f64> = scores[offset..offset + n].iter().map(|&x| value(x)).collect();
+            let value = |(s, len): (f64, usize)| {
+                if p.per_token {
+                    s / len.max(1) as f64
+                } else {
+                    s
+                }
+            };
+            let vals: Vec<f64> = scores[offset..offset + n]
+                .iter()
+                .map(|&x| value(x))
+                .collect();
             let best_other = vals[1..].iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             margins.push(vals[0] - best_other);
             offset += n;
@@ -365,7 +471,12 @@ fn seq(prompt: &[u32], completion: &[u32]) -> ScoredSeq {
 fn sums(lm: &CausalLm, seqs: &[ScoredSeq], pad: u32, tick: &mut dyn FnMut(usize)) -> Vec<f64> {
     let mut out = Vec::with_capacity(seqs.len());
     for chunk in seqs.chunks(BATCH) {
-        out.extend(logprobs(lm, chunk, pad).scored_host().iter().map(|v| v.iter().map(|&x| x as f64).sum::<f64>()));
+        out.extend(
+            logprobs(lm, chunk, pad)
+                .scored_host()
+                .iter()
+                .map(|v| v.iter().map(|&x| x as f64).sum::<f64>()),
+        );
         tick(1);
     }
     out
@@ -381,7 +492,12 @@ fn mean(v: &[f64]) -> f64 {
 
 fn score(margins: &[f64]) -> PreferenceScore {
     PreferenceScore {
-        accuracy: mean(&margins.iter().map(|&m| f64::from(u8::from(m > 0.0))).collect::<Vec<_>>()),
+        accuracy: mean(
+            &margins
+                .iter()
+                .map(|&m| f64::from(u8::from(m > 0.0)))
+                .collect::<Vec<_>>(),
+        ),
         margin: mean(margins),
         count: margins.len(),
     }

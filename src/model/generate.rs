@@ -40,7 +40,12 @@ pub struct Generation {
 }
 
 /// Continues `prompt_ids` until an id in `stop` or `max_new_tokens`.
-pub fn generate_ids(lm: &CausalLm, prompt_ids: &[u32], stop: &[u32], sampling: &Sampling) -> (Vec<u32>, bool) {
+pub fn generate_ids(
+    lm: &CausalLm,
+    prompt_ids: &[u32],
+    stop: &[u32],
+    sampling: &Sampling,
+) -> (Vec<u32>, bool) {
     let device = lm.device();
     let mut cache = KvCache::default();
     let mut rng = sampling.seed ^ 0x9E37_79B9_7F4A_7C15;
@@ -72,7 +77,13 @@ pub fn generate_ids(lm: &CausalLm, prompt_ids: &[u32], stop: &[u32], sampling: &
 }
 
 /// Renders `messages` with the chat template (generation prompt on) and generates a reply.
-pub fn chat(lm: &CausalLm, tok: &Tokenizer, messages: &[ChatMessage], stop: &[u32], sampling: &Sampling) -> Result<Generation, TokenizerError> {
+pub fn chat(
+    lm: &CausalLm,
+    tok: &Tokenizer,
+    messages: &[ChatMessage],
+    stop: &[u32],
+    sampling: &Sampling,
+) -> Result<Generation, TokenizerError> {
     let prompt = tok.encode_chat(messages, true)?;
     let (ids, stopped) = generate_ids(lm, &prompt.encoding.ids, stop, sampling);
     let text = tok.decode(&ids, true)?;

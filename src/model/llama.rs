@@ -202,7 +202,12 @@ impl Attention {
     ///
     /// # Shapes
     /// `x: [batch, n, hidden]`, `ctx.mask: [batch, 1, n, past + n]` → `[batch, n, hidden]`
-    pub fn forward_cached(&self, x: Tensor<3>, ctx: &ForwardContext, cache: &mut Option<(Tensor<4>, Tensor<4>)>) -> Tensor<3> {
+    pub fn forward_cached(
+        &self,
+        x: Tensor<3>,
+        ctx: &ForwardContext,
+        cache: &mut Option<(Tensor<4>, Tensor<4>)>,
+    ) -> Tensor<3> {
         let [batch, n, _] = x.dims();
         let AttentionShape {
             heads,
@@ -229,7 +234,11 @@ impl Attention {
         let v = repeat_kv(v, heads / kv_heads);
         let scores = q.matmul(k.swap_dims(2, 3)) * (head_dim as f64).powf(-0.5);
         let scores = scores.mask_fill(ctx.mask.clone().expand([batch, heads, n, total]), -1.0e30);
-        let out = softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([batch, n, heads * head_dim]);
+        let out =
+            softmax(scores, 3)
+                .matmul(v)
+                .swap_dims(1, 2)
+                .reshape([batch, n, heads * head_dim]);
         self.o_proj.forward(out)
     }
 }
@@ -513,11 +522,19 @@ impl CausalLm {
         let ctx = ForwardContext {
             cos,
             sin,
-            mask: Tensor::<4, Bool>::from_data(TensorData::new(mask, [batch, 1, n, past + n]), &device),
+            mask: Tensor::<4, Bool>::from_data(
+                TensorData::new(mask, [batch, 1, n, past + n]),
+                &device,
+            ),
         };
-        let mut x = burn::tensor::module::embedding(self.model.embed_tokens.weight.val(), input_ids);
+        let mut x =
+            burn::tensor::module::embedding(self.model.embed_tokens.weight.val(), input_ids);
         for (layer, slot) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
-            let attn = layer.self_attn.forward_cached(layer.input_layernorm.forward(x.clone()), &ctx, slot);
+            let attn = layer.self_attn.forward_cached(
+                layer.input_layernorm.forward(x.clone()),
+                &ctx,
+                slot,
+            );
             x = x + attn;
             x = x.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(x));
         }
@@ -539,7 +556,8 @@ impl CausalLm {
                 sin.extend(freqs.iter().map(|f| f.sin()));
             }
         }
-        let table = |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, [1, 1, n, head_dim]), device);
+        let table =
+            |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, [1, 1, n, head_dim]), device);
         (table(cos), table(sin))
     }
 

@@ -53,15 +53,24 @@ pub fn hash_ids(parts: &[&[u32]]) -> u64 {
 }
 
 /// Parses and tokenizes one line.
-pub fn parse_line(text: &str, tok: Option<&Tokenizer>, vocab: usize, file: &str, line: usize) -> Result<Item, LineError> {
+pub fn parse_line(
+    text: &str,
+    tok: Option<&Tokenizer>,
+    vocab: usize,
+    file: &str,
+    line: usize,
+) -> Result<Item, LineError> {
     let err = |field: &str, reason: String| LineError {
         file: file.into(),
         line,
         field: field.into(),
         reason,
     };
-    let value: Value = serde_json::from_str(text).map_err(|e| err("<line>", format!("not JSON: {e}")))?;
-    let obj = value.as_object().ok_or_else(|| err("<line>", "expected a JSON object".into()))?;
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| err("<line>", format!("not JSON: {e}")))?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| err("<line>", "expected a JSON object".into()))?;
     let ids = |field: &str| -> Result<Vec<u32>, LineError> {
         let arr = obj
             .get(field)
@@ -77,7 +86,11 @@ pub fn parse_line(text: &str, tok: Option<&Tokenizer>, vocab: usize, file: &str,
             .collect()
     };
     if obj.contains_key("prompt_input_ids") {
-        let (prompt, chosen, rejected) = (ids("prompt_input_ids")?, ids("chosen_input_ids")?, ids("rejected_input_ids")?);
+        let (prompt, chosen, rejected) = (
+            ids("prompt_input_ids")?,
+            ids("chosen_input_ids")?,
+            ids("rejected_input_ids")?,
+        );
         let hash = hash_ids(&[&prompt, &chosen, &rejected]);
         return Ok(Item::Dpo(DpoItem {
             prompt,
@@ -90,12 +103,18 @@ pub fn parse_line(text: &str, tok: Option<&Tokenizer>, vocab: usize, file: &str,
         let all = ids("input_ids")?;
         let mask = ids("completion_mask")?;
         if mask.len() != all.len() {
-            return Err(err("completion_mask", format!("{} entries for {} input_ids", mask.len(), all.len())));
+            return Err(err(
+                "completion_mask",
+                format!("{} entries for {} input_ids", mask.len(), all.len()),
+            ));
         }
         // TRL's completion mask is a suffix after the prompt; require that shape.
         let start = mask.iter().position(|&m| m != 0).unwrap_or(all.len());
-        if mask[start..].iter().any(|&m| m == 0) {
-            return Err(err("completion_mask", "must be 0 for the prompt then 1 to the end".into()));
+        if mask[start..].contains(&0) {
+            return Err(err(
+                "completion_mask",
+                "must be 0 for the prompt then 1 to the end".into(),
+            ));
         }
         let (prompt, completion) = (all[..start].to_vec(), all[start..].to_vec());
         let hash = hash_ids(&[&prompt, &completion]);
@@ -105,8 +124,15 @@ pub fn parse_line(text: &str, tok: Option<&Tokenizer>, vocab: usize, file: &str,
             hash,
         }));
     }
-    let tok = tok.ok_or_else(|| err("prompt", "text examples need a model with a tokenizer".into()))?;
-    let prompt = obj.get("prompt").ok_or_else(|| err("prompt", "missing".into()))?;
+    let tok = tok.ok_or_else(|| {
+        err(
+            "prompt",
+            "text examples need a model with a tokenizer".into(),
+        )
+    })?;
+    let prompt = obj
+        .get("prompt")
+        .ok_or_else(|| err("prompt", "missing".into()))?;
     let tokenized = |field: &str| -> Result<Vec<u32>, LineError> {
         let completion = obj.get(field).ok_or_else(|| err(field, "missing".into()))?;
         completion_ids(tok, prompt, completion).map_err(|reason| err(field, reason))
@@ -132,7 +158,8 @@ pub fn parse_line(text: &str, tok: Option<&Tokenizer>, vocab: usize, file: &str,
 }
 
 fn messages(v: &Value) -> Result<Vec<ChatMessage>, String> {
-    serde_json::from_value(v.clone()).map_err(|e| format!("expected [{{\"role\",\"content\"}}]: {e}"))
+    serde_json::from_value(v.clone())
+        .map_err(|e| format!("expected [{{\"role\",\"content\"}}]: {e}"))
 }
 
 fn prompt_ids(tok: &Tokenizer, prompt: &Value) -> Result<Vec<u32>, String> {
@@ -140,7 +167,11 @@ fn prompt_ids(tok: &Tokenizer, prompt: &Value) -> Result<Vec<u32>, String> {
         Value::String(s) => Ok(tok.encode(s, true).map_err(|e| e.to_string())?.ids),
         Value::Array(_) => {
             let m = messages(prompt)?;
-            Ok(tok.encode_chat(&m, true).map_err(|e| e.to_string())?.encoding.ids)
+            Ok(tok
+                .encode_chat(&m, true)
+                .map_err(|e| e.to_string())?
+                .encoding
+                .ids)
         }
         _ => Err("expected a string or a list of messages".into()),
     }
@@ -151,7 +182,10 @@ fn completion_ids(tok: &Tokenizer, prompt: &Value, completion: &Value) -> Result
     let prompt_ids = prompt_ids(tok, prompt)?;
     let full = match (prompt, completion) {
         (Value::String(p), Value::String(c)) => {
-            let mut ids = tok.encode(&format!("{p}{c}"), true).map_err(|e| e.to_string())?.ids;
+            let mut ids = tok
+                .encode(&format!("{p}{c}"), true)
+                .map_err(|e| e.to_string())?
+                .ids;
             if let Some(eos) = tok.eos_token.as_deref().and_then(|t| tok.token_to_id(t)) {
                 if ids.last() != Some(&eos) {
                     ids.push(eos);
@@ -162,7 +196,10 @@ fn completion_ids(tok: &Tokenizer, prompt: &Value, completion: &Value) -> Result
         (Value::Array(_), Value::Array(_)) => {
             let mut all = messages(prompt)?;
             all.extend(messages(completion)?);
-            tok.encode_chat(&all, false).map_err(|e| e.to_string())?.encoding.ids
+            tok.encode_chat(&all, false)
+                .map_err(|e| e.to_string())?
+                .encoding
+                .ids
         }
         _ => return Err("prompt and completion must both be text or both be message lists".into()),
     };
@@ -180,7 +217,10 @@ fn completion_ids(tok: &Tokenizer, prompt: &Value, completion: &Value) -> Result
 /// rendered with the chat template (generation prompt on), each completion as the tokens
 /// of the whole conversation after the prompt's — the same rule as TRL's conversational
 /// format. The item's hash is the example's content hash.
-pub fn tokenize_example(tok: &Tokenizer, example: &crate::example::Example) -> Result<Item, String> {
+pub fn tokenize_example(
+    tok: &Tokenizer,
+    example: &crate::example::Example,
+) -> Result<Item, String> {
     use crate::example::Target;
     let messages: Vec<ChatMessage> = example
         .prompt

@@ -60,7 +60,10 @@ pub struct Batch {
 
 impl Batch {
     fn hashes(&self) -> impl Iterator<Item = u64> + '_ {
-        self.sft.iter().map(|e| e.hash).chain(self.dpo.iter().map(|e| e.hash))
+        self.sft
+            .iter()
+            .map(|e| e.hash)
+            .chain(self.dpo.iter().map(|e| e.hash))
     }
     pub fn is_empty(&self) -> bool {
         self.sft.is_empty() && self.dpo.is_empty()
@@ -167,7 +170,7 @@ impl Trainer {
             model: Some(model),
             reference,
             optim,
-            schedule: settings.schedule.clone(),
+            schedule: settings.schedule,
             step: 0,
             seen: HashSet::new(),
             settings,
@@ -177,7 +180,11 @@ impl Trainer {
     }
 
     /// Keeps the tokenizer files and disk dtypes of the source checkpoint for saving.
-    pub fn with_files(mut self, dtypes: HashMap<String, DiskDtype>, tokenizer: Option<&Tokenizer>) -> Self {
+    pub fn with_files(
+        mut self,
+        dtypes: HashMap<String, DiskDtype>,
+        tokenizer: Option<&Tokenizer>,
+    ) -> Self {
         self.dtypes = dtypes;
         self.tokenizer_files = tokenizer.map(|t| t.files.clone()).unwrap_or_default();
         self
@@ -185,7 +192,9 @@ impl Trainer {
 
     /// The policy weights (autodiff).
     pub fn model(&self) -> &CausalLm {
-        self.model.as_ref().expect("model is only absent inside step()")
+        self.model
+            .as_ref()
+            .expect("model is only absent inside step()")
     }
 
     /// A forward-only copy of the current weights, for probes.
@@ -229,7 +238,10 @@ impl Trainer {
             }
         }
         let pad = self.settings.pad_id;
-        let model = self.model.as_ref().expect("model is only absent inside step()");
+        let model = self
+            .model
+            .as_ref()
+            .expect("model is only absent inside step()");
         let mut report = StepReport {
             sft_examples: batch.sft.len(),
             dpo_pairs: batch.dpo.len(),
@@ -239,7 +251,11 @@ impl Trainer {
         // Forward passes and the loss.
         let mut loss: Option<Tensor<1>> = None;
         if !batch.sft.is_empty() {
-            let seqs: Vec<ScoredSeq> = batch.sft.iter().map(|e| joined(&e.prompt, &e.completion)).collect();
+            let seqs: Vec<ScoredSeq> = batch
+                .sft
+                .iter()
+                .map(|e| joined(&e.prompt, &e.completion))
+                .collect();
             check_completions(&seqs)?;
             report.tokens += seqs.iter().map(|s| s.ids.len()).sum::<usize>();
             let l = sft_loss(&logprobs(model, &seqs, pad));
@@ -247,18 +263,37 @@ impl Trainer {
             loss = Some(l);
         }
         if !batch.dpo.is_empty() {
-            let chosen: Vec<ScoredSeq> = batch.dpo.iter().map(|e| joined(&e.prompt, &e.chosen)).collect();
-            let rejected: Vec<ScoredSeq> = batch.dpo.iter().map(|e| joined(&e.prompt, &e.rejected)).collect();
+            let chosen: Vec<ScoredSeq> = batch
+                .dpo
+                .iter()
+                .map(|e| joined(&e.prompt, &e.chosen))
+                .collect();
+            let rejected: Vec<ScoredSeq> = batch
+                .dpo
+                .iter()
+                .map(|e| joined(&e.prompt, &e.rejected))
+                .collect();
             check_completions(&chosen)?;
             check_completions(&rejected)?;
-            report.tokens += chosen.iter().chain(&rejected).map(|s| s.ids.len()).sum::<usize>();
+            report.tokens += chosen
+                .iter()
+                .chain(&rejected)
+                .map(|s| s.ids.len())
+                .sum::<usize>();
             let pairs = chosen.len();
             let both: Vec<ScoredSeq> = chosen.iter().chain(&rejected).cloned().collect();
             let policy = logprobs(model, &both, pad);
             let (pol_c, pol_r) = split_rows(policy, pairs);
             let reference = sums_host(&self.reference, &both, pad);
             let (ref_c, ref_r) = reference.split_at(pairs);
-            let (l, stats) = dpo_loss(&pol_c, &pol_r, ref_c, ref_r, self.settings.beta, self.settings.dpo_variant);
+            let (l, stats) = dpo_loss(
+                &pol_c,
+                &pol_r,
+                ref_c,
+                ref_r,
+                self.settings.beta,
+                self.settings.dpo_variant,
+            );
             report.dpo = Some(stats);
             loss = Some(match loss {
                 Some(s) => s + l,
@@ -284,7 +319,10 @@ impl Trainer {
             grad_norm(model, &grads)
         };
         report.lr = self.schedule.lr_at(self.step);
-        let current = self.model.take().expect("model is only absent inside step()");
+        let current = self
+            .model
+            .take()
+            .expect("model is only absent inside step()");
         let backup = current.clone();
         match self.optim.step(report.lr, current, grads) {
             Ok(updated) => self.model = Some(updated),
@@ -303,17 +341,32 @@ impl Trainer {
     /// Writes everything a resumed run needs into `dir`: the weights as a Hugging Face
     /// directory, `optimizer.bpk`, `trainer_state.json` and `seen.bin` (u64 LE hashes).
     pub fn save(&self, dir: &Path) -> Result<(), TrainError> {
-        crate::model::save_dir(dir, &self.config, self.model(), &self.dtypes, None, &self.tokenizer_files)?;
+        crate::model::save_dir(
+            dir,
+            &self.config,
+            self.model(),
+            &self.dtypes,
+            None,
+            &self.tokenizer_files,
+        )?;
         self.optim.save(&dir.join("optimizer.bpk"))?;
         let state = TrainerState {
             step: self.step,
-            schedule: self.schedule.clone(),
+            schedule: self.schedule,
             config: self.settings.clone(),
         };
-        let io = |path: PathBuf| move |e: std::io::Error| TrainError::State { path, reason: e.to_string() };
+        let io = |path: PathBuf| {
+            move |e: std::io::Error| TrainError::State {
+                path,
+                reason: e.to_string(),
+            }
+        };
         let state_path = dir.join("trainer_state.json");
-        std::fs::write(&state_path, serde_json::to_vec_pretty(&state).expect("state serialises"))
-            .map_err(io(state_path.clone()))?;
+        std::fs::write(
+            &state_path,
+            serde_json::to_vec_pretty(&state).expect("state serialises"),
+        )
+        .map_err(io(state_path.clone()))?;
         let mut seen: Vec<u64> = self.seen.iter().copied().collect();
         seen.sort_unstable();
         let bytes: Vec<u8> = seen.iter().flat_map(|h| h.to_le_bytes()).collect();
@@ -340,7 +393,10 @@ impl Trainer {
         if seen_bytes.len() % 8 != 0 {
             return Err(TrainError::State {
                 path: seen_path,
-                reason: format!("{} bytes is not a whole number of u64 hashes", seen_bytes.len()),
+                reason: format!(
+                    "{} bytes is not a whole number of u64 hashes",
+                    seen_bytes.len()
+                ),
             });
         }
         let mut trainer = Trainer::new(model.config, model.lm, Some(reference), state.config)?
@@ -366,7 +422,10 @@ fn joined(prompt: &[u32], completion: &[u32]) -> ScoredSeq {
 }
 
 fn check_completions(seqs: &[ScoredSeq]) -> Result<(), TrainError> {
-    if seqs.iter().any(|s| s.ids.len() < 2 || s.score_from >= s.ids.len()) {
+    if seqs
+        .iter()
+        .any(|s| s.ids.len() < 2 || s.score_from >= s.ids.len())
+    {
         return Err(TrainError::EmptyCompletion);
     }
     Ok(())
@@ -377,7 +436,13 @@ fn scalar(t: &Tensor<1>) -> f64 {
 }
 
 /// Splits a `[2·pairs, seq]` log-prob batch into its chosen and rejected halves.
-fn split_rows(lp: crate::model::logprobs::LogProbs, pairs: usize) -> (crate::model::logprobs::LogProbs, crate::model::logprobs::LogProbs) {
+fn split_rows(
+    lp: crate::model::logprobs::LogProbs,
+    pairs: usize,
+) -> (
+    crate::model::logprobs::LogProbs,
+    crate::model::logprobs::LogProbs,
+) {
     use crate::model::logprobs::LogProbs;
     let [_, width] = lp.token.dims();
     let half = |start: usize| LogProbs {
@@ -438,7 +503,8 @@ impl ModuleMapper for Freezer<'_> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let name = self.path.join(".");
         let frozen = self.freeze.iter().any(|p| glob_match(p, &name))
-            || (!self.train_only.is_empty() && !self.train_only.iter().any(|p| glob_match(p, &name)));
+            || (!self.train_only.is_empty()
+                && !self.train_only.iter().any(|p| glob_match(p, &name)));
         if frozen {
             param.set_require_grad(false)
         } else {
