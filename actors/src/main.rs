@@ -1,16 +1,48 @@
-//! The `dreamloop` command line.
+//! The `dreamloop` command line and daemon runtime.
 //!
-//! Subcommands describe the process (which model, which files); the loop's own settings
-//! live in the TOML config (later issues). Errors are reported with `anyhow` here only; the
-//! core returns typed errors.
+//! Subcommands describe the process (which model, which files, which state directory); the
+//! loop's own settings live in the TOML config (`config/dreamloop.toml`, `dreamloop
+//! validate-config`). Errors are reported with `anyhow` here only; the core returns typed
+//! errors.
+//!
+//! # The supervision tree (`dreamloop run`)
+//!
+//! ```text
+//! main ── tokio runtime
+//!          ├── signals.rs task ──Control──┐      (SIGTERM/INT/TSTP/CONT/USR1/HUP)
+//!          │                              ▼
+//!          ├── supervisor::run ── the step loop (Driver): boundary → NextBatch → TrainOn
+//!          │                      → trained.jsonl → checkpoint / evaluate → act on verdict
+//!          └── SupervisorActor (restarts children within [supervisor] budget)
+//!                ├── generator     scenario::Generator + ledger, GeneralReplay
+//!                ├── labeler       label::Labeler + convo::ConvoReader     ── calls generator
+//!                ├── mixer         mix::Mixer + Pools                      ── calls labeler
+//!                ├── trainer       train::Trainer on the `dreamloop-trainer` OS thread
+//!                │                 (bounded crossbeam job queue; eval::ProbeSuite there too)
+//!                ├── monitor       rollback::decide over eval reports      ── calls trainer
+//!                └── checkpointer  checkpoint::CheckpointStore, Quarantine ── calls trainer
+//! ```
+//!
+//! Actors find each other by registered name (`ractor::registry::where_is`), so a restarted
+//! actor is found without re-wiring; every call is `call_t!` with a timeout.
 
+mod checkpointer;
+mod cmd_daemon;
 mod cmd_export;
 mod cmd_generate;
 mod cmd_import;
 mod cmd_logprobs;
 mod cmd_train;
+mod generator;
+mod labeler;
+mod mixer;
+mod monitor;
+mod signals;
+mod status;
+mod supervisor;
 mod systemd;
 mod telemetry;
+mod trainer;
 
 use clap::{Parser, Subcommand};
 
@@ -39,6 +71,20 @@ enum Command {
     ImportGguf(cmd_import::ImportGgufArgs),
     /// Generated examples as JSONL in TRL's conversational formats.
     ExportDataset(cmd_export::ExportDatasetArgs),
+    /// Run the daemon: generate, label, mix, train, evaluate, roll back, checkpoint — until stopped.
+    Run(cmd_daemon::RunArgs),
+    /// Pause the running daemon at the next step boundary (SIGTSTP).
+    Pause(cmd_daemon::StateDirArgs),
+    /// Resume a paused daemon (SIGCONT).
+    Resume(cmd_daemon::StateDirArgs),
+    /// Ask the running daemon for a checkpoint now (SIGUSR1).
+    Checkpoint(cmd_daemon::StateDirArgs),
+    /// Stop the daemon: finish the step, checkpoint, exit (SIGTERM).
+    Stop(cmd_daemon::StateDirArgs),
+    /// Step, phase, paused, lr, replay ratio, last evaluation and rollback (from status.json).
+    Status(cmd_daemon::StatusArgs),
+    /// Check a config file; exit 78 listing every error.
+    ValidateConfig(cmd_daemon::ValidateArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -60,6 +106,13 @@ fn main() -> std::process::ExitCode {
         Command::ImportGguf(args) => {
             cmd_import::run(args).map(|()| std::process::ExitCode::SUCCESS)
         }
+        Command::Run(args) => cmd_daemon::run(args),
+        Command::Pause(args) => cmd_daemon::signal(args, cmd_daemon::Signal::Pause),
+        Command::Resume(args) => cmd_daemon::signal(args, cmd_daemon::Signal::Resume),
+        Command::Checkpoint(args) => cmd_daemon::signal(args, cmd_daemon::Signal::Checkpoint),
+        Command::Stop(args) => cmd_daemon::signal(args, cmd_daemon::Signal::Stop),
+        Command::Status(args) => cmd_daemon::status(args),
+        Command::ValidateConfig(args) => Ok(cmd_daemon::validate(args)),
     };
     match result {
         Ok(code) => code,

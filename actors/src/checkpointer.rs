@@ -1,0 +1,195 @@
+//! The checkpointer actor: owns the [`CheckpointStore`] and the [`Quarantine`].
+//!
+//! A save asks the trainer thread to write its files (weights in HF names, `optimizer.bpk`,
+//! `trainer_state.json`, `seen.bin`) into a staging directory, adds the loop's
+//! [`RunState`] as `state.json`, and hands everything to the store, whose protocol (files
+//! fsynced, `MANIFEST.json` last, rename, `LATEST` replaced atomically) makes a checkpoint
+//! either complete or invisible. The staging directory is the store's business no longer
+//! once `save` returns; it is removed.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use dreamloop::checkpoint::{CheckpointStore, FileSource, Quarantine, RetentionPolicy};
+use dreamloop::config::DreamConfig;
+use ractor::{call_t, Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use crate::monitor::TRAINER;
+use crate::status::{RunState, TrainedStep, RUN_STATE_FILE};
+use crate::trainer::TrainerMsg;
+
+/// What a save wrote.
+#[derive(Debug, Clone)]
+pub struct SaveInfo {
+    /// Bytes of all files.
+    pub bytes: u64,
+    /// Seconds it took, staging included.
+    pub seconds: f64,
+}
+
+/// Messages of the checkpointer actor.
+pub enum CheckpointerMsg {
+    /// Checkpoint the trainer's current weights (at `RunState::step`).
+    Save(Box<RunState>, RpcReplyPort<Result<SaveInfo, String>>),
+    /// Make `step` the rollback target.
+    MarkGood(u64, RpcReplyPort<Result<(), String>>),
+    /// Restore the timeline to `step`: answers the checkpoint directory and its run state.
+    RollbackTo(u64, RpcReplyPort<Result<(PathBuf, RunState), String>>),
+    /// Quarantines these steps' examples (rolled back from `from` to `to`).
+    Quarantine(
+        Vec<TrainedStep>,
+        u64,
+        u64,
+        RpcReplyPort<Result<usize, String>>,
+    ),
+}
+
+/// Start-up arguments.
+pub struct CheckpointerArgs {
+    /// `state_dir`, `[checkpoint]` are read.
+    pub config: Arc<DreamConfig>,
+    /// Timeout of calls to the trainer.
+    pub call_timeout: Duration,
+}
+
+/// The actor state.
+pub struct CheckpointerState {
+    store: CheckpointStore,
+    quarantine: Quarantine,
+    /// `<state_dir>/.staging`, where the trainer writes before the store copies.
+    staging: PathBuf,
+    call_timeout: Duration,
+}
+
+/// The checkpointer actor (see the module docs).
+pub struct CheckpointerActor;
+
+impl Actor for CheckpointerActor {
+    type Msg = CheckpointerMsg;
+    type State = CheckpointerState;
+    type Arguments = CheckpointerArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<CheckpointerMsg>,
+        args: CheckpointerArgs,
+    ) -> Result<CheckpointerState, ActorProcessingErr> {
+        let state_dir = &args.config.state_dir;
+        let retention = RetentionPolicy {
+            keep_last: args.config.checkpoint.keep_last,
+            mirror_dir: args.config.checkpoint.mirror_dir.clone(),
+        };
+        let (store, warnings) = CheckpointStore::open(state_dir, retention)?;
+        for w in warnings {
+            tracing::warn!(?w, "Checkpoint store: recovered from an interrupted write.");
+        }
+        Ok(CheckpointerState {
+            store,
+            quarantine: Quarantine::open(state_dir)?,
+            staging: state_dir.join(".staging"),
+            call_timeout: args.call_timeout,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<CheckpointerMsg>,
+        msg: CheckpointerMsg,
+        state: &mut CheckpointerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            CheckpointerMsg::Save(run, reply) => {
+                let saved = save(state, &run).await;
+                let _ = reply.send(saved.map_err(|e| format!("{e:#}")));
+            }
+            CheckpointerMsg::MarkGood(step, reply) => {
+                let marked = state.store.mark_good(step).map(|warnings| {
+                    for w in warnings {
+                        tracing::warn!(?w, "Marking GOOD: warning.");
+                    }
+                });
+                let _ = reply.send(marked.map_err(|e| e.to_string()));
+            }
+            CheckpointerMsg::RollbackTo(step, reply) => {
+                let _ = reply.send(roll_back(state, step).map_err(|e| format!("{e:#}")));
+            }
+            CheckpointerMsg::Quarantine(steps, from, to, reply) => {
+                let mut count = 0;
+                let mut result = Ok(());
+                'outer: for s in steps {
+                    for example in s.examples {
+                        if let Err(e) = state.quarantine.append(s.step, from, to, example) {
+                            result = Err(e.to_string());
+                            break 'outer;
+                        }
+                        count += 1;
+                    }
+                }
+                let _ = reply.send(result.map(|()| count));
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn save(state: &mut CheckpointerState, run: &RunState) -> anyhow::Result<SaveInfo> {
+    let started = Instant::now();
+    if state.staging.exists() {
+        std::fs::remove_dir_all(&state.staging)
+            .with_context(|| format!("clearing {}", state.staging.display()))?;
+    }
+    let trainer: ActorRef<TrainerMsg> = ractor::registry::where_is(TRAINER.to_string())
+        .map(ActorRef::from)
+        .ok_or_else(|| anyhow!("the trainer is not running"))?;
+    call_t!(
+        trainer,
+        TrainerMsg::SaveTo,
+        state.call_timeout.as_millis() as u64,
+        state.staging.clone()
+    )?
+    .map_err(|e| anyhow!(e))?;
+    let mut names: Vec<String> = std::fs::read_dir(&state.staging)
+        .with_context(|| format!("listing {}", state.staging.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_file())
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .collect();
+    names.sort();
+    let paths: Vec<PathBuf> = names.iter().map(|n| state.staging.join(n)).collect();
+    let run_json = serde_json::to_vec_pretty(run).expect("run state serialises");
+    let mut files: Vec<(&str, FileSource<'_>)> = names
+        .iter()
+        .map(String::as_str)
+        .zip(paths.iter().map(|p| FileSource::Copy(p)))
+        .collect();
+    files.push((RUN_STATE_FILE, FileSource::Bytes(&run_json)));
+    let saved = state.store.save(run.step, files)?;
+    for w in saved.warnings {
+        tracing::warn!(?w, "Checkpoint saved with a warning.");
+    }
+    let bytes = saved.checkpoint.manifest.files.iter().map(|f| f.size).sum();
+    std::fs::remove_dir_all(&state.staging)
+        .with_context(|| format!("removing {}", state.staging.display()))?;
+    Ok(SaveInfo {
+        bytes,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn roll_back(state: &mut CheckpointerState, step: u64) -> anyhow::Result<(PathBuf, RunState)> {
+    let (checkpoint, warnings) = state.store.rollback_to(step)?;
+    for w in warnings {
+        tracing::warn!(?w, "Rollback: warning.");
+    }
+    let run = read_run_state(&checkpoint.file(RUN_STATE_FILE))?;
+    Ok((checkpoint.path, run))
+}
+
+/// Reads a checkpoint's `state.json`.
+pub fn read_run_state(path: &std::path::Path) -> anyhow::Result<RunState> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}

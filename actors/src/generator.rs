@@ -1,0 +1,167 @@
+//! The generator actor: fresh scenarios and general replay examples, never repeating.
+//!
+//! Wraps [`dreamloop::scenario::Generator`] (templates + the persistent never-repeat ledger
+//! in `<state_dir>/ledger/`) and [`dreamloop::general::GeneralReplay`]. The ledger is the one
+//! never-repeat set of the daemon, so examples from other sources (general replay,
+//! conversation logs) are admitted through it too ([`GeneratorMsg::Admit`]): an example whose
+//! hash is already there is dropped before it can reach the trainer.
+//!
+//! RNG state across restarts: the scenario stream is chosen by the ledger position (see the
+//! core generator's docs) and the replay stream is seeded from `[data] seed` and the same
+//! position, so a restarted daemon draws new examples instead of re-drawing old ones.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use dreamloop::config::DreamConfig;
+use dreamloop::example::{Example, Kind, Scenario};
+use dreamloop::general::{Corpus, GeneralReplay};
+use dreamloop::scenario::{Generator, GeneratorConfig, Ledger, LedgerPolicy, Library};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+/// Draws per request before giving up on replay duplicates (arithmetic repeats sometimes).
+const REPLAY_ATTEMPTS: usize = 1000;
+
+/// Messages of the generator actor.
+pub enum GeneratorMsg {
+    /// `n` fresh train scenarios of `kind`.
+    Draw(Kind, usize, RpcReplyPort<Result<Vec<Scenario>, String>>),
+    /// `n` fresh general replay examples.
+    Replay(usize, RpcReplyPort<Result<Vec<Example>, String>>),
+    /// Records each hash in the ledger; answers, per hash, whether it was new.
+    Admit(Vec<u64>, RpcReplyPort<Result<Vec<bool>, String>>),
+    /// fsync the ledger (before a checkpoint); answers its position.
+    Sync(RpcReplyPort<Result<u64, String>>),
+}
+
+/// Start-up arguments.
+pub struct GeneratorArgs {
+    /// `[data]` is read.
+    pub config: Arc<DreamConfig>,
+    /// `<state_dir>/ledger`.
+    pub ledger_dir: PathBuf,
+}
+
+/// The actor state.
+pub struct GeneratorState {
+    /// Scenario generator; owns the ledger.
+    generator: Generator,
+    /// General replay stream.
+    replay: GeneralReplay,
+}
+
+/// The generator actor (see the module docs).
+pub struct GeneratorActor;
+
+impl Actor for GeneratorActor {
+    type Msg = GeneratorMsg;
+    type State = GeneratorState;
+    type Arguments = GeneratorArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<GeneratorMsg>,
+        args: GeneratorArgs,
+    ) -> Result<GeneratorState, ActorProcessingErr> {
+        let data = &args.config.data;
+        let library = Library::load_dir(&data.scenarios_dir).with_context(|| {
+            format!(
+                "loading scenario templates from {}",
+                data.scenarios_dir.display()
+            )
+        })?;
+        let (ledger, recovery) = Ledger::open(&args.ledger_dir, LedgerPolicy::default())
+            .with_context(|| format!("opening the ledger in {}", args.ledger_dir.display()))?;
+        if recovery.repaired() {
+            tracing::warn!(
+                ?recovery,
+                "The never-repeat ledger was repaired after a crash."
+            );
+        }
+        let position = ledger.position();
+        let generator = Generator::new(
+            library,
+            ledger,
+            GeneratorConfig {
+                seed: data.seed,
+                probe_samples: args.config.eval.probe_samples,
+                ..GeneratorConfig::default()
+            },
+        )?;
+        let corpus = Corpus::load_train(&data.scenarios_dir).with_context(|| {
+            format!(
+                "loading the general corpus of {}",
+                data.scenarios_dir.display()
+            )
+        })?;
+        let seed = data.seed ^ position.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let replay = GeneralReplay::new(corpus, seed, args.config.general_config());
+        tracing::info!(
+            ledger_entries = generator.ledger().len(),
+            position,
+            "Generator ready."
+        );
+        Ok(GeneratorState { generator, replay })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<GeneratorMsg>,
+        msg: GeneratorMsg,
+        state: &mut GeneratorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            GeneratorMsg::Draw(kind, n, reply) => {
+                let drawn: Result<Vec<Scenario>, _> =
+                    (0..n).map(|_| state.generator.next_of(kind)).collect();
+                let _ = reply.send(drawn.map_err(|e| e.to_string()));
+            }
+            GeneratorMsg::Replay(n, reply) => {
+                let _ = reply.send(replay(state, n));
+            }
+            GeneratorMsg::Admit(hashes, reply) => {
+                let ledger = state.generator.ledger_mut();
+                let admitted: Result<Vec<bool>, _> = hashes
+                    .into_iter()
+                    .map(|h| ledger.insert(dreamloop::example::ExampleHash(h)))
+                    .collect();
+                let _ = reply.send(admitted.map_err(|e| e.to_string()));
+            }
+            GeneratorMsg::Sync(reply) => {
+                let ledger = state.generator.ledger_mut();
+                let _ = reply.send(
+                    ledger
+                        .sync()
+                        .map(|()| ledger.position())
+                        .map_err(|e| e.to_string()),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `n` replay examples whose hashes were new to the ledger.
+fn replay(state: &mut GeneratorState, n: usize) -> Result<Vec<Example>, String> {
+    let mut out = Vec::with_capacity(n);
+    let mut attempts = 0;
+    while out.len() < n {
+        attempts += 1;
+        if attempts > REPLAY_ATTEMPTS + n {
+            return Err(format!(
+                "general replay produced {REPLAY_ATTEMPTS} duplicates; the sources are exhausted"
+            ));
+        }
+        let example = state.replay.next_example();
+        if state
+            .generator
+            .ledger_mut()
+            .insert(example.hash())
+            .map_err(|e| e.to_string())?
+        {
+            out.push(example);
+        }
+    }
+    Ok(out)
+}

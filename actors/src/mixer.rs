@@ -1,0 +1,134 @@
+//! The mixer actor: labeled examples → one batch per optimizer step at the replay ratio.
+//!
+//! Wraps [`dreamloop::mix::Mixer`] (the decision: how many of each class, from exact
+//! carries) and its [`Pools`]. On [`MixerMsg::NextBatch`] it asks the labeler for exactly
+//! what the next batch lacks ([`Mixer::plan`] minus what the pools hold), so the pools never
+//! hold more than one batch of each class plus what the labeler over-delivered: the queue
+//! between labeler and trainer is bounded by construction, and nothing is produced before
+//! the trainer asks for it (backpressure).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use dreamloop::config::DreamConfig;
+use dreamloop::mix::{Batch, BatchPlan, MixError, Mixer, MixerState, Pools};
+use ractor::{call_t, Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use crate::labeler::LabelerMsg;
+
+/// Registered name of the labeler actor.
+pub const LABELER: &str = "labeler";
+
+/// Messages of the mixer actor.
+pub enum MixerMsg {
+    /// The next batch.
+    NextBatch(RpcReplyPort<Result<Batch, String>>),
+    /// Changes the replay ratio from the next batch on (rollback, SIGHUP).
+    SetReplayRatio(f64, RpcReplyPort<Result<(), String>>),
+    /// The carries and the replay ratio, for a checkpoint.
+    State(RpcReplyPort<(MixerState, f64)>),
+}
+
+/// Start-up arguments.
+pub struct MixerArgs {
+    /// `[train] batch_size`, `[data]` shares are read.
+    pub config: Arc<DreamConfig>,
+    /// Carries and replay ratio of the checkpoint resumed from, if any.
+    pub resume: Option<(MixerState, f64)>,
+    /// Timeout of calls to the labeler.
+    pub call_timeout: Duration,
+}
+
+/// The actor state.
+pub struct MixerActorState {
+    mixer: Mixer,
+    pools: Pools,
+    call_timeout: Duration,
+}
+
+/// The mixer actor (see the module docs).
+pub struct MixerActor;
+
+impl Actor for MixerActor {
+    type Msg = MixerMsg;
+    type State = MixerActorState;
+    type Arguments = MixerArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<MixerMsg>,
+        args: MixerArgs,
+    ) -> Result<MixerActorState, ActorProcessingErr> {
+        let mut config = args.config.mix_config();
+        let mut mixer_state = MixerState::default();
+        if let Some((state, ratio)) = args.resume {
+            config.replay_ratio = ratio;
+            mixer_state = state;
+        }
+        let mixer = Mixer::new(config)?.with_state(mixer_state);
+        Ok(MixerActorState {
+            mixer,
+            pools: Pools::default(),
+            call_timeout: args.call_timeout,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<MixerMsg>,
+        msg: MixerMsg,
+        state: &mut MixerActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            MixerMsg::NextBatch(reply) => {
+                let batch = next_batch(state).await;
+                let _ = reply.send(batch.map_err(|e| format!("{e:#}")));
+            }
+            MixerMsg::SetReplayRatio(ratio, reply) => {
+                let _ = reply.send(
+                    state
+                        .mixer
+                        .set_replay_ratio(ratio)
+                        .map_err(|e| e.to_string()),
+                );
+            }
+            MixerMsg::State(reply) => {
+                let _ = reply.send((state.mixer.state(), state.mixer.replay_ratio()));
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn next_batch(state: &mut MixerActorState) -> anyhow::Result<Batch> {
+    let plan = state.mixer.plan();
+    let have = state.pools.available();
+    let missing = BatchPlan {
+        general: plan.general.saturating_sub(have.general),
+        accept: plan.accept.saturating_sub(have.accept),
+        push_back: plan.push_back.saturating_sub(have.push_back),
+    };
+    if missing != BatchPlan::default() {
+        let labeler: ActorRef<LabelerMsg> = ractor::registry::where_is(LABELER.to_string())
+            .map(ActorRef::from)
+            .ok_or_else(|| anyhow!("the labeler is not running"))?;
+        let examples = call_t!(
+            labeler,
+            LabelerMsg::Fill,
+            state.call_timeout.as_millis() as u64,
+            missing
+        )?
+        .map_err(|e| anyhow!(e))?;
+        for example in examples {
+            state.pools.push(example);
+        }
+    }
+    match state.mixer.next_batch(&mut state.pools) {
+        Ok(batch) => Ok(batch),
+        Err(e @ MixError::Short { .. }) => {
+            Err(anyhow!("the labeler delivered less than asked: {e}"))
+        }
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,373 @@
+//! The trainer actor and the OS thread that owns the model.
+//!
+//! burn steps block for as long as the step takes, so the weights, the optimizer and the
+//! probe suite live on one dedicated OS thread (`dreamloop-trainer`), never on the async
+//! runtime. The [`TrainerActor`] feeds that thread through a bounded `crossbeam-channel`
+//! (`[queues] trainer` jobs) and awaits each job's answer on a oneshot channel; the thread
+//! answers [`Job`]s strictly in order, so "evaluate after step N" evaluates step N's weights.
+//!
+//! If the thread panics (a burn assertion, an injected fault) its reply sender is dropped, the
+//! actor's job fails, the actor fails, and the supervisor restarts it: `pre_start` starts a
+//! fresh thread from the LATEST checkpoint (or the starting weights).
+//!
+//! Fault injection for the runtime tests (never set in production): the environment variable
+//! `DREAMLOOP_FAULT_PANIC_AT_STEP=N` makes the thread panic when it is about to take step N;
+//! `DREAMLOOP_FAULT_PANIC_TIMES=k` (default 1) limits how many times per process.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context};
+use dreamloop::config::{Backend, DreamConfig};
+use dreamloop::eval::{EvalReport, ProbeSuite};
+use dreamloop::example::Example;
+use dreamloop::general::load_heldout;
+use dreamloop::model::{default_device, Device, Model};
+use dreamloop::scenario::{probe_scenarios, Library};
+use dreamloop::train::dataset::{tokenize_example, Item};
+use dreamloop::train::trainer::{Batch, StepReport, TrainError, Trainer};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::oneshot;
+
+/// Panics injected so far in this process (see the module docs).
+static PANICS: AtomicU32 = AtomicU32::new(0);
+
+/// What one training job produced.
+#[derive(Debug, Clone)]
+pub enum StepOutcome {
+    /// The step was taken.
+    Trained(StepReport),
+    /// The step was skipped (non-finite loss or gradient, repeated example, untokenizable
+    /// batch); weights untouched. The text says why.
+    Skipped {
+        /// The trainer's error as text.
+        reason: String,
+        /// Whether it was a non-finite loss or gradient (the rollback policy counts those).
+        non_finite: bool,
+    },
+}
+
+/// Where the trainer thread starts from.
+#[derive(Debug, Clone)]
+pub enum Start {
+    /// The configured starting weights.
+    Fresh,
+    /// A checkpoint directory written by `Trainer::save` (through the checkpointer).
+    Restore(PathBuf),
+}
+
+/// One request to the trainer thread.
+enum Job {
+    Step(Vec<Example>, oneshot::Sender<StepOutcome>),
+    Evaluate(oneshot::Sender<EvalReport>),
+    Save(PathBuf, oneshot::Sender<Result<(), String>>),
+    Restore(PathBuf, oneshot::Sender<Result<u64, String>>),
+    ScaleLr(f64, oneshot::Sender<f64>),
+    Position(oneshot::Sender<(u64, f64)>),
+}
+
+/// Messages of the trainer actor; each forwards one [`Job`] and answers when it is done.
+pub enum TrainerMsg {
+    /// Take one optimizer step on these examples.
+    TrainOn(Vec<Example>, RpcReplyPort<StepOutcome>),
+    /// Evaluate the probe suite on the current weights (forward-only copy).
+    Evaluate(RpcReplyPort<EvalReport>),
+    /// Write weights, optimizer and trainer state into a directory.
+    SaveTo(PathBuf, RpcReplyPort<Result<(), String>>),
+    /// Replace weights, optimizer and schedule with a checkpoint's; answers its step.
+    RestoreFrom(PathBuf, RpcReplyPort<Result<u64, String>>),
+    /// Multiply the lr curve; answers the lr of the next step.
+    ScaleLr(f64, RpcReplyPort<f64>),
+    /// The step count and the lr of the next step.
+    Position(RpcReplyPort<(u64, f64)>),
+}
+
+/// Start-up arguments.
+pub struct TrainerArgs {
+    /// The whole config (model, train, eval sections are read).
+    pub config: Arc<DreamConfig>,
+    /// Weights to start from.
+    pub start: Start,
+}
+
+/// The actor state: the sending half of the job channel.
+pub struct TrainerState {
+    /// Bounded: a producer blocks when the thread is `[queues] trainer` jobs behind.
+    jobs: crossbeam_channel::Sender<Job>,
+}
+
+/// The trainer actor (see the module docs).
+pub struct TrainerActor;
+
+impl Actor for TrainerActor {
+    type Msg = TrainerMsg;
+    type State = TrainerState;
+    type Arguments = TrainerArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<TrainerMsg>,
+        args: TrainerArgs,
+    ) -> Result<TrainerState, ActorProcessingErr> {
+        let (jobs, inbox) = crossbeam_channel::bounded(args.config.queues.trainer);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("dreamloop-trainer".into())
+            .spawn(move || thread_main(args, inbox, ready_tx))
+            .context("spawning the trainer thread")?;
+        match ready_rx.await {
+            Ok(Ok(())) => Ok(TrainerState { jobs }),
+            Ok(Err(e)) => Err(anyhow!("trainer thread could not start: {e}").into()),
+            Err(_) => Err(anyhow!("trainer thread died while starting").into()),
+        }
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<TrainerMsg>,
+        msg: TrainerMsg,
+        state: &mut TrainerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            TrainerMsg::TrainOn(examples, reply) => {
+                forward(state, |tx| Job::Step(examples, tx), reply).await
+            }
+            TrainerMsg::Evaluate(reply) => forward(state, Job::Evaluate, reply).await,
+            TrainerMsg::SaveTo(dir, reply) => forward(state, |tx| Job::Save(dir, tx), reply).await,
+            TrainerMsg::RestoreFrom(dir, reply) => {
+                forward(state, |tx| Job::Restore(dir, tx), reply).await
+            }
+            TrainerMsg::ScaleLr(f, reply) => forward(state, |tx| Job::ScaleLr(f, tx), reply).await,
+            TrainerMsg::Position(reply) => forward(state, Job::Position, reply).await,
+        }
+    }
+}
+
+/// Sends one job to the thread, awaits its answer, passes it on. A dead thread is this
+/// actor's failure (the supervisor restarts it with a new thread).
+async fn forward<T: Send + 'static>(
+    state: &TrainerState,
+    job: impl FnOnce(oneshot::Sender<T>) -> Job,
+    reply: RpcReplyPort<T>,
+) -> Result<(), ActorProcessingErr> {
+    let (tx, rx) = oneshot::channel();
+    let jobs = state.jobs.clone();
+    let job = job(tx);
+    // `send` blocks when the bounded queue is full: do it off the async workers.
+    tokio::task::spawn_blocking(move || jobs.send(job))
+        .await
+        .map_err(|e| anyhow!("trainer queue task failed: {e}"))?
+        .map_err(|_| anyhow!("the trainer thread has stopped"))?;
+    let answer = rx
+        .await
+        .map_err(|_| anyhow!("the trainer thread died during a job"))?;
+    // The caller may have timed out and gone; that is its business, not a failure here.
+    let _ = reply.send(answer);
+    Ok(())
+}
+
+/// The device of `[model] backend`.
+pub fn device(backend: Backend) -> anyhow::Result<Device> {
+    match backend {
+        Backend::Cpu => Ok(dreamloop::model::cpu()),
+        Backend::Cuda if cfg!(feature = "cuda") => Ok(default_device()),
+        Backend::Cuda => Err(anyhow!(
+            "model.backend = \"cuda\" needs a build with --features cuda"
+        )),
+    }
+}
+
+/// Everything the thread owns.
+struct Worker {
+    trainer: Trainer,
+    /// The DPO reference (frozen starting weights), kept to rebuild the trainer on restore.
+    reference: dreamloop::model::CausalLm,
+    tokenizer: dreamloop::model::Tokenizer,
+    probes: ProbeSuite,
+    /// Autodiff device of the policy weights.
+    device: Device,
+    /// Step number at which to inject a panic (tests only).
+    panic_at: Option<u64>,
+    /// How many injected panics this process allows.
+    panic_times: u32,
+}
+
+fn thread_main(
+    args: TrainerArgs,
+    inbox: crossbeam_channel::Receiver<Job>,
+    ready: oneshot::Sender<Result<(), String>>,
+) {
+    let mut worker = match Worker::start(&args) {
+        Ok(w) => {
+            let _ = ready.send(Ok(()));
+            w
+        }
+        Err(e) => {
+            let _ = ready.send(Err(format!("{e:#}")));
+            return;
+        }
+    };
+    while let Ok(job) = inbox.recv() {
+        worker.run(job);
+    }
+}
+
+impl Worker {
+    fn start(args: &TrainerArgs) -> anyhow::Result<Worker> {
+        let config = &args.config;
+        let plain = device(config.model.backend)?;
+        let device = plain.clone().autodiff();
+        let spec = &config.model.spec;
+        let model =
+            Model::open(spec, &device).with_context(|| format!("loading model `{spec}`"))?;
+        let reference = match &config.model.reference {
+            Some(r) => {
+                Model::open(r, &plain)
+                    .with_context(|| format!("loading reference `{r}`"))?
+                    .lm
+            }
+            None => model.frozen(),
+        };
+        let pad = model
+            .config
+            .pad_token_id
+            .or(model.config.eos_token_id)
+            .unwrap_or(0);
+        let Model {
+            config: model_config,
+            lm,
+            tokenizer,
+            dtypes,
+            ..
+        } = model;
+        let trainer = match &args.start {
+            Start::Fresh => Trainer::new(
+                model_config,
+                lm,
+                Some(reference.clone()),
+                config.trainer_config(pad),
+            )?
+            .with_files(dtypes, tokenizer.as_ref()),
+            Start::Restore(dir) => Trainer::restore(dir, reference.clone(), &device)
+                .with_context(|| format!("restoring the trainer from {}", dir.display()))?,
+        };
+        let tokenizer = tokenizer.ok_or_else(|| anyhow!("model `{spec}` has no tokenizer.json"))?;
+        let probes = build_probes(config, &tokenizer, pad)?;
+        Ok(Worker {
+            trainer,
+            reference,
+            tokenizer,
+            probes,
+            device,
+            panic_at: std::env::var("DREAMLOOP_FAULT_PANIC_AT_STEP")
+                .ok()
+                .and_then(|v| v.parse().ok()),
+            panic_times: std::env::var("DREAMLOOP_FAULT_PANIC_TIMES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1),
+        })
+    }
+
+    fn run(&mut self, job: Job) {
+        match job {
+            Job::Step(examples, reply) => {
+                let _ = reply.send(self.step(&examples));
+            }
+            Job::Evaluate(reply) => {
+                let frozen = self.trainer.frozen();
+                // A long evaluation is still a live daemon: feed systemd's watchdog from it.
+                let report = self.probes.evaluate(&frozen, &mut |done, total| {
+                    tracing::debug!(done, total, "Evaluating.");
+                    let _ = crate::systemd::watchdog();
+                });
+                let _ = reply.send(report);
+            }
+            Job::Save(dir, reply) => {
+                let _ = reply.send(self.trainer.save(&dir).map_err(|e| e.to_string()));
+            }
+            Job::Restore(dir, reply) => {
+                let restored =
+                    Trainer::restore(&dir, self.reference.clone(), &self.device).map(|t| {
+                        self.trainer = t;
+                        self.trainer.step_count()
+                    });
+                let _ = reply.send(restored.map_err(|e| format!("{}: {e}", dir.display())));
+            }
+            Job::ScaleLr(factor, reply) => {
+                self.trainer.scale_lr(factor);
+                let _ = reply.send(self.trainer.current_lr());
+            }
+            Job::Position(reply) => {
+                let _ = reply.send((self.trainer.step_count(), self.trainer.current_lr()));
+            }
+        }
+    }
+
+    fn step(&mut self, examples: &[Example]) -> StepOutcome {
+        let next = self.trainer.step_count() + 1;
+        if self.panic_at == Some(next) && PANICS.fetch_add(1, Ordering::SeqCst) < self.panic_times {
+            panic!("injected fault: DREAMLOOP_FAULT_PANIC_AT_STEP={next}");
+        }
+        let mut batch = Batch::default();
+        for example in examples {
+            match tokenize_example(&self.tokenizer, example) {
+                Ok(Item::Sft(item)) => batch.sft.push(item),
+                Ok(Item::Dpo(item)) => batch.dpo.push(item),
+                Err(reason) => {
+                    tracing::warn!(provenance = %example.provenance, %reason, "Example could not be tokenized; dropped from the batch.");
+                }
+            }
+        }
+        match self.trainer.step(&batch) {
+            Ok(report) => StepOutcome::Trained(report),
+            Err(e) => StepOutcome::Skipped {
+                non_finite: matches!(
+                    e,
+                    TrainError::NonFiniteLoss { .. } | TrainError::NonFiniteGradient
+                ),
+                reason: e.to_string(),
+            },
+        }
+    }
+}
+
+/// The probe suite of `[eval]`: probe templates of the scenario library, general
+/// multiple-choice items, and (a prefix of) the held-out texts.
+fn build_probes(
+    config: &DreamConfig,
+    tok: &dreamloop::model::Tokenizer,
+    pad: u32,
+) -> anyhow::Result<ProbeSuite> {
+    let dir = &config.data.scenarios_dir;
+    let library = Library::load_dir(dir)
+        .with_context(|| format!("loading scenario templates from {}", dir.display()))?;
+    let probes = probe_scenarios(&library, config.eval.probe_samples);
+    let mut heldout: Vec<String> = load_heldout(dir)
+        .with_context(|| format!("loading held-out texts from {}", dir.display()))?
+        .into_iter()
+        .map(|h| h.text)
+        .collect();
+    if config.eval.max_heldout_texts > 0 {
+        heldout.truncate(config.eval.max_heldout_texts);
+    }
+    if config.eval.heldout_max_bytes > 0 {
+        for text in &mut heldout {
+            let mut end = config.eval.heldout_max_bytes.min(text.len());
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+        }
+    }
+    ProbeSuite::build(
+        tok,
+        &probes,
+        &heldout,
+        config.eval.general_items,
+        config.eval.seed,
+        pad,
+    )
+    .context("tokenizing the probe suite")
+}

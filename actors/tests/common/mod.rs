@@ -1,0 +1,284 @@
+//! Shared harness of the daemon tests: a temporary state directory, a small config (tiny
+//! model, batch 2, frequent evaluations, a handful of probes), the real `dreamloop` binary,
+//! and waits on conditions (status.json, files, exit) with deadlines instead of bare sleeps.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The repository root (scenarios/ lives there).
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("actors/ has a parent")
+        .to_path_buf()
+}
+
+/// A test daemon's directory: `state/` and `dreamloop.toml`.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+}
+
+/// Settings a test changes in the base config (TOML snippets appended per table).
+#[derive(Default, Clone)]
+pub struct Overrides {
+    pub top: String,
+    pub train: String,
+    pub data: String,
+    pub eval: String,
+    pub rollback: String,
+    pub checkpoint: String,
+    pub supervisor: String,
+}
+
+pub fn config_text(state: &Path, o: &Overrides) -> String {
+    let scenarios = repo().join("scenarios");
+    format!(
+        r#"state_dir = "{state}"
+metrics_addr = "127.0.0.1:0"
+phase = "sft"
+{top}
+[model]
+spec = "tiny"
+backend = "cpu"
+
+[train]
+{train}
+warmup_steps = 0
+schedule = "constant"
+batch_size = 2
+max_grad_norm = 1.0
+beta = 0.01
+
+[train.optimizer.adamw]
+weight_decay = 0.0
+
+[data]
+scenarios_dir = "{scenarios}"
+{data}
+accept_share = 0.5
+general_weights = [0.25, 0.25, 0.2, 0.3]
+chunk_words = [8, 24]
+seed = 0
+
+[eval]
+{eval}
+probe_samples = 1
+general_items = 2
+max_heldout_texts = 1
+heldout_max_bytes = 512
+seed = 0
+
+[rollback]
+{rollback}
+
+[checkpoint]
+{checkpoint}
+keep_last = 2
+
+[queues]
+examples = 8
+trainer = 1
+
+[supervisor]
+{supervisor}
+window_seconds = 600
+call_timeout_seconds = 120
+status_every_seconds = 1
+"#,
+        state = state.display(),
+        scenarios = scenarios.display(),
+        top = o.top,
+        train = if o.train.contains("lr") {
+            o.train.clone()
+        } else {
+            format!("lr = 2e-5\n{}", o.train)
+        },
+        data = if o.data.contains("replay_ratio") {
+            o.data.clone()
+        } else {
+            format!("replay_ratio = 0.25\n{}", o.data)
+        },
+        eval = if o.eval.contains("every_n_steps") {
+            o.eval.clone()
+        } else {
+            format!("every_n_steps = 4\n{}", o.eval)
+        },
+        rollback = o.rollback,
+        checkpoint = if o.checkpoint.contains("every_n_steps") {
+            o.checkpoint.clone()
+        } else {
+            format!("every_n_steps = 2\n{}", o.checkpoint)
+        },
+        supervisor = if o.supervisor.contains("max_restarts") {
+            o.supervisor.clone()
+        } else {
+            format!("max_restarts = 3\n{}", o.supervisor)
+        },
+    )
+}
+
+impl Daemon {
+    pub fn new(o: &Overrides) -> Daemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let state = dir.path().join("state");
+        std::fs::write(dir.path().join("dreamloop.toml"), config_text(&state, o))
+            .expect("write config");
+        Daemon { dir, child: None }
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("dreamloop.toml")
+    }
+
+    /// Rewrites the config (for SIGHUP tests).
+    pub fn rewrite(&self, o: &Overrides) {
+        std::fs::write(self.config(), config_text(&self.state(), o)).expect("write config");
+    }
+
+    /// `dreamloop run --config … <extra>` with optional extra environment.
+    pub fn start(&mut self, extra: &[&str], env: &[(&str, &str)]) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dreamloop"));
+        cmd.arg("run")
+            .arg("--config")
+            .arg(self.config())
+            .args(extra);
+        cmd.env("RUST_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.stdout(Stdio::null()).stderr(Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.path().join("daemon.log"))
+                .expect("log file"),
+        ));
+        self.child = Some(cmd.spawn().expect("spawn dreamloop"));
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("started").id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child.
+        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0, "kill failed");
+    }
+
+    /// Waits for exit within `limit`; panics (with the log) otherwise.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("started");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("daemon did not exit within {limit:?}\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn status(&self) -> Option<Value> {
+        let text = std::fs::read_to_string(self.state().join("status.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Polls status.json until `cond` holds (or panics after `limit`, with the log).
+    pub fn wait_status(
+        &mut self,
+        limit: Duration,
+        what: &str,
+        cond: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.status() {
+                if cond(&s) {
+                    return s;
+                }
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Some(code) = child.try_wait().expect("try_wait") {
+                    panic!(
+                        "daemon exited ({code}) while waiting for {what}\n{}",
+                        self.log()
+                    );
+                }
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}; status {:?}\n{}",
+                    self.status(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    pub fn events(&self) -> Vec<Value> {
+        read_lines(&self.state().join("events.jsonl"))
+    }
+
+    pub fn trained(&self) -> Vec<Value> {
+        read_lines(&self.state().join("trained.jsonl"))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn read_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+pub fn step(s: &Value) -> u64 {
+    s["step"].as_u64().unwrap_or(0)
+}
+
+/// Content hashes of every example in trained.jsonl records, recomputed from the example
+/// text with the core's hash (independent of the daemon's bookkeeping).
+pub fn trained_hashes(records: &[Value]) -> Vec<u64> {
+    records
+        .iter()
+        .flat_map(|r| r["examples"].as_array().cloned().unwrap_or_default())
+        .map(|e| {
+            let example: dreamloop::example::Example =
+                serde_json::from_value(e).expect("an Example");
+            example.hash().0
+        })
+        .collect()
+}
+
+/// The LATEST checkpoint directory.
+pub fn latest_dir(state: &Path) -> Option<PathBuf> {
+    let name = std::fs::read_to_string(state.join("checkpoints/LATEST")).ok()?;
+    Some(state.join("checkpoints").join(name.trim()))
+}

@@ -1,0 +1,136 @@
+//! A provoked regression is detected and rolled back: clear-direction examples only, no
+//! replay, a learning rate that wrecks the tiny model, tight thresholds, patience 1.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{trained_hashes, Daemon, Overrides};
+
+#[test]
+fn a_regression_is_rolled_back_to_good_bit_for_bit() {
+    let mut d = Daemon::new(&Overrides {
+        train: "lr = 0.5".into(),
+        data: "replay_ratio = 0.0".into(),
+        eval: "every_n_steps = 3".into(),
+        checkpoint: "every_n_steps = 1000".into(),
+        rollback: [
+            "patience = 1",
+            "max_perplexity_increase = 0.0001",
+            "max_flawed_accuracy_drop = 0.0",
+            "max_clear_accuracy_drop = 0.0",
+            "max_general_accuracy_drop = 0.0",
+            "min_accuracy_gain = 1.0",
+            "min_margin_gain = 1000.0",
+            "lr_factor_on_rollback = 0.5",
+            "replay_ratio_step = 0.15",
+            "max_replay_ratio = 0.4",
+            "max_rollbacks = 1",
+        ]
+        .join("\n"),
+        ..Overrides::default()
+    });
+    // accept_share 1.0: clear-direction examples only.
+    let text = std::fs::read_to_string(d.config())
+        .expect("config")
+        .replace("accept_share = 0.5", "accept_share = 1.0");
+    std::fs::write(d.config(), text).expect("config");
+    d.start(&[], &[]);
+    let s = d.wait_status(Duration::from_secs(60), "a rollback", |s| {
+        !s["last_rollback"].is_null()
+    });
+    let rb = &s["last_rollback"];
+    assert_eq!(rb["from"], 3, "{s}");
+    assert_eq!(rb["to"], 0, "{s}");
+    // lr × 0.5 and replay 0 → 0.15, as configured.
+    assert!(
+        (rb["lr"].as_f64().expect("lr") - 0.25).abs() < 1e-12,
+        "{rb}"
+    );
+    assert!(
+        (rb["replay_ratio"].as_f64().expect("replay") - 0.15).abs() < 1e-12,
+        "{rb}"
+    );
+    // Restored weights equal the GOOD checkpoint bit for bit: the sha256 of the weights the
+    // trainer holds after the restore equals the GOOD manifest's entry, read here from disk.
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.state().join("checkpoints/step-00000000/MANIFEST.json"))
+            .expect("GOOD manifest"),
+    )
+    .expect("json");
+    let good_sha = manifest["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .find(|f| f["name"] == "model.safetensors")
+        .expect("weights entry")["sha256"]
+        .clone();
+    assert_eq!(rb["restored_sha256"], good_sha);
+    assert_eq!(rb["quarantined"], 6, "3 steps × batch 2");
+
+    // Let it train on after the rollback, then stop.
+    d.wait_status(
+        Duration::from_secs(60),
+        "training after the rollback",
+        |s| s["step"].as_u64().unwrap_or(0) >= 2 || s["paused_by_policy"] == true,
+    );
+    d.signal(libc::SIGTERM);
+    assert!(
+        d.wait_exit(Duration::from_secs(60)).success(),
+        "{}",
+        d.log()
+    );
+
+    let events = d.events();
+    let rollback = events
+        .iter()
+        .find(|e| e["event"] == "rollback")
+        .expect("rollback event");
+    assert_eq!(rollback["to"], 0);
+    assert!([
+        "perplexity",
+        "sycophancy",
+        "clear_direction",
+        "general_probe",
+        "non_finite"
+    ]
+    .contains(&rollback["reason"].as_str().unwrap_or("")));
+    assert!(
+        (rollback["adjustments"]["lr_factor"]
+            .as_f64()
+            .expect("factor")
+            - 0.5)
+            .abs()
+            < 1e-12
+    );
+
+    // The quarantined examples are on disk and never trained again.
+    let quarantined = common::read_lines(&d.state().join("quarantine/examples.jsonl"));
+    assert!(quarantined.len() >= 6);
+    let q_hashes: Vec<u64> = quarantined
+        .iter()
+        .map(|r| {
+            serde_json::from_value::<dreamloop::example::Example>(r["example"].clone())
+                .expect("example")
+                .hash()
+                .0
+        })
+        .collect();
+    let mut counts: HashMap<u64, usize> = HashMap::new();
+    for h in trained_hashes(&d.trained()) {
+        *counts.entry(h).or_default() += 1;
+    }
+    for h in q_hashes {
+        assert_eq!(
+            counts.get(&h),
+            Some(&1),
+            "quarantined example {h:016x} trained again"
+        );
+    }
+    // Only clear-direction examples were trained before the rollback.
+    assert!(quarantined
+        .iter()
+        .take(6)
+        .all(|r| r["example"]["kind"] == "clear_direction"));
+}

@@ -1,0 +1,173 @@
+//! The whole loop end to end on the tiny model: N steps, checkpoints, a baseline that
+//! becomes GOOD, no example trained twice, status.json and `dreamloop status` agree.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{latest_dir, trained_hashes, Daemon, Overrides};
+
+#[test]
+fn runs_n_steps_and_stops_cleanly() {
+    let mut d = Daemon::new(&Overrides::default());
+    d.start(&["--max-steps", "6"], &[]);
+    let status = d.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "exit {status}\n{}", d.log());
+
+    let s = d.status().expect("status.json");
+    assert_eq!(s["state"], "stopped");
+    assert_eq!(s["step"], 6);
+    assert_eq!(s["latest_step"], 6);
+    // Baseline evaluation at step 0 marks GOOD before any training.
+    assert!(s["good_step"].as_u64().is_some(), "{s}");
+    assert!(
+        !d.state().join("dreamloop.pid").exists(),
+        "pid file removed on exit"
+    );
+
+    // Six steps of batch 2, every example distinct (hash recomputed from the text).
+    let trained = d.trained();
+    let steps: Vec<u64> = trained
+        .iter()
+        .map(|r| r["step"].as_u64().expect("step"))
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
+    let hashes = trained_hashes(&trained);
+    assert_eq!(hashes.len(), 12);
+    assert_eq!(
+        hashes.iter().collect::<HashSet<_>>().len(),
+        12,
+        "an example was trained twice"
+    );
+
+    // The checkpoint is complete and resumable: weights, optimizer, trainer and loop state.
+    let latest = latest_dir(&d.state()).expect("LATEST");
+    for file in [
+        "MANIFEST.json",
+        "model.safetensors",
+        "optimizer.bpk",
+        "trainer_state.json",
+        "seen.bin",
+        "state.json",
+    ] {
+        assert!(
+            latest.join(file).exists(),
+            "{file} missing in {}",
+            latest.display()
+        );
+    }
+    let events = d.events();
+    assert!(
+        events.iter().any(|e| e["event"] == "mark_good"),
+        "{events:?}"
+    );
+
+    // `dreamloop status` reads the same file after the daemon stopped.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dreamloop"))
+        .args(["status", "--json", "--state-dir"])
+        .arg(d.state())
+        .output()
+        .expect("status runs");
+    assert!(out.status.success());
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(printed["step"], 6);
+}
+
+#[test]
+fn resumes_from_latest_with_everything() {
+    let mut d = Daemon::new(&Overrides::default());
+    d.start(&["--max-steps", "4"], &[]);
+    assert!(
+        d.wait_exit(Duration::from_secs(60)).success(),
+        "{}",
+        d.log()
+    );
+    let before = std::fs::read(latest_dir(&d.state()).expect("LATEST").join("state.json"))
+        .expect("state.json");
+    let before: serde_json::Value = serde_json::from_slice(&before).expect("json");
+    assert_eq!(before["step"], 4);
+
+    d.start(&["--max-steps", "8"], &[]);
+    assert!(
+        d.wait_exit(Duration::from_secs(60)).success(),
+        "{}",
+        d.log()
+    );
+    let trained = d.trained();
+    let steps: Vec<u64> = trained
+        .iter()
+        .map(|r| r["step"].as_u64().expect("step"))
+        .collect();
+    assert_eq!(
+        steps,
+        (1..=8).collect::<Vec<_>>(),
+        "the second run continues at step 5"
+    );
+    let hashes = trained_hashes(&trained);
+    assert_eq!(
+        hashes.iter().collect::<HashSet<_>>().len(),
+        hashes.len(),
+        "an example was trained twice across the restart"
+    );
+    // The mixer's carries continued (4 batches of 2 at replay 0.25 = 2 general examples
+    // so far, exactly: carry arithmetic, not random rounding).
+    let general = trained
+        .iter()
+        .flat_map(|r| r["examples"].as_array().cloned().unwrap_or_default())
+        .filter(|e| e["kind"] == "general")
+        .count();
+    assert_eq!(general, 4, "8 batches × 2 × 0.25 general examples");
+}
+
+#[test]
+fn validate_config_lists_every_error_with_exit_78() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let bad = dir.path().join("bad.toml");
+    let mut text = common::config_text(&dir.path().join("state"), &Overrides::default());
+    text = text
+        .replace("batch_size = 2", "batch_size = 0")
+        .replace("replay_ratio = 0.25", "replay_ratio = 3.0");
+    std::fs::write(&bad, text).expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dreamloop"))
+        .arg("validate-config")
+        .arg(&bad)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("train.batch_size") && err.contains("data.replay_ratio"),
+        "{err}"
+    );
+
+    let good = common::repo().join("config/dreamloop.toml");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dreamloop"))
+        .arg("validate-config")
+        .arg(&good)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn control_commands_report_a_stale_pid_file() {
+    let dir = tempfile::tempdir().expect("tmp");
+    // A pid that cannot exist (above pid_max).
+    std::fs::write(dir.path().join("dreamloop.pid"), "2147483000\n").expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dreamloop"))
+        .args(["pause", "--state-dir"])
+        .arg(dir.path())
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("stale pid file"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

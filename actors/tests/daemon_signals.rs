@@ -1,0 +1,96 @@
+//! Signals drive the real binary: pause/resume, checkpoint on request, SIGTERM, SIGHUP.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{latest_dir, step, Daemon, Overrides};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+#[test]
+fn pause_takes_no_step_until_resume() {
+    let mut d = Daemon::new(&Overrides {
+        eval: "every_n_steps = 1000".into(),
+        checkpoint: "every_n_steps = 1000".into(),
+        ..Overrides::default()
+    });
+    d.start(&[], &[]);
+    d.wait_status(LIMIT, "two steps", |s| step(s) >= 2);
+    d.signal(libc::SIGTSTP);
+    let paused = d.wait_status(LIMIT, "paused", |s| s["paused"] == true);
+    let at = step(&paused);
+    // While paused the daemon still serves requests: a checkpoint on SIGUSR1 lands at the
+    // paused step, and after it the step has not moved.
+    d.signal(libc::SIGUSR1);
+    d.wait_status(LIMIT, "checkpoint while paused", |s| {
+        s["latest_step"].as_u64() == Some(at)
+    });
+    assert_eq!(
+        step(&d.status().expect("status")),
+        at,
+        "a step was taken while paused"
+    );
+    assert_eq!(
+        d.trained().len() as u64,
+        at,
+        "trained.jsonl grew while paused"
+    );
+    d.signal(libc::SIGCONT);
+    d.wait_status(LIMIT, "steps after resume", |s| {
+        s["paused"] == false && step(s) > at
+    });
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit(LIMIT).success(), "{}", d.log());
+}
+
+#[test]
+fn sigterm_checkpoints_and_exits_zero() {
+    let mut d = Daemon::new(&Overrides {
+        checkpoint: "every_n_steps = 1000".into(),
+        ..Overrides::default()
+    });
+    d.start(&[], &[]);
+    d.wait_status(LIMIT, "three steps", |s| step(s) >= 3);
+    let sent = std::time::Instant::now();
+    d.signal(libc::SIGTERM);
+    let status = d.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "exit {status}\n{}", d.log());
+    assert!(sent.elapsed() < Duration::from_secs(30));
+    let s = d.status().expect("status");
+    assert_eq!(s["state"], "stopped");
+    // The final checkpoint holds the last step (no periodic checkpoint was due).
+    assert_eq!(s["latest_step"], s["step"]);
+    let latest = latest_dir(&d.state()).expect("LATEST");
+    assert!(latest.join("MANIFEST.json").exists());
+    assert!(latest.ends_with(format!("step-{:08}", step(&s))));
+}
+
+#[test]
+fn sighup_changes_the_learning_rate_without_a_restart() {
+    let base = Overrides {
+        eval: "every_n_steps = 1000".into(),
+        checkpoint: "every_n_steps = 1000".into(),
+        ..Overrides::default()
+    };
+    let mut d = Daemon::new(&base);
+    d.start(&[], &[]);
+    let s = d.wait_status(LIMIT, "a step", |s| step(s) >= 1);
+    assert!((s["lr"].as_f64().expect("lr") - 2e-5).abs() < 1e-12, "{s}");
+    let pid = s["pid"].clone();
+    d.rewrite(&Overrides {
+        train: "lr = 5e-5".into(),
+        ..base
+    });
+    d.signal(libc::SIGHUP);
+    let s = d.wait_status(LIMIT, "new lr", |s| {
+        (s["lr"].as_f64().unwrap_or(0.0) - 5e-5).abs() < 1e-12
+    });
+    assert_eq!(s["pid"], pid, "the daemon restarted");
+    let before = step(&s);
+    d.wait_status(LIMIT, "training on at the new lr", |s| {
+        step(s) > before && (s["lr"].as_f64().unwrap_or(0.0) - 5e-5).abs() < 1e-12
+    });
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit(LIMIT).success(), "{}", d.log());
+}
