@@ -4,7 +4,33 @@ mod common;
 
 use std::time::Duration;
 
+use std::io::{Read, Write};
+
 use common::{latest_dir, step, Daemon, Overrides};
+
+/// A free loopback port (bound then released; the daemon binds it right after).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// GET /metrics over a plain TCP connection.
+fn scrape(port: u16) -> String {
+    let mut stream =
+        std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .expect("request");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).expect("response");
+    body
+}
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -15,7 +41,8 @@ fn pause_takes_no_step_until_resume() {
         checkpoint: "every_n_steps = 1000".into(),
         ..Overrides::default()
     });
-    d.start(&[], &[]);
+    let port = free_port();
+    d.start(&["--metrics-addr", &format!("127.0.0.1:{port}")], &[]);
     d.wait_status(LIMIT, "two steps", |s| step(s) >= 2);
     d.signal(libc::SIGTSTP);
     let paused = d.wait_status(LIMIT, "paused", |s| s["paused"] == true);
@@ -35,6 +62,14 @@ fn pause_takes_no_step_until_resume() {
         d.trained().len() as u64,
         at,
         "trained.jsonl grew while paused"
+    );
+    // /metrics answers while paused, and says so.
+    let body = scrape(port);
+    assert!(body.contains(" 200 "), "{body}");
+    assert!(body.contains("dreamloop_loop_paused 1"), "{body}");
+    assert!(
+        body.contains(&format!("dreamloop_train_steps_total {at}")),
+        "{body}"
     );
     d.signal(libc::SIGCONT);
     d.wait_status(LIMIT, "steps after resume", |s| {
