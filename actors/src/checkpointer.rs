@@ -140,7 +140,7 @@ async fn save(state: &mut CheckpointerState, run: &RunState) -> anyhow::Result<S
         std::fs::remove_dir_all(&state.staging)
             .with_context(|| format!("clearing {}", state.staging.display()))?;
     }
-    let trainer: ActorRef<TrainerMsg> = ractor::registry::where_is(TRAINER.to_string())
+    let trainer: ActorRef<TrainerMsg> = ractor::registry::where_is(TRAINER)
         .map(ActorRef::from)
         .ok_or_else(|| anyhow!("the trainer is not running"))?;
     call_t!(

@@ -118,7 +118,7 @@ impl Actor for LabelerActor {
 }
 
 fn generator() -> anyhow::Result<ActorRef<GeneratorMsg>> {
-    ractor::registry::where_is(GENERATOR.to_string())
+    ractor::registry::where_is(GENERATOR)
         .map(ActorRef::from)
         .ok_or_else(|| anyhow!("the generator is not running"))
 }

@@ -110,7 +110,7 @@ async fn next_batch(state: &mut MixerActorState) -> anyhow::Result<Batch> {
         push_back: plan.push_back.saturating_sub(have.push_back),
     };
     if missing != BatchPlan::default() {
-        let labeler: ActorRef<LabelerMsg> = ractor::registry::where_is(LABELER.to_string())
+        let labeler: ActorRef<LabelerMsg> = ractor::registry::where_is(LABELER)
             .map(ActorRef::from)
             .ok_or_else(|| anyhow!("the labeler is not running"))?;
         let examples = call_t!(

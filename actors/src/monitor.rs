@@ -128,7 +128,7 @@ impl Actor for MonitorActor {
 }
 
 async fn evaluate(state: &mut MonitorState, step: u64) -> anyhow::Result<Evaluation> {
-    let trainer: ActorRef<TrainerMsg> = ractor::registry::where_is(TRAINER.to_string())
+    let trainer: ActorRef<TrainerMsg> = ractor::registry::where_is(TRAINER)
         .map(ActorRef::from)
         .ok_or_else(|| anyhow!("the trainer is not running"))?;
     let report = call_t!(

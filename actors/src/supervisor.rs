@@ -275,7 +275,7 @@ impl std::fmt::Display for CallError {
 }
 
 fn actor<M: ractor::Message>(name: &str) -> Result<ActorRef<M>, CallError> {
-    ractor::registry::where_is(name.to_string())
+    ractor::registry::where_is(name)
         .map(ActorRef::from)
         .ok_or_else(|| CallError::Down(format!("{name} is not running")))
 }
