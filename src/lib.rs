@@ -4,7 +4,14 @@
 //! See `DESIGN.md` for the map.
 
 pub mod checkpoint;
+pub mod convo;
+pub mod eval;
 pub mod events;
+pub mod example;
+pub mod general;
+pub mod label;
+pub mod mix;
 pub mod model;
 pub mod rollback;
+pub mod scenario;
 pub mod train;

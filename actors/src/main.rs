@@ -4,6 +4,7 @@
 //! live in the TOML config (later issues). Errors are reported with `anyhow` here only; the
 //! core returns typed errors.
 
+mod cmd_export;
 mod cmd_generate;
 mod cmd_import;
 mod cmd_logprobs;
@@ -34,6 +35,8 @@ enum Command {
     Generate(cmd_generate::GenerateArgs),
     /// Convert a GGUF file (llama architecture) into a Hugging Face directory.
     ImportGguf(cmd_import::ImportGgufArgs),
+    /// Generated examples as JSONL in TRL's conversational formats.
+    ExportDataset(cmd_export::ExportDatasetArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -49,6 +52,7 @@ fn main() -> std::process::ExitCode {
         Command::Logprobs(args) => cmd_logprobs::logprobs(args),
         Command::Train(args) => cmd_train::run(args),
         Command::Generate(args) => cmd_generate::run(args),
+        Command::ExportDataset(args) => cmd_export::run(args).map(|()| std::process::ExitCode::SUCCESS),
         Command::ImportGguf(args) => cmd_import::run(args).map(|()| std::process::ExitCode::SUCCESS),
     };
     match result {

@@ -175,3 +175,36 @@ fn completion_ids(tok: &Tokenizer, prompt: &Value, completion: &Value) -> Result
     }
     Ok(rest)
 }
+
+/// A data-plane [`Example`](crate::example::Example) (text) as a trainer item: the prompt
+/// rendered with the chat template (generation prompt on), each completion as the tokens
+/// of the whole conversation after the prompt's — the same rule as TRL's conversational
+/// format. The item's hash is the example's content hash.
+pub fn tokenize_example(tok: &Tokenizer, example: &crate::example::Example) -> Result<Item, String> {
+    use crate::example::Target;
+    let messages: Vec<ChatMessage> = example
+        .prompt
+        .iter()
+        .map(|m| ChatMessage {
+            role: m.role.clone(),
+            content: m.content.clone(),
+        })
+        .collect();
+    let prompt = serde_json::to_value(&messages).expect("messages serialise");
+    let turn = |text: &str| serde_json::json!([{ "role": "assistant", "content": text }]);
+    let prompt_ids = prompt_ids(tok, &prompt)?;
+    let hash = example.hash().0;
+    Ok(match &example.target {
+        Target::Sft { completion } => Item::Sft(SftItem {
+            completion: completion_ids(tok, &prompt, &turn(completion))?,
+            prompt: prompt_ids,
+            hash,
+        }),
+        Target::Dpo { chosen, rejected } => Item::Dpo(DpoItem {
+            chosen: completion_ids(tok, &prompt, &turn(chosen))?,
+            rejected: completion_ids(tok, &prompt, &turn(rejected))?,
+            prompt: prompt_ids,
+            hash,
+        }),
+    })
+}
