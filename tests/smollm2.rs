@@ -70,7 +70,7 @@ fn logits(model: &Model, ids: &[u32]) -> Vec<Vec<f32>> {
     );
     let out = lm.forward(input, None);
     let [_, seq, vocab] = out.dims();
-    let flat: Vec<f32> = out.into_data().convert::<f32>().to_vec().expect("f32");
+    let flat: Vec<f32> = out.into_data().convert::<f32>().try_to_vec().expect("f32");
     (0..seq)
         .map(|t| flat[t * vocab..(t + 1) * vocab].to_vec())
         .collect()
