@@ -34,10 +34,10 @@ use dreamloop::label::{LabelConfig, Labeler, Phase};
 use dreamloop::model::{cpu, save_dir, CausalLm, Model};
 use dreamloop::scenario::{probe_scenarios, Generator, GeneratorConfig, Ledger, Library};
 use dreamloop::train::dataset::{tokenize_example, Item};
+use dreamloop::train::loss::DpoVariant;
 use dreamloop::train::optim::{AdamWConfig, ApolloConfig, OptimizerConfig};
 use dreamloop::train::schedule::LrSchedule;
 use dreamloop::train::trainer::{Batch, StepReport, Trainer, TrainerConfig};
-use dreamloop::train::loss::DpoVariant;
 use serde_json::json;
 
 /// Command-line settings.
@@ -155,11 +155,7 @@ fn evaluate(suite: &ProbeSuite, lm: &CausalLm, label: &str) -> EvalReport {
 
 /// Trains one pass over `examples` from the original weights; returns the step reports,
 /// the wall time and the trained forward-only weights.
-fn train(
-    args: &Args,
-    model: &Model,
-    examples: &[Example],
-) -> (Vec<StepReport>, f64, CausalLm) {
+fn train(args: &Args, model: &Model, examples: &[Example]) -> (Vec<StepReport>, f64, CausalLm) {
     let device = cpu().autodiff();
     let policy = Model::open(&args.model, &device).expect("model loads for training");
     let tok = model.tokenizer.as_ref().expect("the model has a tokenizer");
@@ -183,8 +179,8 @@ fn train(
         train_only: Vec::new(),
         pad_id: model.config.pad_token_id.unwrap_or(0),
     };
-    let mut trainer = Trainer::new(policy.config.clone(), policy.lm, None, settings)
-        .expect("trainer builds");
+    let mut trainer =
+        Trainer::new(policy.config.clone(), policy.lm, None, settings).expect("trainer builds");
     let started = Instant::now();
     let mut reports = Vec::new();
     for chunk in examples.chunks(args.batch_size) {
@@ -233,7 +229,11 @@ fn main() {
 
     let t = Instant::now();
     let model = Model::open(&args.model, &cpu()).expect("model loads");
-    eprintln!("loaded {} in {:.1} s", args.model, t.elapsed().as_secs_f64());
+    eprintln!(
+        "loaded {} in {:.1} s",
+        args.model,
+        t.elapsed().as_secs_f64()
+    );
     let tok = model.tokenizer.as_ref().expect("the model has a tokenizer");
     let library = Library::load_dir(&scenarios).expect("scenario templates load");
     let probes = probe_scenarios(&library, args.probe_samples);
@@ -315,7 +315,10 @@ fn main() {
         .map(|(name, r, train)| json!({ "name": name, "eval": r, "train": train }))
         .collect();
     let path = args.out.join("report.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&report).expect("serialises"))
-        .expect("report written");
+    std::fs::write(
+        &path,
+        serde_json::to_vec_pretty(&report).expect("serialises"),
+    )
+    .expect("report written");
     eprintln!("wrote {}", path.display());
 }

@@ -69,9 +69,14 @@ fn logprobs_of_the_gguf_match_transformers() {
     assert_eq!(got["ids"], prompt["token_ids"]);
     let want = prompt["a_transformers"]["mean_nll"].as_f64().unwrap();
     let nll = got["mean_nll"].as_f64().unwrap();
-    assert!((nll - want).abs() <= 1e-4, "mean NLL {nll}, transformers {want}");
+    assert!(
+        (nll - want).abs() <= 1e-4,
+        "mean NLL {nll}, transformers {want}"
+    );
     let got_lp = got["logprobs"].as_array().unwrap();
-    let want_lp = prompt["a_transformers"]["token_logprobs"].as_array().unwrap();
+    let want_lp = prompt["a_transformers"]["token_logprobs"]
+        .as_array()
+        .unwrap();
     assert_eq!(got_lp.len(), want_lp.len());
     for (t, (g, w)) in got_lp.iter().zip(want_lp).enumerate() {
         let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());

@@ -121,8 +121,8 @@ impl TensorSource for GgufSource {
         let start = (self.data_offset + entry.info.offset) as usize;
         let bytes = &self.map[start..start + entry.info.n_bytes as usize];
         let n = entry.info.n_elements as usize;
-        let mut values = dequant::dequantize(entry.info.ty, bytes, n)
-            .map_err(|e| self.format_error(name, e))?;
+        let mut values =
+            dequant::dequantize(entry.info.ty, bytes, n).map_err(|e| self.format_error(name, e))?;
         if let Some(n_head) = entry.unpermute_heads {
             let rows = shape.first().copied().unwrap_or(0);
             let cols = shape.iter().skip(1).product();
