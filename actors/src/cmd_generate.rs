@@ -8,7 +8,7 @@ use dreamloop::model::{default_device, ChatMessage, Model};
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
-    /// A Hugging Face model directory, or a preset name.
+    /// A Hugging Face model directory, a `.gguf` file (llama architecture), or a preset name.
     #[arg(long)]
     pub model: String,
     /// The user turn.

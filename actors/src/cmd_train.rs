@@ -33,7 +33,7 @@ pub enum OptimizerKind {
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
-    /// The starting model: a Hugging Face directory or a preset name.
+    /// The starting model: a Hugging Face directory, a `.gguf` file, or a preset name.
     #[arg(long)]
     pub model: String,
     /// JSONL in TRL's formats (prompt/completion, prompt/chosen/rejected, or pre-tokenized).

@@ -790,6 +790,7 @@ mod tests {
             MetricKind::Gauge,
             &[("layer", "11")]
         ));
+        #[allow(clippy::type_complexity)]
         let bad: [(&str, MetricKind, &[(&str, &str)]); 5] = [
             ("dreamloop_train_lossy", MetricKind::Gauge, &[]),
             (names::TRAIN_LOSS, MetricKind::Counter, &[]),

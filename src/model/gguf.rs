@@ -5,10 +5,11 @@
 //! parsed file into something the rest of dreamloop understands:
 //! [`dequant`] (ggml block formats → f32), [`llama`] (tensor names, shapes, Q/K row order
 //! and `config.json` for the `llama` architecture), [`tokenizer`] (HF `tokenizer.json`
-//! from `tokenizer.ggml.*`), and [`import`] (a complete Hugging Face directory on disk).
+//! from `tokenizer.ggml.*`), [`import`] (a complete Hugging Face directory on disk), and
+//! [`source`] (the same tensors handed straight to the model loader, no directory).
 //!
-//! It deliberately knows nothing about burn or running a model: the output of an import is
-//! an ordinary f32 safetensors checkpoint that the model loader reads like any other.
+//! Apart from [`source`], it knows nothing about burn or running a model: the output of an
+//! import is an ordinary f32 safetensors checkpoint that the model loader reads like any other.
 //!
 //! Reference: the GGUF specification (`ggml/docs/gguf.md`) and gguf-py's `gguf_reader.py`.
 //! Versions 2 and 3 share one layout (version 1 used 32-bit counts and is rejected).
@@ -20,6 +21,7 @@ pub mod dequant;
 mod error;
 pub mod import;
 pub mod llama;
+pub mod source;
 pub mod tokenizer;
 mod types;
 
@@ -27,6 +29,7 @@ use std::collections::HashSet;
 
 pub use error::GgufError;
 pub use import::{import_gguf, ImportReport};
+pub use source::GgufSource;
 pub use types::{GgmlType, MetadataValue, ValueType};
 
 /// The four bytes every GGUF file starts with.

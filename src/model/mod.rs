@@ -1,4 +1,5 @@
-//! Models: a Hugging Face directory (or an embedded preset) in, the same format out.
+//! Models: a Hugging Face directory (or a GGUF file, or an embedded preset) in, a Hugging
+//! Face directory out.
 //!
 //! [`Model`] bundles what a checkpoint directory holds — the parsed `config.json`, the
 //! decoder weights, the tokenizer and chat template — and remembers each tensor's disk
@@ -55,6 +56,8 @@ pub enum ModelError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Gguf(#[from] gguf::GgufError),
     #[error("unknown preset `{0}` (known: {known})", known = preset::PRESETS.join(", "))]
     UnknownPreset(String),
 }
@@ -130,12 +133,59 @@ impl Model {
         })
     }
 
-    /// Loads `spec`: a preset name (`tiny`) or a directory path.
+    /// Loads a GGUF `llama` file directly (dequantised to f32, Q/K rows in HF order): the
+    /// same config, weights and tokenizer files as `dreamloop import-gguf` followed by
+    /// [`Model::load`] of its output, without writing the directory.
+    pub fn from_gguf(path: &Path, device: &Device) -> Result<Self, ModelError> {
+        let mut source = gguf::GgufSource::open(path, device)?;
+        let config = ModelConfig::from_json(
+            source.params.hf_config(),
+            &format!("{} (GGUF metadata)", path.display()),
+        )?;
+        let lm = CausalLm::load(&config, &mut source)?;
+        let hf = &source.tokenizer;
+        let json = serde_json::to_vec(&hf.tokenizer_json).expect("a JSON value serialises");
+        let mut tokenizer = Tokenizer::from_json_bytes(&json, path)?;
+        let special = |field: &str| hf.tokenizer_config[field].as_str().map(String::from);
+        tokenizer.bos_token = special("bos_token");
+        tokenizer.eos_token = special("eos_token");
+        tokenizer.chat_template = hf.chat_template.clone();
+        // The files an import writes, so saving this model gives the same directory.
+        let pretty = |v: &serde_json::Value| {
+            let mut out = serde_json::to_vec_pretty(v).expect("a JSON value serialises");
+            out.push(b'\n');
+            out
+        };
+        tokenizer
+            .files
+            .push(("tokenizer_config.json".into(), pretty(&hf.tokenizer_config)));
+        if let Some(template) = &hf.chat_template {
+            tokenizer
+                .files
+                .push(("chat_template.jinja".into(), template.clone().into_bytes()));
+        }
+        let extra_files = vec![(
+            "generation_config.json".to_string(),
+            pretty(&source.params.hf_generation_config()),
+        )];
+        Ok(Model {
+            config,
+            lm,
+            tokenizer: Some(tokenizer),
+            dtypes: HashMap::new(),
+            extra_files,
+        })
+    }
+
+    /// Loads `spec`: a preset name (`tiny`), a `.gguf` file, or a directory path.
     pub fn open(spec: &str, device: &Device) -> Result<Self, ModelError> {
-        if preset::PRESETS.contains(&spec) && !Path::new(spec).is_dir() {
+        let path = Path::new(spec);
+        if preset::PRESETS.contains(&spec) && !path.is_dir() {
             Self::preset(spec, 0, device)
+        } else if path.is_file() || spec.to_ascii_lowercase().ends_with(".gguf") {
+            Self::from_gguf(path, device)
         } else {
-            Self::load(Path::new(spec), device)
+            Self::load(path, device)
         }
     }
 
