@@ -162,10 +162,12 @@ pub mod labels {
             "baseline_not_finite",
         ]),
     };
-    /// The bounded channels between the actors, named for what flows through them.
+    /// The bounded queues of the daemon: `examples` holds labeled conversation-log examples
+    /// waiting for a batch (`[queues] examples`), `trainer` the jobs waiting for the trainer
+    /// thread (`[queues] trainer`). Scenarios and batches are pulled on demand, not queued.
     pub const QUEUE: Label = Label {
         name: "queue",
-        values: LabelValues::OneOf(&["scenarios", "examples", "batches", "reports"]),
+        values: LabelValues::OneOf(&["examples", "trainer"]),
     };
     /// The supervised actors (DESIGN.md §2).
     pub const ACTOR: Label = Label {

@@ -81,6 +81,7 @@ impl Actor for LabelerActor {
             ),
             None => None,
         };
+        crate::telemetry::set_queue_capacity("examples", args.config.queues.examples);
         Ok(LabelerState {
             labeler: Labeler::new(&LabelConfig {
                 phase: args.config.phase,
@@ -157,6 +158,7 @@ async fn poll_logs(state: &mut LabelerState) -> anyhow::Result<()> {
     for (example, new) in examples.into_iter().zip(fresh) {
         if new {
             state.from_logs.push_back(example);
+            crate::telemetry::queue_pushed("examples");
         }
     }
     Ok(())
@@ -188,6 +190,9 @@ async fn fill(state: &mut LabelerState, plan: BatchPlan) -> anyhow::Result<Vec<E
         (Kind::General, plan.general),
     ] {
         let logged = take_logged(&mut state.from_logs, kind, n);
+        for _ in &logged {
+            crate::telemetry::queue_popped("examples");
+        }
         let mut missing = n - logged.len();
         out.extend(logged);
         if kind == Kind::General {

@@ -382,13 +382,18 @@ impl Driver {
         if let News::BudgetSpent { actor, reason } = news {
             return self.budget_spent(&actor, &reason).await.map(Flow::Stop);
         }
+        // Half of systemd's WatchdogSec, at most 5 s (the pause also re-writes status.json).
+        let paused_ping = systemd::watchdog_interval()
+            .map(|d| d / 2)
+            .unwrap_or(Duration::from_secs(5))
+            .min(Duration::from_secs(5));
         loop {
             let control = if self.paused {
                 self.write_status("paused");
                 tokio::select! {
                     c = self.control.recv() => c,
                     // Paused is alive: keep systemd's watchdog fed.
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                    _ = tokio::time::sleep(paused_ping) => {
                         let _ = systemd::watchdog();
                         continue;
                     }

@@ -16,7 +16,6 @@
 // The daemon's `run()` calls these; until it is wired in, the binary does not, and the tests
 // use `Notifier` directly (never the environment's socket: under a systemd-run CI that would
 // notify the CI's own service manager).
-#![allow(dead_code)]
 
 use std::io;
 use std::os::unix::net::UnixDatagram;

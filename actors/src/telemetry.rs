@@ -15,7 +15,6 @@
 //! Not here: deciding anything. The exporter serves the values last set; it does not know
 //! whether they are good.
 // The daemon's `run()` calls these; until it is wired in, the binary uses only part of them.
-#![cfg_attr(not(test), allow(dead_code))]
 
 use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -25,9 +24,6 @@ use dreamloop::rollback::{EvalMetrics, PolicyState, Verdict};
 use dreamloop::train::trainer::StepReport;
 use metrics::{Counter, Gauge, Histogram, Label};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
-
-/// The default listen address: loopback only; expose it wider through a proxy, not here.
-pub const DEFAULT_ADDR: &str = "127.0.0.1:9464";
 
 /// The running build, as `dreamloop_build_info{version}` reports it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -127,14 +123,6 @@ fn enumerated_label_values(def: &MetricDef) -> Vec<Vec<&'static str>> {
             .collect();
     }
     combos
-}
-
-/// Debug assertion that `name` is in the catalogue.
-pub fn check_name(name: &str) {
-    debug_assert!(
-        find(name).is_some(),
-        "metric {name} is not in the catalogue (src/metrics.rs)"
-    );
 }
 
 /// Whether `name` is a catalogue metric of type `kind` with exactly these labels (names in
@@ -773,12 +761,6 @@ mod tests {
 
     #[test]
     fn checks_names_kinds_and_label_values() {
-        check_name(names::TRAIN_LOSS);
-        let default: SocketAddr = DEFAULT_ADDR.parse().expect("a socket address");
-        assert!(
-            default.ip().is_loopback(),
-            "DESIGN.md §7: loopback by default"
-        );
         assert!(checked(names::TRAIN_LOSS, MetricKind::Gauge, &[]));
         assert!(checked(
             names::POLICY_ROLLBACKS_TOTAL,

@@ -111,6 +111,7 @@ impl Actor for TrainerActor {
         args: TrainerArgs,
     ) -> Result<TrainerState, ActorProcessingErr> {
         let (jobs, inbox) = crossbeam_channel::bounded(args.config.queues.trainer);
+        crate::telemetry::set_queue_capacity("trainer", args.config.queues.trainer);
         let (ready_tx, ready_rx) = oneshot::channel();
         std::thread::Builder::new()
             .name("dreamloop-trainer".into())
@@ -155,6 +156,8 @@ async fn forward<T: Send + 'static>(
     let jobs = state.jobs.clone();
     let job = job(tx);
     // `send` blocks when the bounded queue is full: do it off the async workers.
+    // Counted before the send so that depth (pushed − popped) is never negative.
+    crate::telemetry::queue_pushed("trainer");
     tokio::task::spawn_blocking(move || jobs.send(job))
         .await
         .map_err(|e| anyhow!("trainer queue task failed: {e}"))?
@@ -209,6 +212,7 @@ fn thread_main(
         }
     };
     while let Ok(job) = inbox.recv() {
+        crate::telemetry::queue_popped("trainer");
         worker.run(job);
     }
 }

@@ -71,6 +71,19 @@ fn pause_takes_no_step_until_resume() {
         body.contains(&format!("dreamloop_train_steps_total {at}")),
         "{body}"
     );
+    // The trainer's job queue was used and is empty while paused.
+    let value = |series: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing:\n{body}"))
+    };
+    assert_eq!(value(r#"dreamloop_queue_capacity{queue="trainer"}"#), 1.0);
+    let pushed = value(r#"dreamloop_queue_pushed_total{queue="trainer"}"#);
+    assert!(pushed >= at as f64, "{pushed} jobs for {at} steps");
+    assert_eq!(
+        pushed,
+        value(r#"dreamloop_queue_popped_total{queue="trainer"}"#)
+    );
     d.signal(libc::SIGCONT);
     d.wait_status(LIMIT, "steps after resume", |s| {
         s["paused"] == false && step(s) > at
