@@ -62,12 +62,13 @@ fn train_and_compare(loss: &str, data: &str, want: &str) {
     for (((name, shape, g), (wname, wshape, w)), (_, _, s)) in got.iter().zip(&want).zip(&start) {
         assert_eq!((name, shape), (wname, wshape));
         // Adam divides by sqrt(v), so an element whose gradient is at float-noise level (DPO's
-        // first steps have many) can move by up to ~lr in either implementation. Require
-        // 99.9% of elements within 2e-6 and every element within 2·lr.
+        // chosen − rejected cancels in places) can move by a fraction of lr in either
+        // implementation (seen: 1e-4 on one element, against torch in float64 as well).
+        // Require 99.9% of elements within 2e-6 and every element within lr/2.
         let diffs: Vec<f32> = g.iter().zip(w).map(|(a, b)| (a - b).abs()).collect();
         let worst = diffs.iter().cloned().fold(0.0f32, f32::max);
         let off = diffs.iter().filter(|d| **d > 2e-6).count();
-        assert!(worst < 2e-3, "{loss}: {name} differs from torch by {worst}");
+        assert!(worst < 5e-4, "{loss}: {name} differs from torch by {worst}");
         assert!(
             off * 1000 <= diffs.len(),
             "{loss}: {name}: {off} of {} elements differ by more than 2e-6",
@@ -90,11 +91,10 @@ fn sft_matches_torch_with_trl_semantics() {
     train_and_compare("sft", "sft.jsonl", "sft_after.safetensors");
 }
 
-/// Open defect (session 1): after 3 steps at lr 1e-3 most elements differ from torch by up to
-/// 6.7e-4 although the per-step losses agree to 1e-4 and the single-step DPO gradient matches
-/// `dpo_reference.json` (tests/losses.rs). Ignored until the cause is found; see the closing note.
+/// Three DPO steps, the first at policy = reference (DPO logits exactly 0), where a wrong
+/// `log σ` derivative once doubled the gradient: Adam hides that on step 1 but its moments
+/// carry it into steps 2 and 3 (session 2 found and fixed it; see `train::loss::log_sigmoid`).
 #[test]
-#[ignore = "open defect: DPO multi-step trajectory differs from torch (see doc comment)"]
 fn dpo_matches_torch_with_trl_semantics() {
     train_and_compare("dpo", "dpo.jsonl", "dpo_after.safetensors");
 }

@@ -142,7 +142,53 @@ fn lengths(lp: &LogProbs) -> Vec<f64> {
 }
 
 /// `log σ(x) = min(x, 0) − log(1 + e^{−|x|})`, stable for large |x|.
+/// `log σ(x)` with its exact derivative `σ(−x)` everywhere, x = 0 included.
+///
+/// The piecewise form `min(x, 0) − log(1 + e^{−|x|})` has the right value but not the right
+/// gradient at 0: autodiff takes `d|x|/dx = sign(0) = 0` and `d min(x, 0)/dx = 1`, so the
+/// gradient there is 1 instead of ½. DPO's first step (policy = reference) sits exactly at
+/// 0, so that doubled the first gradient, which Adam hides on step 1 (it normalises) but
+/// carries in its moments into every later step. burn's `log_sigmoid` has a hand-written
+/// backward that is exact and overflow-free.
 fn log_sigmoid(x: Tensor<1>) -> Tensor<1> {
-    let soft = (x.clone().abs().neg().exp() + 1.0).log();
-    x.clamp_max(0.0) - soft
+    burn::tensor::activation::log_sigmoid(x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::cpu;
+
+    /// Value and gradient of `log σ` against the closed forms `−log(1 + e^{−x})` and
+    /// `σ(−x) = 1 / (1 + e^{x})`, at 0 and far out on both sides.
+    #[test]
+    fn log_sigmoid_value_and_gradient_are_exact_including_zero() {
+        let xs = [-120.0f64, -3.0, -1e-3, 0.0, 1e-3, 2.5, 120.0];
+        let device = cpu().autodiff();
+        let x = Tensor::<1>::from_data(
+            TensorData::new(xs.iter().map(|&v| v as f32).collect::<Vec<_>>(), [xs.len()]),
+            &device,
+        )
+        .require_grad();
+        let y = log_sigmoid(x.clone());
+        let values: Vec<f32> = y.clone().into_data().try_to_vec().unwrap();
+        let grads = y.sum().backward();
+        let grad: Vec<f32> = x.grad(&grads).unwrap().into_data().try_to_vec().unwrap();
+        for ((&x, &v), &g) in xs.iter().zip(&values).zip(&grad) {
+            let want_v = if x < 0.0 {
+                x - (1.0 + x.exp()).ln()
+            } else {
+                -(1.0 + (-x).exp()).ln()
+            };
+            let want_g = 1.0 / (1.0 + x.exp());
+            assert!(
+                (v as f64 - want_v).abs() <= 1e-6 * want_v.abs().max(1.0),
+                "log σ({x}) = {v}, want {want_v}"
+            );
+            assert!(
+                (g as f64 - want_g).abs() <= 1e-6,
+                "d log σ({x}) = {g}, want {want_g}"
+            );
+        }
+    }
 }
