@@ -212,6 +212,23 @@ pub struct CheckpointSection {
     /// A second root (another disk) receiving every GOOD checkpoint; absent: none.
     #[serde(default)]
     pub mirror_dir: Option<PathBuf>,
+    /// What the loop does when writing a checkpoint fails (disk full, I/O error).
+    #[serde(default)]
+    pub on_write_error: OnWriteError,
+}
+
+/// `[checkpoint] on_write_error`: the loop's answer to a failed checkpoint write. Either way
+/// the previous checkpoints and the GOOD/LATEST pointers are intact, the failure is an event
+/// and `dreamloop_checkpoint_write_failures_total` counts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnWriteError {
+    /// Pause at the step boundary until the operator resumes (SIGCONT / `dreamloop resume`):
+    /// no training runs ahead of the last checkpoint that could be resumed from.
+    #[default]
+    Pause,
+    /// Keep training; the next scheduled checkpoint tries again.
+    Continue,
 }
 
 /// `[queues]`: every queue is bounded; these are the bounds.
@@ -600,6 +617,7 @@ impl DreamConfig {
                 every_n_steps: 5,
                 keep_last: 2,
                 mirror_dir: None,
+                on_write_error: OnWriteError::Pause,
             },
             queues: QueueSection {
                 examples: 8,

@@ -27,7 +27,7 @@ use anyhow::{anyhow, Context};
 use dreamloop::checkpoint::{
     step_dir_name, CheckpointStore, RetentionPolicy, CHECKPOINTS_DIR, LATEST_POINTER,
 };
-use dreamloop::config::DreamConfig;
+use dreamloop::config::{DreamConfig, OnWriteError};
 use dreamloop::events::{rfc3339_utc, Event, EventLog};
 use dreamloop::label::Phase;
 use dreamloop::mix::MixerState;
@@ -612,6 +612,15 @@ impl Driver {
                 telemetry::record_checkpoint_write(None, 0.0);
                 tracing::error!(step = self.step, %error, "Checkpoint failed; the previous ones are intact.");
                 self.record(Event::CheckpointFailed { error });
+                if self.config.checkpoint.on_write_error == OnWriteError::Pause && !self.paused {
+                    tracing::error!(
+                        step = self.step,
+                        "Paused after the failed checkpoint ([checkpoint] on_write_error = \"pause\"); \
+                         `dreamloop resume` continues once the disk is fixed."
+                    );
+                    self.paused = true;
+                    telemetry::set_paused(true, self.paused_by_policy);
+                }
                 Ok(())
             }
         }

@@ -6,9 +6,10 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{step, trained_hashes, Daemon, Overrides};
+use common::{latest_dir, step, trained_hashes, Daemon, Overrides};
 
-const LIMIT: Duration = Duration::from_secs(60);
+// A timeout, not a speed bound: generous so a loaded 2-core machine still passes.
+const LIMIT: Duration = Duration::from_secs(180);
 
 #[test]
 fn a_panicking_trainer_is_restarted_and_counted() {
@@ -74,4 +75,130 @@ fn a_spent_budget_stops_with_exit_70_and_an_event() {
     assert_eq!(alarm["name"], "restart_budget_spent");
     assert_eq!(d.status().expect("status")["state"], "failed");
     assert!(!d.state().join("dreamloop.pid").exists());
+}
+
+/// Names of the entries of `<state>/checkpoints` (no `.tmp-*` debris may remain).
+fn checkpoint_entries(d: &Daemon) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(d.state().join("checkpoints"))
+        .expect("checkpoints dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn disk_full_config(on_write_error: &str) -> Overrides {
+    Overrides {
+        // No evaluation after the baseline: only the scheduled checkpoints write.
+        eval: "every_n_steps = 1000".into(),
+        checkpoint: format!("every_n_steps = 2\non_write_error = \"{on_write_error}\""),
+        ..Overrides::default()
+    }
+}
+
+#[test]
+fn a_full_disk_keeps_the_previous_checkpoint_and_pauses() {
+    let mut d = Daemon::new(&disk_full_config("pause"));
+    d.start(&[], &[("DREAMLOOP_FAULT_DISK_FULL_AT_STEP", "4")]);
+    let paused = d.wait_status(LIMIT, "paused after the failed checkpoint", |s| {
+        s["paused"] == true
+    });
+    assert_eq!(step(&paused), 4, "{paused}");
+    assert_eq!(paused["latest_step"], 2, "{paused}");
+    let failed: Vec<_> = d
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "checkpoint_failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    let error = failed[0]["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("step-00000004") && error.contains("No space left"),
+        "{error}"
+    );
+    // The half-written checkpoint is gone; LATEST still names the intact step 2.
+    let entries = checkpoint_entries(&d);
+    assert!(
+        !entries.iter().any(|n| n.contains("step-00000004")),
+        "{entries:?}"
+    );
+    assert!(latest_dir(&d.state())
+        .expect("LATEST")
+        .ends_with("step-00000002"));
+    // No step while paused; the operator resumes and the next checkpoints land.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(step(&d.status().expect("status")), 4, "a step while paused");
+    d.signal(libc::SIGCONT);
+    d.wait_status(LIMIT, "a checkpoint after resume", |s| {
+        s["latest_step"].as_u64() >= Some(6)
+    });
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit(LIMIT).success(), "{}", d.log());
+}
+
+#[test]
+fn a_full_disk_with_on_write_error_continue_trains_on() {
+    let mut d = Daemon::new(&disk_full_config("continue"));
+    d.start(
+        &["--max-steps", "8"],
+        &[("DREAMLOOP_FAULT_DISK_FULL_AT_STEP", "4")],
+    );
+    assert!(d.wait_exit(LIMIT).success(), "{}", d.log());
+    let s = d.status().expect("status");
+    assert_eq!(step(&s), 8);
+    assert_eq!(s["latest_step"], 8);
+    let events = d.events();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["event"] == "checkpoint_failed")
+            .count(),
+        1,
+        "{events:?}"
+    );
+    let entries = checkpoint_entries(&d);
+    assert!(
+        !entries.iter().any(|n| n.contains("step-00000004")),
+        "{entries:?}"
+    );
+}
+
+#[test]
+fn a_corrupted_latest_is_detected_and_the_run_resumes_from_the_one_before() {
+    let mut d = Daemon::new(&disk_full_config("pause"));
+    d.start(&["--max-steps", "4"], &[]);
+    assert!(d.wait_exit(LIMIT).success(), "{}", d.log());
+    let latest = latest_dir(&d.state()).expect("LATEST");
+    assert!(latest.ends_with("step-00000004"));
+    // One flipped byte in the middle of the weights: sizes still match, only sha256 differs.
+    let weights = latest.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).expect("weights");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&weights, bytes).expect("corrupt");
+
+    d.start(&["--max-steps", "6"], &[]);
+    assert!(d.wait_exit(LIMIT).success(), "{}", d.log());
+    let log = d.log();
+    assert!(
+        log.contains("step-00000004") && log.contains("sha256"),
+        "the corrupt checkpoint is not reported:\n{log}"
+    );
+    // Resumed from step 2: steps 3 and 4 were redone and 5, 6 taken. trained.jsonl keeps the
+    // abandoned 3, 4 as history; the redone steps trained new examples (the ledger is ahead
+    // of the checkpoint), so no example was trained twice.
+    let s = d.status().expect("status");
+    assert_eq!(step(&s), 6, "{s}");
+    let trained = d.trained();
+    let steps: Vec<u64> = trained
+        .iter()
+        .map(|r| r["step"].as_u64().expect("step"))
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4, 3, 4, 5, 6]);
+    let hashes = trained_hashes(&trained);
+    assert_eq!(
+        hashes.iter().collect::<HashSet<_>>().len(),
+        hashes.len(),
+        "an example was trained twice"
+    );
 }
