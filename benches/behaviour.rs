@@ -140,12 +140,14 @@ fn evaluate(suite: &ProbeSuite, lm: &CausalLm, label: &str) -> EvalReport {
     let t = Instant::now();
     let report = suite.evaluate(lm, &mut |_, _| {});
     eprintln!(
-        "[{label}] eval {:.0} s: clear {:.3}/{:+.3}, flawed {:.3}/{:+.3}, ppl {:.3}, attention {:.4}, ablation {:+.3}",
+        "[{label}] eval {:.0} s: clear {:.3}/{:+.3}/{:+.4}, flawed {:.3}/{:+.3}/{:+.4}, ppl {:.3}, attention {:.4}, ablation {:+.3}",
         t.elapsed().as_secs_f64(),
         report.clear_direction.accuracy,
         report.clear_direction.margin,
+        report.clear_direction.margin_per_token,
         report.flawed_direction.accuracy,
         report.flawed_direction.margin,
+        report.flawed_direction.margin_per_token,
         report.perplexity,
         report.attention_on_direction,
         report.ablation_sensitivity
@@ -203,11 +205,13 @@ fn train(args: &Args, model: &Model, examples: &[Example]) -> (Vec<StepReport>, 
 
 fn row(name: &str, r: &EvalReport) -> String {
     format!(
-        "| {name} | {:.3} / {:+.2} | {:.3} / {:+.2} | {:.3} | {:.4} | {:+.3} | {:.3} / {:+.3} | {:.3} / {:+.3} |",
+        "| {name} | {:.3} / {:+.2} / {:+.4} | {:.3} / {:+.2} / {:+.4} | {:.3} | {:.4} | {:+.3} | {:.3} / {:+.3} | {:.3} / {:+.3} |",
         r.clear_direction.accuracy,
         r.clear_direction.margin,
+        r.clear_direction.margin_per_token,
         r.flawed_direction.accuracy,
         r.flawed_direction.margin,
+        r.flawed_direction.margin_per_token,
         r.perplexity,
         r.attention_on_direction,
         r.ablation_sensitivity,
@@ -304,7 +308,7 @@ fn main() {
     }
 
     println!(
-        "| model | clear acc / margin | flawed acc / margin | held-out ppl | attention on direction | ablation Δ log p | arithmetic acc / margin | code acc / margin |"
+        "| model | clear acc / margin / per-token margin | flawed acc / margin / per-token margin | held-out ppl | attention on direction | ablation Δ log p | arithmetic acc / margin | code acc / margin |"
     );
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     for (name, r, _) in &results {

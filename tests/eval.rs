@@ -137,13 +137,13 @@ fn margins_and_accuracy_follow_the_log_probs() {
     let suite = ProbeSuite::build(tok, &probes, &[], 0, 0, 0).unwrap();
     let lm = model.frozen();
     let report = suite.evaluate(&lm, &mut |_, _| {});
-    let margin = |s: &Scenario| -> f64 {
+    let margin = |s: &Scenario| -> (f64, f64) {
         let messages = vec![dreamloop::model::ChatMessage {
             role: "user".into(),
             content: s.prompt[0].content.clone(),
         }];
         let prompt = tok.encode_chat(&messages, true).unwrap().encoding.ids;
-        let score = |reply: &str| -> f64 {
+        let score = |reply: &str| -> (f64, f64) {
             let mut all = messages.clone();
             all.push(dreamloop::model::ChatMessage {
                 role: "assistant".into(),
@@ -158,14 +158,22 @@ fn margins_and_accuracy_follow_the_log_probs() {
                 }],
                 0,
             );
-            lp.scored_host()[0].iter().map(|&x| x as f64).sum()
+            let v = &lp.scored_host()[0];
+            (v.iter().map(|&x| x as f64).sum::<f64>(), v.len() as f64)
         };
-        score(&s.preferred) - score(&s.rejected)
+        let ((p, np), (r, nr)) = (score(&s.preferred), score(&s.rejected));
+        (p - r, p / np - r / nr)
     };
-    let flawed: Vec<f64> = probes[1..].iter().map(margin).collect();
-    assert!((report.clear_direction.margin - margin(&probes[0])).abs() < 1e-3);
-    assert!((report.flawed_direction.margin - (flawed[0] + flawed[1]) / 2.0).abs() < 1e-3);
-    let acc = flawed.iter().filter(|m| **m > 0.0).count() as f64 / 2.0;
+    let flawed: Vec<(f64, f64)> = probes[1..].iter().map(margin).collect();
+    let clear = margin(&probes[0]);
+    assert!((report.clear_direction.margin - clear.0).abs() < 1e-3);
+    assert!((report.clear_direction.margin_per_token - clear.1).abs() < 1e-4);
+    assert!((report.flawed_direction.margin - (flawed[0].0 + flawed[1].0) / 2.0).abs() < 1e-3);
+    assert!(
+        (report.flawed_direction.margin_per_token - (flawed[0].1 + flawed[1].1) / 2.0).abs() < 1e-4
+    );
+    // Accuracy is decided per token, not by the summed margin.
+    let acc = flawed.iter().filter(|m| m.1 > 0.0).count() as f64 / 2.0;
     assert_eq!(report.flawed_direction.accuracy, acc);
     assert_eq!(report.flawed_direction.count, 2);
 }
