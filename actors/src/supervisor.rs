@@ -210,6 +210,7 @@ async fn run_inner(
         last_status_line: Instant::now(),
         tty: std::io::stderr().is_terminal(),
         last_loss: None,
+        checkpoint_soon: false,
     };
     driver.paused = driver.opts.paused;
     let code = driver.run_loop().await;
@@ -321,6 +322,11 @@ struct Driver {
     last_status_line: Instant,
     tty: bool,
     last_loss: Option<f64>,
+    /// Set by a rollback: checkpoint after the next step instead of waiting for the cadence.
+    /// The rollback's lr, replay ratio and policy memory live in the trainer and the actors
+    /// until a checkpoint carries them; a crash before it resumes from GOOD with GOOD's
+    /// settings (the quarantine is on disk already), so that window is kept to one step.
+    checkpoint_soon: bool,
 }
 
 /// How one pass of the loop ended.
@@ -535,7 +541,8 @@ impl Driver {
             }
         }
         self.write_status("running");
-        if self.step % self.config.checkpoint.every_n_steps == 0 {
+        if self.step % self.config.checkpoint.every_n_steps == 0 || self.checkpoint_soon {
+            self.checkpoint_soon = false;
             self.checkpoint()
                 .await
                 .map_err(|e| CallError::Down(format!("{e:#}")))?;
@@ -767,6 +774,7 @@ impl Driver {
                 .map_err(|e| anyhow!(e))?;
         }
         self.lr = ask!(self, TRAINER, TrainerMsg::ScaleLr, factor).map_err(|e| anyhow!("{e}"))?;
+        self.checkpoint_soon = true;
         let gone = self.trained.roll_back(to);
         let count = ask!(
             self,

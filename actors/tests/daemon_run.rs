@@ -12,7 +12,7 @@ use common::{latest_dir, trained_hashes, Daemon, Overrides};
 fn runs_n_steps_and_stops_cleanly() {
     let mut d = Daemon::new(&Overrides::default());
     d.start(&["--max-steps", "6"], &[]);
-    let status = d.wait_exit(Duration::from_secs(60));
+    let status = d.wait_exit(Duration::from_secs(180));
     assert!(status.success(), "exit {status}\n{}", d.log());
 
     let s = d.status().expect("status.json");
@@ -79,7 +79,7 @@ fn resumes_from_latest_with_everything() {
     let mut d = Daemon::new(&Overrides::default());
     d.start(&["--max-steps", "4"], &[]);
     assert!(
-        d.wait_exit(Duration::from_secs(60)).success(),
+        d.wait_exit(Duration::from_secs(180)).success(),
         "{}",
         d.log()
     );
@@ -90,7 +90,7 @@ fn resumes_from_latest_with_everything() {
 
     d.start(&["--max-steps", "8"], &[]);
     assert!(
-        d.wait_exit(Duration::from_secs(60)).success(),
+        d.wait_exit(Duration::from_secs(180)).success(),
         "{}",
         d.log()
     );
