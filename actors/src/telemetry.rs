@@ -638,10 +638,10 @@ mod tests {
         record_verdict(&verdict, &state);
         record_checkpoint_write(Some(1234), 2.0);
         record_checkpoint_write(None, 1.0);
-        set_queue_capacity("batches", 4);
-        queue_pushed("batches");
-        queue_pushed("batches");
-        queue_popped("batches");
+        set_queue_capacity("trainer", 4);
+        queue_pushed("trainer");
+        queue_pushed("trainer");
+        queue_popped("trainer");
         actor_restarted("labeler");
         set_paused(true, true);
         let after = scrape();
@@ -689,7 +689,7 @@ mod tests {
             ("dreamloop_policy_lr_factor_ratio", 0.5),
             ("dreamloop_mix_replay_ratio", 0.4),
             ("dreamloop_checkpoint_size_bytes", 1234.0),
-            ("dreamloop_queue_capacity{queue=\"batches\"}", 4.0),
+            ("dreamloop_queue_capacity{queue=\"trainer\"}", 4.0),
             ("dreamloop_loop_paused", 1.0),
             ("dreamloop_policy_paused", 1.0),
         ];
@@ -720,8 +720,8 @@ mod tests {
             ("dreamloop_policy_mark_good_total", 0.0),
             ("dreamloop_checkpoint_writes_total", 1.0),
             ("dreamloop_checkpoint_write_failures_total", 1.0),
-            ("dreamloop_queue_pushed_total{queue=\"batches\"}", 2.0),
-            ("dreamloop_queue_popped_total{queue=\"batches\"}", 1.0),
+            ("dreamloop_queue_pushed_total{queue=\"trainer\"}", 2.0),
+            ("dreamloop_queue_popped_total{queue=\"trainer\"}", 1.0),
             ("dreamloop_actor_restarts_total{actor=\"labeler\"}", 1.0),
             ("dreamloop_train_step_duration_seconds_count", 1.0),
             ("dreamloop_train_step_duration_seconds_sum", 30.0),
