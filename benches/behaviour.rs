@@ -17,7 +17,7 @@
 //! Run (the dev profile builds dependencies at opt-level 3):
 //! `cargo bench --profile dev --bench behaviour -- [--model PATH] [--runs 20,200]
 //!  [--batch-size 5] [--lr 1e-5] [--optimizer adamw|apollo-mini] [--probe-samples 4]
-//!  [--general-items 16] [--seed 0] [--out DIR]`
+//!  [--general-items 16] [--seed 0] [--max-seq-len 512] [--out DIR]`
 //! Results go to stdout (a markdown table) and `DIR/report.json`; each trained model is
 //! written to `DIR/run-N/` as a Hugging Face directory so `dreamloop generate --model
 //! DIR/run-N` can be asked what it now says. Without `--bench` on the command line (as
@@ -53,6 +53,8 @@ struct Args {
     probe_samples: usize,
     general_items: usize,
     seed: u64,
+    /// Longest trained sequence (config/smollm2-cpu.toml's `max_seq_len`).
+    max_seq_len: usize,
     out: PathBuf,
 }
 
@@ -70,6 +72,7 @@ fn parse_args() -> Option<Args> {
         probe_samples: 4,
         general_items: 16,
         seed: 0,
+        max_seq_len: 512,
         out: PathBuf::from("target/behaviour"),
     };
     let mut it = argv.into_iter().filter(|a| a != "--bench");
@@ -78,6 +81,7 @@ fn parse_args() -> Option<Args> {
         let bad = |e: &dyn std::fmt::Display| -> ! { panic!("{flag} {value}: {e}") };
         match flag.as_str() {
             "--model" => args.model = value,
+            "--max-seq-len" => args.max_seq_len = value.parse().unwrap_or_else(|e| bad(&e)),
             "--runs" => {
                 args.runs = value
                     .split(',')
@@ -180,6 +184,7 @@ fn train(args: &Args, model: &Model, examples: &[Example]) -> (Vec<StepReport>, 
         freeze: Vec::new(),
         train_only: Vec::new(),
         pad_id: model.config.pad_token_id.unwrap_or(0),
+        max_seq_len: args.max_seq_len,
     };
     let mut trainer =
         Trainer::new(policy.config.clone(), policy.lm, None, settings).expect("trainer builds");
@@ -193,10 +198,22 @@ fn train(args: &Args, model: &Model, examples: &[Example]) -> (Vec<StepReport>, 
                 Item::Dpo(item) => batch.dpo.push(item),
             }
         }
+        let longest = batch
+            .sft
+            .iter()
+            .map(|e| e.prompt.len() + e.completion.len())
+            .chain(
+                batch
+                    .dpo
+                    .iter()
+                    .map(|e| e.prompt.len() + e.chosen.len().max(e.rejected.len())),
+            )
+            .max()
+            .unwrap_or(0);
         let r = trainer.step(&batch).expect("step succeeds");
         eprintln!(
-            "  step {:>3}: loss {:.4}, grad norm {:.3}, {} tokens, {:.1} s",
-            r.step, r.loss, r.grad_norm, r.tokens, r.seconds
+            "  step {:>3}: loss {:.4}, grad norm {:.3}, {} tokens (longest {longest}, {} cut), {:.1} s",
+            r.step, r.loss, r.grad_norm, r.tokens, r.truncated, r.seconds
         );
         reports.push(r);
     }

@@ -130,6 +130,7 @@ fn run_one(name: &str) {
             freeze: Vec::new(),
             train_only: Vec::new(),
             pad_id: 0,
+            max_seq_len: 0,
         };
         let mut trainer = Trainer::new(cfg.clone(), model, None, settings).expect("trainer");
         let mut hash = 0u64;

@@ -84,6 +84,11 @@ impl fmt::Display for FieldError {
     }
 }
 
+/// TRL's `max_length` default.
+fn default_max_seq_len() -> usize {
+    1024
+}
+
 /// Where the model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -142,6 +147,9 @@ pub struct TrainSection {
     pub batch_size: usize,
     /// Global gradient-norm clipping threshold (0: off).
     pub max_grad_norm: f64,
+    /// Longest trained sequence in tokens; longer examples are cut (0: no limit).
+    #[serde(default = "default_max_seq_len")]
+    pub max_seq_len: usize,
     /// DPO temperature β.
     pub beta: f64,
     /// `sigmoid` (DPO) or `ipo`.
@@ -509,6 +517,7 @@ impl DreamConfig {
             freeze: t.freeze.clone(),
             train_only: t.train_only.clone(),
             pad_id,
+            max_seq_len: t.max_seq_len,
         }
     }
 
@@ -589,6 +598,7 @@ impl DreamConfig {
                 floor_ratio: 0.0,
                 batch_size: 2,
                 max_grad_norm: 1.0,
+                max_seq_len: 1024,
                 beta: 0.01,
                 dpo_variant: DpoVariant::Sigmoid,
                 freeze: Vec::new(),

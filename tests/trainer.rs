@@ -68,6 +68,7 @@ fn settings(optimizer: OptimizerConfig, lr: f64) -> TrainerConfig {
         freeze: Vec::new(),
         train_only: Vec::new(),
         pad_id: 0,
+        max_seq_len: 0,
     }
 }
 
@@ -341,4 +342,46 @@ fn resumed_run_is_bit_identical() {
             );
         }
     }
+}
+
+/// `max_seq_len` cuts as TRL does: the step on a long example equals the step on the example
+/// cut by hand (prompt keeps its last tokens, completion its first), and is reported.
+#[test]
+fn long_examples_are_cut_to_max_seq_len() {
+    let mut s = Stream(11);
+    let prompt = s.word(30);
+    let completion = s.word(40);
+    let long = SftItem {
+        hash: hash_ids(&[&prompt, &completion]),
+        prompt: prompt.clone(),
+        completion: completion.clone(),
+    };
+    // Budget 24: the completion keeps max(24 − 30, 12) = 12 tokens, the prompt the last 12.
+    let cut = SftItem {
+        prompt: prompt[18..].to_vec(),
+        completion: completion[..12].to_vec(),
+        hash: hash_ids(&[&prompt[18..], &completion[..12]]),
+    };
+    let limited = {
+        let mut config = settings(adamw(), 1e-3);
+        config.max_seq_len = 24;
+        let model = Model::preset("tiny", 7, &cpu().autodiff()).unwrap();
+        let mut t = Trainer::new(model.config, model.lm, None, config).unwrap();
+        t.step(&Batch {
+            sft: vec![long],
+            dpo: vec![],
+        })
+        .unwrap()
+    };
+    let by_hand = tiny_trainer(adamw(), 1e-3)
+        .step(&Batch {
+            sft: vec![cut],
+            dpo: vec![],
+        })
+        .unwrap();
+    assert_eq!(limited.truncated, 1);
+    assert_eq!(by_hand.truncated, 0);
+    assert_eq!(limited.tokens, 24);
+    assert_eq!(limited.loss, by_hand.loss);
+    assert_eq!(limited.grad_norm, by_hand.grad_norm);
 }

@@ -47,6 +47,10 @@ pub struct TrainArgs {
     /// DPO temperature β.
     #[arg(long, default_value_t = 0.01)]
     pub beta: f64,
+    /// Longest trained sequence in tokens (longer examples are cut as TRL cuts them; 0: no
+    /// limit).
+    #[arg(long, default_value_t = 1024)]
+    pub max_seq_len: usize,
     /// DPO reference weights (default: a frozen copy of --model).
     #[arg(long)]
     pub ref_model: Option<String>,
@@ -118,6 +122,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         },
         freeze: Vec::new(),
         train_only: Vec::new(),
+        max_seq_len: args.max_seq_len,
         pad_id: model
             .config
             .pad_token_id

@@ -607,6 +607,7 @@ mod tests {
             tokens: 1000,
             sft_examples: 3,
             dpo_pairs: 1,
+            truncated: 0,
             seconds: 30.0,
         });
         record_non_finite_step();

@@ -86,6 +86,13 @@ pub struct TrainerConfig {
     pub train_only: Vec<String>,
     /// Padding id for batches (masked, so any valid id works).
     pub pad_id: u32,
+    /// Longest sequence trained, in tokens (prompt + completion); 0 = no limit. Longer
+    /// examples are cut as TRL cuts them (`max_length`, `truncation_mode = "keep_end"`): the
+    /// prompt keeps its end, each completion its start, and a completion keeps at least half
+    /// the budget. Attention memory grows with the square of the length: on SmolLM2-135M one
+    /// batch with a ~2k-token example needed > 20 GB for its backward pass.
+    #[serde(default)]
+    pub max_seq_len: usize,
 }
 
 /// Why a step was not taken. Weights and optimizer state are unchanged in every case.
@@ -124,6 +131,9 @@ pub struct StepReport {
     pub tokens: usize,
     pub sft_examples: usize,
     pub dpo_pairs: usize,
+    /// Sequences cut to `max_seq_len` in this step.
+    #[serde(default)]
+    pub truncated: usize,
     pub seconds: f64,
 }
 
@@ -251,10 +261,15 @@ impl Trainer {
         // Forward passes and the loss.
         let mut loss: Option<Tensor<1>> = None;
         if !batch.sft.is_empty() {
+            let max = self.settings.max_seq_len;
             let seqs: Vec<ScoredSeq> = batch
                 .sft
                 .iter()
-                .map(|e| joined(&e.prompt, &e.completion))
+                .map(|e| {
+                    let (p, c) = fit(e.prompt.len(), e.completion.len(), max);
+                    report.truncated += usize::from(p + c < e.prompt.len() + e.completion.len());
+                    joined(&e.prompt[e.prompt.len() - p..], &e.completion[..c])
+                })
                 .collect();
             check_completions(&seqs)?;
             report.tokens += seqs.iter().map(|s| s.ids.len()).sum::<usize>();
@@ -263,16 +278,19 @@ impl Trainer {
             loss = Some(l);
         }
         if !batch.dpo.is_empty() {
-            let chosen: Vec<ScoredSeq> = batch
-                .dpo
-                .iter()
-                .map(|e| joined(&e.prompt, &e.chosen))
-                .collect();
-            let rejected: Vec<ScoredSeq> = batch
-                .dpo
-                .iter()
-                .map(|e| joined(&e.prompt, &e.rejected))
-                .collect();
+            // One prompt cut for both completions, so the pair stays a pair.
+            let max = self.settings.max_seq_len;
+            let mut chosen = Vec::with_capacity(batch.dpo.len());
+            let mut rejected = Vec::with_capacity(batch.dpo.len());
+            for e in &batch.dpo {
+                let longer = e.chosen.len().max(e.rejected.len());
+                let (p, c) = fit(e.prompt.len(), longer, max);
+                let cut = p < e.prompt.len() || c < longer;
+                report.truncated += usize::from(cut);
+                let prompt = &e.prompt[e.prompt.len() - p..];
+                chosen.push(joined(prompt, &e.chosen[..e.chosen.len().min(c)]));
+                rejected.push(joined(prompt, &e.rejected[..e.rejected.len().min(c)]));
+            }
             check_completions(&chosen)?;
             check_completions(&rejected)?;
             report.tokens += chosen
@@ -412,6 +430,16 @@ impl Trainer {
     }
 }
 
+/// How many prompt and completion tokens fit in `max` (0 = no limit): the completion keeps
+/// at least half the budget (more when the prompt is short), the prompt the rest.
+fn fit(prompt: usize, completion: usize, max: usize) -> (usize, usize) {
+    if max == 0 || prompt + completion <= max {
+        return (prompt, completion);
+    }
+    let c = completion.min(max.saturating_sub(prompt).max(max / 2));
+    (prompt.min(max - c), c)
+}
+
 fn joined(prompt: &[u32], completion: &[u32]) -> ScoredSeq {
     let mut ids = prompt.to_vec();
     ids.extend_from_slice(completion);
@@ -522,4 +550,22 @@ fn apply_freeze(model: CausalLm, freeze: &[String], train_only: &[String]) -> Ca
         freeze,
         train_only,
     })
+}
+
+#[cfg(test)]
+mod fit_tests {
+    use super::fit;
+
+    #[test]
+    fn long_examples_are_cut_to_the_budget() {
+        // Fits: unchanged. No limit: unchanged.
+        assert_eq!(fit(10, 20, 64), (10, 20));
+        assert_eq!(fit(5000, 5000, 0), (5000, 5000));
+        // A long completion after a short prompt keeps the whole prompt.
+        assert_eq!(fit(10, 100, 64), (10, 54));
+        // A long prompt gives way to the completion, which keeps at least half.
+        assert_eq!(fit(100, 20, 64), (44, 20));
+        assert_eq!(fit(100, 100, 64), (32, 32));
+        assert_eq!(fit(1, 3000, 1024), (1, 1023));
+    }
 }
