@@ -201,8 +201,7 @@ fn daemon_checkpoints_evaluate_as_the_daemon_did_and_bad_ones_are_refused() {
     let event = d
         .events()
         .into_iter()
-        .filter(|e| e["event"] == "mark_good" && e["step"] == good)
-        .last()
+        .rfind(|e| e["event"] == "mark_good" && e["step"] == good)
         .unwrap_or_else(|| panic!("a mark_good event for step {good}"));
     let m = &event["metrics"];
     for (cli, daemon) in [
