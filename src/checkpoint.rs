@@ -34,6 +34,9 @@
 //! [`CheckpointStore::resume_point`] tries `LATEST`, then every other checkpoint newest
 //! first, and reports each one it skips. Listing and `open` only check the manifest and file
 //! sizes (cheap); hashing is left to `load`, `mark_good` and `rollback_to`.
+//! [`load_read_only`] is for readers in another process (`dreamloop eval`): it verifies the
+//! same way but creates and removes nothing, since a `.tmp-*` directory it finds may be a
+//! running daemon's save in flight rather than debris.
 //!
 //! # Retention and mirror
 //!
@@ -162,6 +165,22 @@ pub enum CheckpointError {
     /// Writing the quarantine failed.
     #[error(transparent)]
     Quarantine(#[from] EventError),
+    /// A pointer file (`GOOD`, `LATEST`) is absent: nothing has been saved or marked yet.
+    #[error("no {pointer} checkpoint yet: {path} does not exist")]
+    NoPointer {
+        /// The pointer file.
+        path: PathBuf,
+        /// Which pointer.
+        pointer: &'static str,
+    },
+    /// A pointer file cannot be read or does not hold a checkpoint directory name.
+    #[error("pointer {path} is unusable: {reason}")]
+    BadPointer {
+        /// The pointer file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
 }
 
 type Result<T, E = CheckpointError> = std::result::Result<T, E>;
@@ -755,14 +774,7 @@ impl CheckpointStore {
 
     /// The checkpoint of `step`, after re-hashing every file against its manifest.
     pub fn load(&self, step: u64) -> Result<CheckpointDir> {
-        let path = self.dir.join(step_dir_name(step));
-        if !path.is_dir() {
-            return Err(CheckpointError::NotFound {
-                step,
-                dir: self.dir.clone(),
-            });
-        }
-        verify(&path, step)
+        load_step(&self.dir, step)
     }
 
     /// Every `step-*` directory, oldest first, with a cheap completeness check.
@@ -959,6 +971,68 @@ fn keep_set(dir: &Path, keep_last: usize, protected: &[u64]) -> Result<BTreeSet<
             .map(|l| l.step),
     );
     Ok(kept)
+}
+
+/// Which checkpoint a reader asks [`load_read_only`] for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Select {
+    /// The checkpoint of this step.
+    Step(u64),
+    /// The rollback target (the `GOOD` pointer).
+    Good,
+    /// The newest checkpoint (the `LATEST` pointer).
+    Latest,
+}
+
+/// The checkpoint `select` names in `<state_dir>/checkpoints`, after re-hashing every file
+/// against its manifest (a flipped byte is [`CheckpointError::Corrupt`] naming the file).
+///
+/// Read-only, for a process beside the daemon: unlike [`CheckpointStore::open`] it creates
+/// nothing and removes no `.tmp-*` directory (that may be the daemon's save in flight). A
+/// daemon may also re-aim a pointer and delete the old target (retention) while this reads
+/// it, so a failure is retried when the pointer has moved meanwhile; a failure of a pointer
+/// that still names the same checkpoint is the checkpoint's own.
+pub fn load_read_only(state_dir: &Path, select: Select) -> Result<CheckpointDir> {
+    let dir = state_dir.join(CHECKPOINTS_DIR);
+    fs::metadata(&dir).map_err(io_err("open", &dir))?;
+    let pointer = match select {
+        Select::Step(step) => return load_step(&dir, step),
+        Select::Good => GOOD_POINTER,
+        Select::Latest => LATEST_POINTER,
+    };
+    let target = || -> Result<u64> {
+        let path = dir.join(pointer);
+        match read_pointer(&dir, pointer) {
+            Ok(Some(step)) => Ok(step),
+            Ok(None) => Err(CheckpointError::NoPointer { path, pointer }),
+            Err(reason) => Err(CheckpointError::BadPointer { path, reason }),
+        }
+    };
+    // Three reads: a daemon saving every step could move the pointer twice while a large
+    // checkpoint is hashed; past that the failure is reported as it is.
+    let mut step = target()?;
+    for _ in 0..2 {
+        match load_step(&dir, step) {
+            Ok(checkpoint) => return Ok(checkpoint),
+            Err(e) => match target() {
+                Ok(now) if now != step => step = now,
+                _ => return Err(e),
+            },
+        }
+    }
+    load_step(&dir, step)
+}
+
+/// The checkpoint of `step` in the checkpoints directory `dir`, verified.
+fn load_step(dir: &Path, step: u64) -> Result<CheckpointDir> {
+    let path = dir.join(step_dir_name(step));
+    if !path.is_dir() {
+        return Err(CheckpointError::NotFound {
+            step,
+            dir: dir.to_path_buf(),
+        });
+    }
+    verify(&path, step)
 }
 
 /// Every `step-*` directory in `dir`, oldest first, with its cheap check.

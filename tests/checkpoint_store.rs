@@ -11,8 +11,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dreamloop::checkpoint::{
-    step_dir_name, CheckpointError, CheckpointStore, FaultHook, FileSource, FsOp, Quarantine,
-    RetentionPolicy, Saved, Warning, GOOD_POINTER, LATEST_POINTER, MANIFEST_FILE,
+    load_read_only, step_dir_name, CheckpointError, CheckpointStore, FaultHook, FileSource, FsOp,
+    Quarantine, RetentionPolicy, Saved, Select, Warning, GOOD_POINTER, LATEST_POINTER,
+    MANIFEST_FILE,
 };
 use sha2::{Digest, Sha256};
 
@@ -724,4 +725,55 @@ fn a_crash_while_marking_good_and_mirroring_leaves_both_sides_usable() {
             }
         }
     }
+}
+
+#[test]
+fn a_read_only_load_follows_the_pointers_verifies_and_leaves_everything_in_place() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path();
+    let (mut store, _) = open(state, 3);
+    save(&mut store, 1).unwrap();
+    let dir = state.join("checkpoints");
+    assert!(matches!(
+        load_read_only(state, Select::Good),
+        Err(CheckpointError::NoPointer { ref path, .. }) if *path == dir.join(GOOD_POINTER)
+    ));
+    store.mark_good(1).unwrap();
+    save(&mut store, 2).unwrap();
+    // A save in flight (what `open` would delete as debris) must survive a reader.
+    let in_flight = dir.join(".tmp-step-00000003");
+    fs::create_dir(&in_flight).unwrap();
+    fs::write(in_flight.join("model.safetensors"), b"partial").unwrap();
+
+    let latest = load_read_only(state, Select::Latest).unwrap();
+    assert_eq!(
+        (latest.step, latest.path.clone()),
+        (2, dir.join(step_dir_name(2)))
+    );
+    assert_eq!(load_read_only(state, Select::Good).unwrap().step, 1);
+    assert_eq!(load_read_only(state, Select::Step(2)).unwrap(), latest);
+    assert!(matches!(
+        load_read_only(state, Select::Step(7)),
+        Err(CheckpointError::NotFound { step: 7, .. })
+    ));
+    assert!(in_flight.join("model.safetensors").exists());
+
+    // A flipped byte is found by re-hashing, and the error names the file.
+    let weights_path = latest.file("model.safetensors");
+    let mut bytes = fs::read(&weights_path).unwrap();
+    bytes[1000] ^= 0x80;
+    fs::write(&weights_path, bytes).unwrap();
+    match load_read_only(state, Select::Latest) {
+        Err(CheckpointError::Corrupt { path, .. }) => assert_eq!(path, weights_path),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    fs::write(dir.join(LATEST_POINTER), "garbage\n").unwrap();
+    assert!(matches!(
+        load_read_only(state, Select::Latest),
+        Err(CheckpointError::BadPointer { .. })
+    ));
+    assert!(matches!(
+        load_read_only(&state.join("absent"), Select::Latest),
+        Err(CheckpointError::Io { .. })
+    ));
 }

@@ -28,6 +28,7 @@
 
 mod checkpointer;
 mod cmd_daemon;
+mod cmd_eval;
 mod cmd_export;
 mod cmd_generate;
 mod cmd_import;
@@ -85,6 +86,8 @@ enum Command {
     Status(cmd_daemon::StatusArgs),
     /// Check a config file; exit 78 listing every error.
     ValidateConfig(cmd_daemon::ValidateArgs),
+    /// The daemon's probe suite on a model or a checkpoint: accuracy, margins, perplexity, attention.
+    Eval(cmd_eval::EvalArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -113,6 +116,7 @@ fn main() -> std::process::ExitCode {
         Command::Stop(args) => cmd_daemon::signal(args, cmd_daemon::Signal::Stop),
         Command::Status(args) => cmd_daemon::status(args),
         Command::ValidateConfig(args) => Ok(cmd_daemon::validate(args)),
+        Command::Eval(args) => cmd_eval::run(args),
     };
     match result {
         Ok(code) => code,

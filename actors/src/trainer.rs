@@ -22,9 +22,7 @@ use anyhow::{anyhow, Context};
 use dreamloop::config::{Backend, DreamConfig};
 use dreamloop::eval::{EvalReport, ProbeSuite};
 use dreamloop::example::Example;
-use dreamloop::general::load_heldout;
 use dreamloop::model::{default_device, Device, Model};
-use dreamloop::scenario::{probe_scenarios, Library};
 use dreamloop::train::dataset::{tokenize_example, Item};
 use dreamloop::train::trainer::{Batch, StepReport, TrainError, Trainer};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -257,7 +255,8 @@ impl Worker {
                 .with_context(|| format!("restoring the trainer from {}", dir.display()))?,
         };
         let tokenizer = tokenizer.ok_or_else(|| anyhow!("model `{spec}` has no tokenizer.json"))?;
-        let probes = build_probes(config, &tokenizer, pad)?;
+        let probes =
+            ProbeSuite::from_config(&config.eval, &config.data.scenarios_dir, &tokenizer, pad)?;
         Ok(Worker {
             trainer,
             reference,
@@ -335,43 +334,4 @@ impl Worker {
             },
         }
     }
-}
-
-/// The probe suite of `[eval]`: probe templates of the scenario library, general
-/// multiple-choice items, and (a prefix of) the held-out texts.
-fn build_probes(
-    config: &DreamConfig,
-    tok: &dreamloop::model::Tokenizer,
-    pad: u32,
-) -> anyhow::Result<ProbeSuite> {
-    let dir = &config.data.scenarios_dir;
-    let library = Library::load_dir(dir)
-        .with_context(|| format!("loading scenario templates from {}", dir.display()))?;
-    let probes = probe_scenarios(&library, config.eval.probe_samples);
-    let mut heldout: Vec<String> = load_heldout(dir)
-        .with_context(|| format!("loading held-out texts from {}", dir.display()))?
-        .into_iter()
-        .map(|h| h.text)
-        .collect();
-    if config.eval.max_heldout_texts > 0 {
-        heldout.truncate(config.eval.max_heldout_texts);
-    }
-    if config.eval.heldout_max_bytes > 0 {
-        for text in &mut heldout {
-            let mut end = config.eval.heldout_max_bytes.min(text.len());
-            while !text.is_char_boundary(end) {
-                end -= 1;
-            }
-            text.truncate(end);
-        }
-    }
-    ProbeSuite::build(
-        tok,
-        &probes,
-        &heldout,
-        config.eval.general_items,
-        config.eval.seed,
-        pad,
-    )
-    .context("tokenizing the probe suite")
 }

@@ -19,7 +19,11 @@
 //!
 //! Probes come from templates reserved for evaluation (`split = "probe"`), so they measure
 //! generalisation to direction-giving situations the trainer never saw.
+//! [`ProbeSuite::from_config`] is the one definition of the suite an `[eval]` section
+//! describes: the daemon's trainer thread, `dreamloop eval` and `benches/eval_share.rs` all
+//! build it there, so they measure the same probes.
 
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::tensor::{Int, Tensor, TensorData};
@@ -27,10 +31,13 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::config::EvalSection;
 use crate::example::{Kind, Message, Scenario, Target};
+use crate::general::{load_heldout, GeneralError};
 use crate::model::llama::Capture;
 use crate::model::logprobs::{logprobs, pad_batch, ScoredSeq};
 use crate::model::{CausalLm, ChatMessage, Tokenizer, TokenizerError};
+use crate::scenario::{probe_scenarios, Library, LibraryError};
 
 /// Response positions whose attention is measured (the first few tokens of the reply).
 pub const ATTENTION_POSITIONS: usize = 4;
@@ -38,6 +45,32 @@ pub const ATTENTION_POSITIONS: usize = 4;
 pub const PERPLEXITY_WINDOW: usize = 256;
 /// Sequences per forward batch.
 const BATCH: usize = 8;
+
+/// Why the probe suite of an `[eval]` section could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SuiteError {
+    /// The scenario templates (probe split included) do not load.
+    #[error("loading scenario templates from {dir}: {source}")]
+    Templates {
+        /// `[data] scenarios_dir`.
+        dir: PathBuf,
+        /// Every template error found.
+        #[source]
+        source: LibraryError,
+    },
+    /// The held-out texts (`<scenarios_dir>/corpus/heldout`) do not load.
+    #[error("loading held-out texts from {dir}: {source}")]
+    Heldout {
+        /// `[data] scenarios_dir`.
+        dir: PathBuf,
+        /// The corpus error (names the file).
+        #[source]
+        source: GeneralError,
+    },
+    /// A probe does not tokenize under the model's tokenizer or chat template.
+    #[error("tokenizing the probe suite: {0}")]
+    Tokenizer(#[from] TokenizerError),
+}
 
 /// Accuracy and margin of one probe category.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -140,6 +173,52 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 }
 
 impl ProbeSuite {
+    /// The suite `eval` describes over the templates and held-out texts of `scenarios_dir`:
+    /// `probe_samples` renderings of every probe template, `general_items` arithmetic and
+    /// code items from `eval.seed`, and the first `max_heldout_texts` held-out texts (all when
+    /// 0), each cut to `heldout_max_bytes` at a character boundary (whole when 0). `pad` is the
+    /// padding id of the model's batches.
+    pub fn from_config(
+        eval: &EvalSection,
+        scenarios_dir: &Path,
+        tok: &Tokenizer,
+        pad: u32,
+    ) -> Result<Self, SuiteError> {
+        let library = Library::load_dir(scenarios_dir).map_err(|source| SuiteError::Templates {
+            dir: scenarios_dir.to_path_buf(),
+            source,
+        })?;
+        let probes = probe_scenarios(&library, eval.probe_samples);
+        let mut heldout: Vec<String> = load_heldout(scenarios_dir)
+            .map_err(|source| SuiteError::Heldout {
+                dir: scenarios_dir.to_path_buf(),
+                source,
+            })?
+            .into_iter()
+            .map(|h| h.text)
+            .collect();
+        if eval.max_heldout_texts > 0 {
+            heldout.truncate(eval.max_heldout_texts);
+        }
+        if eval.heldout_max_bytes > 0 {
+            for text in &mut heldout {
+                let mut end = eval.heldout_max_bytes.min(text.len());
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                text.truncate(end);
+            }
+        }
+        Ok(Self::build(
+            tok,
+            &probes,
+            &heldout,
+            eval.general_items,
+            eval.seed,
+            pad,
+        )?)
+    }
+
     /// Tokenizes probe scenarios, general multiple-choice items (built from `seed`) and the
     /// held-out texts.
     pub fn build(
