@@ -183,7 +183,7 @@ fn train(args: &Args, model: &Model, examples: &[Example]) -> (Vec<StepReport>, 
         dpo_variant: DpoVariant::Sigmoid,
         freeze: Vec::new(),
         train_only: Vec::new(),
-        pad_id: model.config.pad_token_id.unwrap_or(0),
+        pad_id: model.config.pad_id(),
         max_seq_len: args.max_seq_len,
     };
     let mut trainer =
@@ -263,7 +263,7 @@ fn main() {
         .into_iter()
         .map(|h| h.text)
         .collect();
-    let pad = model.config.pad_token_id.unwrap_or(0);
+    let pad = model.config.pad_id();
     let suite = ProbeSuite::build(tok, &probes, &heldout, args.general_items, args.seed, pad)
         .expect("probe suite builds");
     let count = |k: Kind| probes.iter().filter(|p| p.kind == k).count();

@@ -28,7 +28,7 @@ use dreamloop::example::Kind;
 use dreamloop::general::{Corpus, GeneralReplay};
 use dreamloop::label::{LabelConfig, Labeler};
 use dreamloop::mix::{Mixer, Pools};
-use dreamloop::model::{cpu, Model, ModelConfig};
+use dreamloop::model::{cpu, Model};
 use dreamloop::scenario::{Generator, GeneratorConfig, Ledger, Library};
 use dreamloop::train::dataset::{tokenize_example, Item};
 use dreamloop::train::trainer::{Batch, Trainer};
@@ -159,11 +159,6 @@ struct Measured {
     alternatives: Vec<(usize, f64)>,
 }
 
-/// The padding id of the model's batches, as the trainer thread picks it.
-fn pad_id(config: &ModelConfig) -> u32 {
-    config.pad_token_id.or(config.eos_token_id).unwrap_or(0)
-}
-
 fn measure(args: &Args, base: &DreamConfig, spec: &str) -> Measured {
     let mut config = base.clone();
     config.model.spec = spec.into();
@@ -176,7 +171,7 @@ fn measure(args: &Args, base: &DreamConfig, spec: &str) -> Measured {
     let model = Model::open(spec, &device).unwrap_or_else(|e| panic!("loading `{spec}`: {e}"));
     eprintln!("[{spec}] loaded in {:.1} s", t.elapsed().as_secs_f64());
     let reference = model.frozen();
-    let pad = pad_id(&model.config);
+    let pad = model.config.pad_id();
     let parameters = dreamloop::model::parameter_count(&model.lm);
     let Model {
         config: model_config,

@@ -100,11 +100,6 @@ fn load_config(path: Option<&Path>) -> Result<(DreamConfig, String), Failure> {
     }
 }
 
-/// The padding id of the model's batches, as the trainer thread picks it.
-fn pad_id(config: &ModelConfig) -> u32 {
-    config.pad_token_id.or(config.eos_token_id).unwrap_or(0)
-}
-
 fn evaluate(args: &EvalArgs) -> Result<(), Failure> {
     let input = Failure::Input;
     let bad_config = Failure::Config;
@@ -127,7 +122,7 @@ fn evaluate(args: &EvalArgs) -> Result<(), Failure> {
                 format!("model {spec}"),
                 model.frozen(),
                 tokenizer,
-                pad_id(&model.config),
+                model.config.pad_id(),
             )
         }
         (None, Some(select)) => {
@@ -153,7 +148,7 @@ fn evaluate(args: &EvalArgs) -> Result<(), Failure> {
                 format!("checkpoint {}", checkpoint.path.display()),
                 weights.frozen(),
                 tokenizer,
-                pad_id(&base_config),
+                base_config.pad_id(),
             )
         }
         (None, None) => return Err(input(anyhow!("give --model or --checkpoint"))),

@@ -123,11 +123,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         freeze: Vec::new(),
         train_only: Vec::new(),
         max_seq_len: args.max_seq_len,
-        pad_id: model
-            .config
-            .pad_token_id
-            .or(model.config.eos_token_id)
-            .unwrap_or(0),
+        pad_id: model.config.pad_id(),
     };
 
     // Read and tokenize every line first: a bad line is reported and skipped, never fatal.

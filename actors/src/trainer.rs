@@ -231,11 +231,7 @@ impl Worker {
             }
             None => model.frozen(),
         };
-        let pad = model
-            .config
-            .pad_token_id
-            .or(model.config.eos_token_id)
-            .unwrap_or(0);
+        let pad = model.config.pad_id();
         let Model {
             config: model_config,
             lm,

@@ -244,6 +244,12 @@ impl ModelConfig {
     }
 
     /// Number of query heads sharing one key/value head.
+    /// The id padding batches of this model: `pad_token_id`, else `eos_token_id`, else 0
+    /// (padded positions are masked, so any valid id works; these keep it a real token).
+    pub fn pad_id(&self) -> u32 {
+        self.pad_token_id.or(self.eos_token_id).unwrap_or(0)
+    }
+
     pub fn kv_groups(&self) -> usize {
         self.num_attention_heads / self.num_key_value_heads
     }
