@@ -668,6 +668,16 @@ mod tests {
         assert!(seen >= 1, "config/ holds no .toml file");
     }
 
+    /// The SmolLM2 config is valid and keeps the operator's SFT rate and the memory bound.
+    #[test]
+    fn smollm2_cpu_config_is_valid() {
+        let c = DreamConfig::load(&dir().join("config/smollm2-cpu.toml")).expect("valid");
+        assert!(c.model.spec.ends_with(".gguf"));
+        assert_eq!(c.train.lr, 1e-5);
+        assert_eq!(c.train.max_seq_len, 512);
+        assert_eq!(c.data.replay_ratio, 0.25);
+    }
+
     /// The defaults file carries the numbers DESIGN.md §4 and the task prescribe.
     #[test]
     fn defaults_follow_the_recipes() {
