@@ -206,8 +206,8 @@ fn run_suite(suite: &ProbeSuite, lm: &CausalLm) -> EvalReport {
 fn print_table(what: &str, r: &EvalReport) {
     let score = |name: &str, s: &PreferenceScore| {
         println!(
-            "{name:<24} accuracy {:.3}   margin {:+.4} nats   ({} probes)",
-            s.accuracy, s.margin, s.count
+            "{name:<24} accuracy {:.3}   margin {:+.4} nats ({:+.4} per token)   ({} probes)",
+            s.accuracy, s.margin, s.margin_per_token, s.count
         );
     };
     println!("{:<24} {what}", "weights");
