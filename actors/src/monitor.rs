@@ -46,6 +46,9 @@ pub enum MonitorMsg {
     OperatorResumed,
     /// The policy state, for checkpoints and status.
     State(RpcReplyPort<PolicyState>),
+    /// The last verdict could not be carried out (its GOOD checkpoint could not be
+    /// written): the policy goes back to the state it had before that evaluation.
+    Revert(PolicyState),
 }
 
 /// Start-up arguments.
@@ -122,6 +125,7 @@ impl Actor for MonitorActor {
             MonitorMsg::State(reply) => {
                 let _ = reply.send(state.state.clone());
             }
+            MonitorMsg::Revert(before) => state.state = before,
         }
         Ok(())
     }

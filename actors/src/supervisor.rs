@@ -678,6 +678,17 @@ impl Driver {
                     if self.latest != Some(step) {
                         self.checkpoint().await?;
                     }
+                    if self.latest != Some(step) {
+                        // Its checkpoint could not be written (disk): the GOOD on disk
+                        // stays the rollback target, and the policy forgets this verdict.
+                        tracing::warn!(
+                            step,
+                            "Not marked GOOD: its checkpoint could not be written."
+                        );
+                        self.tell(MONITOR, MonitorMsg::Revert(ev.before.clone()));
+                        self.shared.lock().expect("shared state lock").policy_state = ev.before;
+                        return Ok(());
+                    }
                     ask!(self, CHECKPOINTER, CheckpointerMsg::MarkGood, step)
                         .map_err(|e| anyhow!("{e}"))?
                         .map_err(|e| anyhow!(e))?;

@@ -202,3 +202,25 @@ fn a_corrupted_latest_is_detected_and_the_run_resumes_from_the_one_before() {
         "an example was trained twice"
     );
 }
+
+#[test]
+fn a_good_checkpoint_that_cannot_be_written_is_not_marked_good() {
+    let mut d = Daemon::new(&Overrides {
+        eval: "every_n_steps = 4".into(),
+        checkpoint: "every_n_steps = 2\non_write_error = \"continue\"".into(),
+        ..Overrides::default()
+    });
+    d.start(
+        &["--max-steps", "6"],
+        &[("DREAMLOOP_FAULT_DISK_FULL_AT_STEP", "0")],
+    );
+    assert!(d.wait_exit(LIMIT).success(), "{}", d.log());
+    // The baseline at step 0 could not be saved, so it was not marked GOOD (and the loop did
+    // not stop); the evaluation at step 4 measured the baseline again and marked step 4.
+    let s = d.status().expect("status");
+    assert_eq!(step(&s), 6, "{s}");
+    assert_eq!(s["good_step"], 4, "{s}");
+    let good = std::fs::read_to_string(d.state().join("checkpoints/GOOD")).expect("GOOD");
+    assert_eq!(good.trim(), "step-00000004");
+    assert!(d.events().iter().any(|e| e["event"] == "checkpoint_failed"));
+}
