@@ -211,6 +211,10 @@ async fn run_inner(
         tty: std::io::stderr().is_terminal(),
         last_loss: None,
         checkpoint_soon: false,
+        paused_ping: systemd::watchdog_interval()
+            .map(|d| d / 2)
+            .unwrap_or(Duration::from_secs(5))
+            .min(Duration::from_secs(5)),
     };
     driver.paused = driver.opts.paused;
     let code = driver.run_loop().await;
@@ -327,6 +331,9 @@ struct Driver {
     /// until a checkpoint carries them; a crash before it resumes from GOOD with GOOD's
     /// settings (the quarantine is on disk already), so that window is kept to one step.
     checkpoint_soon: bool,
+    /// How often a paused loop feeds systemd's watchdog (and re-writes status.json): half
+    /// of WatchdogSec, at most 5 s.
+    paused_ping: Duration,
 }
 
 /// How one pass of the loop ended.
@@ -388,18 +395,13 @@ impl Driver {
         if let News::BudgetSpent { actor, reason } = news {
             return self.budget_spent(&actor, &reason).await.map(Flow::Stop);
         }
-        // Half of systemd's WatchdogSec, at most 5 s (the pause also re-writes status.json).
-        let paused_ping = systemd::watchdog_interval()
-            .map(|d| d / 2)
-            .unwrap_or(Duration::from_secs(5))
-            .min(Duration::from_secs(5));
         loop {
             let control = if self.paused {
                 self.write_status("paused");
                 tokio::select! {
                     c = self.control.recv() => c,
                     // Paused is alive: keep systemd's watchdog fed.
-                    _ = tokio::time::sleep(paused_ping) => {
+                    _ = tokio::time::sleep(self.paused_ping) => {
                         let _ = systemd::watchdog();
                         continue;
                     }
@@ -626,7 +628,6 @@ impl Driver {
                          `dreamloop resume` continues once the disk is fixed."
                     );
                     self.paused = true;
-                    telemetry::set_paused(true, self.paused_by_policy);
                 }
                 Ok(())
             }
