@@ -2,7 +2,10 @@
 //! decoder that the rest of dreamloop reads.
 //!
 //! Families: `llama` (SmolLM2 is one), `mistral`, `qwen2` (q/k/v bias), `qwen3` (per-head
-//! q/k RMSNorm). RoPE parameters come in two spellings: the older top-level `rope_theta` +
+//! q/k RMSNorm), and the hybrid Gated-DeltaNet decoders `qwen3_next` (fused GDN projections,
+//! optional sparse MoE) and `qwen3_5` / `qwen3_5_text` (separate projections; the multimodal
+//! `qwen3_5` nests the text decoder's config under `text_config` and its weights under
+//! `model.language_model.*`). RoPE parameters come in two spellings: the older top-level `rope_theta` +
 //! `rope_scaling` that most published checkpoints carry, and transformers ≥ 5's
 //! `rope_parameters` (what the shared fixtures use). Scaling types `default`, `linear` and
 //! `llama3` follow transformers' `modeling_rope_utils.py`; anything else is refused rather
@@ -42,7 +45,7 @@ pub enum ConfigError {
         reason: String,
     },
     #[error(
-        "{path}: unsupported model_type `{model_type}` (supported: llama, mistral, qwen2, qwen3)"
+        "{path}: unsupported model_type `{model_type}` (supported: llama, mistral, qwen2, qwen3, qwen3_next, qwen3_5, qwen3_5_text)"
     )]
     UnsupportedModelType { path: String, model_type: String },
 }
@@ -55,6 +58,10 @@ pub enum Family {
     Mistral,
     Qwen2,
     Qwen3,
+    /// Qwen3-Next: hybrid GDN / gated attention, fused GDN projections, optional MoE.
+    Qwen3Next,
+    /// Qwen3.5 text decoder: hybrid GDN / gated attention, separate GDN projections.
+    Qwen35,
 }
 
 impl Family {
@@ -64,8 +71,55 @@ impl Family {
             Family::Mistral => "mistral",
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
+            Family::Qwen3Next => "qwen3_next",
+            Family::Qwen35 => "qwen3_5_text",
         }
     }
+
+    /// The hybrid families: Gated DeltaNet layers, gated attention, zero-centred norms.
+    pub fn is_hybrid(self) -> bool {
+        matches!(self, Family::Qwen3Next | Family::Qwen35)
+    }
+}
+
+/// What a decoder layer mixes tokens with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerKind {
+    /// Causal softmax attention with a KV cache (`self_attn`).
+    FullAttention,
+    /// Gated DeltaNet, a gated delta-rule recurrence (`linear_attn`).
+    LinearAttention,
+}
+
+/// Shape of the Gated DeltaNet layers (`linear_*` fields of the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinearAttnConfig {
+    pub num_key_heads: usize,
+    pub num_value_heads: usize,
+    pub key_head_dim: usize,
+    pub value_head_dim: usize,
+    /// Width of the causal depthwise convolution.
+    pub conv_kernel: usize,
+    /// qwen3_next: `in_proj_qkvz` / `in_proj_ba` grouped by key head; qwen3_5: separate
+    /// `in_proj_qkv`, `in_proj_z`, `in_proj_b`, `in_proj_a`.
+    pub fused_projections: bool,
+}
+
+/// Sparse mixture-of-experts feed-forward (qwen3_next with `num_experts > 0`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    /// Experts each token is routed to.
+    pub top_k: usize,
+    /// Renormalise the chosen experts' probabilities to sum to one.
+    pub norm_topk_prob: bool,
+    /// Inner width of each routed expert.
+    pub expert_intermediate_size: usize,
+    /// Inner width of the always-on shared expert (0 = none).
+    pub shared_expert_intermediate_size: usize,
+    /// Per layer: sparse MoE (true) or the dense MLP of `intermediate_size` (false).
+    pub sparse_layers: Vec<bool>,
 }
 
 /// RoPE frequency scaling, as transformers' `ROPE_INIT_FUNCTIONS` computes it.
@@ -123,6 +177,23 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     /// Sliding-window attention width (mistral), `None` for full causal attention.
     pub sliding_window: Option<usize>,
+    /// Token mixer of each layer (all `FullAttention` for the dense families).
+    pub layer_types: Vec<LayerKind>,
+    /// Gated DeltaNet shape, for configs with linear-attention layers.
+    pub linear_attn: Option<LinearAttnConfig>,
+    /// Channels of each head that RoPE rotates (`partial_rotary_factor · head_dim`); the rest
+    /// pass through unrotated.
+    pub rotary_dim: usize,
+    /// `q_proj` also produces a per-head output gate: `attn · sigmoid(gate)` (hybrid families).
+    pub attn_output_gate: bool,
+    /// RMSNorms scale by `1 + w` (zero-centred weights, hybrid families) instead of `w`.
+    pub norm_unit_offset: bool,
+    /// Sparse MoE feed-forward, when the config has experts.
+    pub moe: Option<MoeConfig>,
+    /// Where the decoder's tensors live in the checkpoint: `model.` for a causal LM,
+    /// `model.language_model.` for a multimodal qwen3_5 (whose `model.visual.*` and `mtp.*`
+    /// tensors are carried through unchanged).
+    pub text_prefix: String,
     /// Special token ids, kept for generation and for saving back.
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
@@ -149,18 +220,55 @@ impl ModelConfig {
 
     /// Parses an already-read `config.json`; `path` only names the file in errors.
     pub fn from_json(value: Value, path: &str) -> Result<Self, ConfigError> {
-        let obj = value.as_object().ok_or_else(|| ConfigError::Invalid {
+        let root = value.as_object().ok_or_else(|| ConfigError::Invalid {
             path: path.into(),
             field: "<root>".into(),
             reason: "expected a JSON object".into(),
         })?;
-        let f = Fields { obj, path };
-        let model_type = f.string("model_type")?;
+        let top = Fields {
+            obj: root,
+            path,
+            prefix: "",
+        };
+        let model_type = top.string("model_type")?;
+        // The multimodal qwen3_5 (`Qwen3_5ForConditionalGeneration`) describes its text decoder
+        // in `text_config`; token ids and tying may sit at either level.
+        let nested = model_type == "qwen3_5";
+        let merged: Map<String, Value>;
+        let f = if nested {
+            let text = top
+                .get("text_config")
+                .and_then(Value::as_object)
+                .ok_or_else(|| top.missing("text_config"))?;
+            let mut m = text.clone();
+            for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+                if let Some(v) = root.get(key).filter(|v| !v.is_null()) {
+                    m.entry(key).or_insert_with(|| v.clone());
+                }
+            }
+            // Qwen3_5ForConditionalGeneration ties by the top-level flag only (default false);
+            // `text_config.tie_word_embeddings` is ignored (checked against transformers 5.23).
+            let tie = root
+                .get("tie_word_embeddings")
+                .cloned()
+                .unwrap_or(Value::Bool(false));
+            m.insert("tie_word_embeddings".into(), tie);
+            merged = m;
+            Fields {
+                obj: &merged,
+                path,
+                prefix: "text_config.",
+            }
+        } else {
+            top
+        };
         let family = match model_type.as_str() {
             "llama" => Family::Llama,
             "mistral" => Family::Mistral,
             "qwen2" => Family::Qwen2,
             "qwen3" => Family::Qwen3,
+            "qwen3_next" => Family::Qwen3Next,
+            "qwen3_5" | "qwen3_5_text" => Family::Qwen35,
             _ => {
                 return Err(ConfigError::UnsupportedModelType {
                     path: path.into(),
@@ -168,6 +276,7 @@ impl ModelConfig {
                 })
             }
         };
+        let hybrid = family.is_hybrid();
         if let Some(act) = f.opt_string("hidden_act")? {
             if act != "silu" {
                 return Err(f.invalid(
@@ -177,6 +286,7 @@ impl ModelConfig {
             }
         }
         let hidden_size = f.usize("hidden_size")?;
+        let num_hidden_layers = f.usize("num_hidden_layers")?;
         let num_attention_heads = f.usize("num_attention_heads")?;
         let num_key_value_heads = f
             .opt_usize("num_key_value_heads")?
@@ -197,6 +307,7 @@ impl ModelConfig {
             return Err(f.invalid("head_dim", format!("{head_dim} must be even and positive")));
         }
         let (rope_theta, rope_scaling) = parse_rope(&f)?;
+        let rotary_dim = rotary_dim(&f, head_dim, hybrid)?;
         let attention_bias = f.opt_bool("attention_bias")?.unwrap_or(false);
         let (qkv_bias, o_bias) = match family {
             // Qwen2 hard-codes bias on q/k/v and none on o_proj.
@@ -205,7 +316,8 @@ impl ModelConfig {
         };
         let sliding_window = match family {
             Family::Mistral => f.opt_usize("sliding_window")?,
-            Family::Qwen2 | Family::Qwen3 => {
+            Family::Llama => None,
+            _ => {
                 if f.opt_bool("use_sliding_window")?.unwrap_or(false) {
                     return Err(f.invalid(
                         "use_sliding_window",
@@ -214,14 +326,64 @@ impl ModelConfig {
                 }
                 None
             }
-            Family::Llama => None,
+        };
+        let layer_types = layer_types(&f, num_hidden_layers, hybrid)?;
+        let linear_attn = if layer_types.contains(&LayerKind::LinearAttention) {
+            let num_key_heads = f.usize("linear_num_key_heads")?;
+            let num_value_heads = f.usize("linear_num_value_heads")?;
+            if num_key_heads == 0 || num_value_heads % num_key_heads != 0 {
+                return Err(f.invalid(
+                    "linear_num_value_heads",
+                    format!("{num_value_heads} is not a positive multiple of linear_num_key_heads {num_key_heads}"),
+                ));
+            }
+            let positive = |field: &str| -> Result<usize, ConfigError> {
+                match f.usize(field)? {
+                    0 => Err(f.invalid(field, "must be positive".into())),
+                    n => Ok(n),
+                }
+            };
+            Some(LinearAttnConfig {
+                num_key_heads,
+                num_value_heads,
+                key_head_dim: positive("linear_key_head_dim")?,
+                value_head_dim: positive("linear_value_head_dim")?,
+                conv_kernel: positive("linear_conv_kernel_dim")?,
+                fused_projections: family == Family::Qwen3Next,
+            })
+        } else {
+            None
+        };
+        let moe = match (family, f.opt_usize("num_experts")?.unwrap_or(0)) {
+            (Family::Qwen3Next, num_experts) if num_experts > 0 => {
+                let top_k = f.usize("num_experts_per_tok")?;
+                if top_k == 0 || top_k > num_experts {
+                    return Err(f.invalid(
+                        "num_experts_per_tok",
+                        format!("{top_k} must be between 1 and num_experts {num_experts}"),
+                    ));
+                }
+                let step = f.opt_usize("decoder_sparse_step")?.unwrap_or(1).max(1);
+                let dense_only = f.opt_usize_list("mlp_only_layers")?.unwrap_or_default();
+                Some(MoeConfig {
+                    num_experts,
+                    top_k,
+                    norm_topk_prob: f.opt_bool("norm_topk_prob")?.unwrap_or(true),
+                    expert_intermediate_size: f.usize("moe_intermediate_size")?,
+                    shared_expert_intermediate_size: f.usize("shared_expert_intermediate_size")?,
+                    sparse_layers: (0..num_hidden_layers)
+                        .map(|i| !dense_only.contains(&i) && (i + 1) % step == 0)
+                        .collect(),
+                })
+            }
+            _ => None,
         };
         Ok(ModelConfig {
             family,
             vocab_size: f.usize("vocab_size")?,
             hidden_size,
             intermediate_size: f.usize("intermediate_size")?,
-            num_hidden_layers: f.usize("num_hidden_layers")?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
@@ -234,8 +396,19 @@ impl ModelConfig {
             qkv_bias,
             o_bias,
             mlp_bias: f.opt_bool("mlp_bias")?.unwrap_or(false),
-            qk_norm: family == Family::Qwen3,
+            qk_norm: family == Family::Qwen3 || hybrid,
             sliding_window,
+            layer_types,
+            linear_attn,
+            rotary_dim,
+            attn_output_gate: hybrid,
+            norm_unit_offset: hybrid,
+            moe,
+            text_prefix: if nested {
+                "model.language_model.".into()
+            } else {
+                "model.".into()
+            },
             bos_token_id: f.opt_token_id("bos_token_id")?,
             eos_token_id: f.opt_token_id("eos_token_id")?,
             pad_token_id: f.opt_token_id("pad_token_id")?,
@@ -254,9 +427,9 @@ impl ModelConfig {
         self.num_attention_heads / self.num_key_value_heads
     }
 
-    /// RoPE inverse frequencies (`head_dim / 2` values), as transformers computes them.
+    /// RoPE inverse frequencies (`rotary_dim / 2` values), as transformers computes them.
     pub fn inv_freq(&self) -> Vec<f32> {
-        let dim = self.head_dim;
+        let dim = self.rotary_dim;
         // transformers computes `base ** (arange(0, dim, 2).float() / dim)` in float32;
         // mirror that rounding.
         let base: Vec<f32> = (0..dim / 2)
@@ -293,6 +466,83 @@ impl ModelConfig {
     }
 }
 
+/// `layer_types` as listed, or (hybrid families) every `full_attention_interval`-th layer full
+/// attention and the rest Gated DeltaNet, as transformers derives it (interval default 4).
+fn layer_types(f: &Fields, layers: usize, hybrid: bool) -> Result<Vec<LayerKind>, ConfigError> {
+    let Some(list) = f.get("layer_types") else {
+        if !hybrid {
+            return Ok(vec![LayerKind::FullAttention; layers]);
+        }
+        let interval = f.opt_usize("full_attention_interval")?.unwrap_or(4);
+        if interval == 0 {
+            return Err(f.invalid("full_attention_interval", "must be positive".into()));
+        }
+        return Ok((0..layers)
+            .map(|i| {
+                if (i + 1) % interval == 0 {
+                    LayerKind::FullAttention
+                } else {
+                    LayerKind::LinearAttention
+                }
+            })
+            .collect());
+    };
+    let items = list
+        .as_array()
+        .ok_or_else(|| f.invalid("layer_types", format!("expected a list, found {list}")))?;
+    if items.len() != layers {
+        return Err(f.invalid(
+            "layer_types",
+            format!("{} entries for num_hidden_layers {layers}", items.len()),
+        ));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, v)| match v.as_str() {
+            Some("full_attention") => Ok(LayerKind::FullAttention),
+            Some("linear_attention") if hybrid => Ok(LayerKind::LinearAttention),
+            _ => Err(f.invalid(
+                &format!("layer_types[{i}]"),
+                format!(
+                    "{v} is not supported here (expected \"full_attention\"{})",
+                    if hybrid {
+                        " or \"linear_attention\""
+                    } else {
+                        ""
+                    }
+                ),
+            )),
+        })
+        .collect()
+}
+
+/// `partial_rotary_factor · head_dim` (transformers truncates); the factor sits in
+/// `rope_parameters` or at the top level, default 1 (0.25 for the hybrid families, as their
+/// configs default it).
+fn rotary_dim(f: &Fields, head_dim: usize, hybrid: bool) -> Result<usize, ConfigError> {
+    let nested = match f.get("rope_parameters").and_then(Value::as_object) {
+        Some(obj) => Fields {
+            obj,
+            path: f.path,
+            prefix: f.prefix,
+        }
+        .opt_f64("partial_rotary_factor")?,
+        None => None,
+    };
+    let factor = nested
+        .or(f.opt_f64("partial_rotary_factor")?)
+        .unwrap_or(if hybrid { 0.25 } else { 1.0 });
+    let dim = (head_dim as f64 * factor) as usize;
+    if dim == 0 || dim % 2 != 0 || dim > head_dim {
+        return Err(f.invalid(
+            "partial_rotary_factor",
+            format!("{factor} gives {dim} rotary channels of head_dim {head_dim}; need an even number in 2..=head_dim"),
+        ));
+    }
+    Ok(dim)
+}
+
 /// RoPE base and scaling from either spelling.
 fn parse_rope(f: &Fields) -> Result<(f64, RopeScaling), ConfigError> {
     // transformers ≥ 5: everything under `rope_parameters`.
@@ -300,7 +550,11 @@ fn parse_rope(f: &Fields) -> Result<(f64, RopeScaling), ConfigError> {
         let obj = params
             .as_object()
             .ok_or_else(|| f.invalid("rope_parameters", "expected an object".into()))?;
-        let sub = Fields { obj, path: f.path };
+        let sub = Fields {
+            obj,
+            path: f.path,
+            prefix: f.prefix,
+        };
         let theta = sub
             .opt_f64("rope_theta")?
             .or(f.opt_f64("rope_theta")?)
@@ -317,7 +571,11 @@ fn parse_rope(f: &Fields) -> Result<(f64, RopeScaling), ConfigError> {
             let obj = v
                 .as_object()
                 .ok_or_else(|| f.invalid("rope_scaling", "expected an object".into()))?;
-            let sub = Fields { obj, path: f.path };
+            let sub = Fields {
+                obj,
+                path: f.path,
+                prefix: f.prefix,
+            };
             let kind = sub.opt_string("rope_type")?.or(sub.opt_string("type")?);
             scaling_of(&sub, kind.as_deref(), "rope_scaling")?
         }
@@ -352,20 +610,37 @@ fn scaling_of(sub: &Fields, kind: Option<&str>, prefix: &str) -> Result<RopeScal
 struct Fields<'a> {
     obj: &'a Map<String, Value>,
     path: &'a str,
+    /// Shown before field names in errors (`text_config.` for a nested text config).
+    prefix: &'a str,
 }
 
 impl Fields<'_> {
     fn missing(&self, field: &str) -> ConfigError {
         ConfigError::Missing {
             path: self.path.into(),
-            field: field.into(),
+            field: format!("{}{field}", self.prefix),
         }
     }
     fn invalid(&self, field: &str, reason: String) -> ConfigError {
         ConfigError::Invalid {
             path: self.path.into(),
-            field: field.into(),
+            field: format!("{}{field}", self.prefix),
             reason,
+        }
+    }
+    fn opt_usize_list(&self, field: &str) -> Result<Option<Vec<usize>>, ConfigError> {
+        match self.get(field) {
+            None => Ok(None),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_u64().map(|n| n as usize).ok_or_else(|| {
+                        self.invalid(field, format!("expected non-negative integers, found {v}"))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(v) => Err(self.invalid(field, format!("expected a list, found {v}"))),
         }
     }
     fn get(&self, field: &str) -> Option<&Value> {

@@ -12,14 +12,21 @@
 //! Batches are right-padded: `attention_mask[b, t] = 0` marks padding, which no real token
 //! attends to. Positions are `0..T` for every row, as transformers uses for right padding.
 //!
-//! Not here: KV-cached decoding (see `generate`), the hybrid Gated-DeltaNet layers.
+//! The hybrid families (qwen3_next, qwen3_5) reuse this stack: a layer's token mixer is
+//! either this attention (then with a per-head output gate, partial RoPE and zero-centred
+//! `1 + w` norms) or a Gated DeltaNet (`gdn`), and its feed-forward block dense or a sparse
+//! MoE (`moe`).
+
+use std::sync::Arc;
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::{sigmoid, silu, softmax};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
-use super::config::ModelConfig;
-use super::weights::{TensorSource, WeightError};
+use super::config::{LayerKind, ModelConfig};
+use super::gdn::{GatedDeltaNet, GdnState};
+use super::moe::FeedForward;
+use super::weights::{CheckpointLayout, TensorSource, WeightError};
 
 /// A linear layer in Hugging Face orientation: `y = x·Wᵀ + b`.
 #[derive(Module, Debug)]
@@ -31,7 +38,7 @@ pub struct Linear {
 }
 
 impl Linear {
-    fn load(
+    pub(crate) fn load(
         src: &mut dyn TensorSource,
         name: &str,
         out: usize,
@@ -60,7 +67,8 @@ impl Linear {
     }
 }
 
-/// `x · rsqrt(mean(x²) + eps) · w` over the last dimension (llama/qwen convention: plain `w`).
+/// `x · rsqrt(mean(x²) + eps) · w` over the last dimension (llama/qwen convention: plain `w`),
+/// or `· (1 + w)` with zero-centred weights (qwen3_next / qwen3_5).
 #[derive(Module, Debug)]
 pub struct RmsNorm {
     /// `[dim]`
@@ -68,18 +76,23 @@ pub struct RmsNorm {
     /// Added to the mean square before the root.
     #[module(skip)]
     pub eps: f64,
+    /// Scale by `1 + w` instead of `w`.
+    #[module(skip)]
+    pub unit_offset: bool,
 }
 
 impl RmsNorm {
-    fn load(
+    pub(crate) fn load(
         src: &mut dyn TensorSource,
         name: &str,
         dim: usize,
         eps: f64,
+        unit_offset: bool,
     ) -> Result<Self, WeightError> {
         Ok(RmsNorm {
             weight: Param::from_tensor(src.take1(&format!("{name}.weight"), dim)?),
             eps,
+            unit_offset,
         })
     }
 
@@ -89,7 +102,12 @@ impl RmsNorm {
         let normed = x * (variance + self.eps).sqrt().recip();
         let mut shape = [1usize; D];
         shape[D - 1] = self.weight.dims()[0];
-        normed * self.weight.val().reshape(shape)
+        let w = self.weight.val().reshape(shape);
+        if self.unit_offset {
+            normed * (w + 1.0)
+        } else {
+            normed * w
+        }
     }
 }
 
@@ -126,6 +144,8 @@ pub struct AttentionShape {
     pub kv_heads: usize,
     /// Per-head width.
     pub head_dim: usize,
+    /// `q_proj` yields `[query | gate]` per head; the output is `attn · sigmoid(gate)`.
+    pub gated: bool,
 }
 
 /// Causal self-attention with grouped-query heads and optional per-head q/k norm (qwen3).
@@ -151,6 +171,8 @@ pub struct ForwardContext {
     /// `[batch, 1, seq_q, seq_k]`, true where attention is forbidden (future, padding,
     /// outside the sliding window).
     mask: Tensor<4, Bool>,
+    /// `[batch, seq, 1]`, 1 for tokens and 0 for padding (GDN layers zero padded inputs).
+    token_mask: Option<Tensor<3>>,
 }
 
 impl Attention {
@@ -168,9 +190,11 @@ impl Attention {
             heads,
             kv_heads,
             head_dim,
+            ..
         } = self.shape;
         let split = |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, head_dim]).swap_dims(1, 2);
-        let mut q = split(self.q_proj.forward(x.clone()), heads);
+        let (q, gate) = self.query(x.clone());
+        let mut q = q.swap_dims(1, 2);
         let mut k = split(self.k_proj.forward(x.clone()), kv_heads);
         let v = split(self.v_proj.forward(x), kv_heads);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
@@ -192,11 +216,76 @@ impl Attention {
             .matmul(v)
             .swap_dims(1, 2)
             .reshape([batch, seq, heads * head_dim]);
+        let out = match gate {
+            Some(gate) => out * sigmoid(gate),
+            None => out,
+        };
         (self.o_proj.forward(out), keep_probs.then_some(probs))
+    }
+
+    /// Queries `[batch, seq, heads, head_dim]` and, for gated attention, the output gate
+    /// `[batch, seq, heads · head_dim]` (`q_proj` rows per head are `[query | gate]`).
+    fn query(&self, x: Tensor<3>) -> (Tensor<4>, Option<Tensor<3>>) {
+        let [batch, seq, _] = x.dims();
+        let AttentionShape {
+            heads,
+            head_dim,
+            gated,
+            ..
+        } = self.shape;
+        let projected = self.q_proj.forward(x);
+        if !gated {
+            return (projected.reshape([batch, seq, heads, head_dim]), None);
+        }
+        let both = projected.reshape([batch, seq, heads, 2 * head_dim]);
+        let gate =
+            both.clone()
+                .narrow(3, head_dim, head_dim)
+                .reshape([batch, seq, heads * head_dim]);
+        (both.narrow(3, 0, head_dim), Some(gate))
     }
 }
 
 impl Attention {
+    /// Loads `prefix` (`model.layers.N.self_attn`).
+    fn load(
+        src: &mut dyn TensorSource,
+        prefix: &str,
+        cfg: &ModelConfig,
+    ) -> Result<Self, WeightError> {
+        let h = cfg.hidden_size;
+        let (heads, kv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let gated = cfg.attn_output_gate;
+        let q_rows = heads * hd * if gated { 2 } else { 1 };
+        let norm = |src: &mut dyn TensorSource, which: &str| {
+            if cfg.qk_norm {
+                let name = format!("{prefix}.{which}");
+                RmsNorm::load(src, &name, hd, cfg.rms_norm_eps, cfg.norm_unit_offset).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let name = |part: &str| format!("{prefix}.{part}");
+        Ok(Attention {
+            q_proj: Linear::load(src, &name("q_proj"), q_rows, h, cfg.qkv_bias)?,
+            k_proj: Linear::load(src, &name("k_proj"), kv * hd, h, cfg.qkv_bias)?,
+            v_proj: Linear::load(src, &name("v_proj"), kv * hd, h, cfg.qkv_bias)?,
+            o_proj: Linear::load(src, &name("o_proj"), h, heads * hd, cfg.o_bias)?,
+            q_norm: norm(src, "q_norm")?,
+            k_norm: norm(src, "k_norm")?,
+            shape: AttentionShape {
+                heads,
+                kv_heads: kv,
+                head_dim: hd,
+                gated,
+            },
+        })
+    }
+
     /// Attention of `n` new positions over the cached keys/values plus their own; appends the
     /// new keys/values (after RoPE, before `repeat_kv`) to `cache`.
     ///
@@ -213,9 +302,11 @@ impl Attention {
             heads,
             kv_heads,
             head_dim,
+            ..
         } = self.shape;
         let split = |t: Tensor<3>, h: usize| t.reshape([batch, n, h, head_dim]).swap_dims(1, 2);
-        let mut q = split(self.q_proj.forward(x.clone()), heads);
+        let (q, gate) = self.query(x.clone());
+        let mut q = q.swap_dims(1, 2);
         let mut k = split(self.k_proj.forward(x.clone()), kv_heads);
         let v = split(self.v_proj.forward(x), kv_heads);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
@@ -239,16 +330,27 @@ impl Attention {
                 .matmul(v)
                 .swap_dims(1, 2)
                 .reshape([batch, n, heads * head_dim]);
+        let out = match gate {
+            Some(gate) => out * sigmoid(gate),
+            None => out,
+        };
         self.o_proj.forward(out)
     }
 }
 
-/// `x·cos + rotate_half(x)·sin` with `rotate_half(x) = cat(-x₂, x₁)` (HF's non-interleaved RoPE).
+/// `x·cos + rotate_half(x)·sin` with `rotate_half(x) = cat(-x₂, x₁)` (HF's non-interleaved RoPE)
+/// on the first `rotary_dim` channels (the tables' width); the rest pass through (partial RoPE).
 ///
 /// # Shapes
-/// `x: [batch, heads, seq, head_dim]`, `cos`/`sin`: `[1, 1, seq, head_dim]`
+/// `x: [batch, heads, seq, head_dim]`, `cos`/`sin`: `[1, 1, seq, rotary_dim]`
 fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
     let [_, _, _, head_dim] = x.dims();
+    let rotary = cos.dims()[3];
+    if rotary < head_dim {
+        let pass = x.clone().narrow(3, rotary, head_dim - rotary);
+        let rotated = apply_rope(x.narrow(3, 0, rotary), cos, sin);
+        return Tensor::cat(vec![rotated, pass], 3);
+    }
     let half = head_dim / 2;
     let x1 = x.clone().narrow(3, 0, half);
     let x2 = x.clone().narrow(3, half, half);
@@ -270,11 +372,13 @@ fn repeat_kv(x: Tensor<4>, groups: usize) -> Tensor<4> {
         .reshape([batch, kv_heads * groups, seq, head_dim])
 }
 
-/// One pre-norm decoder block.
+/// One pre-norm decoder block; exactly one of `self_attn` / `linear_attn` is present.
 #[derive(Module, Debug)]
 pub struct DecoderLayer {
-    pub self_attn: Attention,
-    pub mlp: Mlp,
+    pub self_attn: Option<Attention>,
+    /// Gated DeltaNet (hybrid families).
+    pub linear_attn: Option<GatedDeltaNet>,
+    pub mlp: FeedForward,
     pub input_layernorm: RmsNorm,
     pub post_attention_layernorm: RmsNorm,
 }
@@ -286,12 +390,37 @@ impl DecoderLayer {
         ctx: &ForwardContext,
         keep_probs: bool,
     ) -> (Tensor<3>, Option<Tensor<4>>) {
-        let (attn, probs) =
-            self.self_attn
-                .forward(self.input_layernorm.forward(x.clone()), ctx, keep_probs);
-        let x = x + attn;
+        let normed = self.input_layernorm.forward(x.clone());
+        let (mixed, probs) = match (&self.self_attn, &self.linear_attn) {
+            (Some(attn), _) => attn.forward(normed, ctx, keep_probs),
+            (None, Some(gdn)) => (gdn.forward(normed, ctx.token_mask.as_ref(), None), None),
+            (None, None) => unreachable!("a decoder layer has a token mixer"),
+        };
+        let x = x + mixed;
         let x = x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x));
         (x, probs)
+    }
+
+    /// Attention (or GDN) over the cached history plus `x`, updating the cache slot.
+    fn forward_cached(
+        &self,
+        x: Tensor<3>,
+        ctx: &ForwardContext,
+        slot: &mut LayerCache,
+    ) -> Tensor<3> {
+        let normed = self.input_layernorm.forward(x.clone());
+        let mixed = match (&self.self_attn, &self.linear_attn) {
+            (Some(attn), _) => attn.forward_cached(normed, ctx, &mut slot.kv),
+            (None, Some(gdn)) => gdn.forward(normed, None, Some(&mut slot.recurrent)),
+            (None, None) => unreachable!("a decoder layer has a token mixer"),
+        };
+        let x = x + mixed;
+        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
+    }
+
+    /// Whether this layer is softmax attention (has attention probabilities to capture).
+    pub fn is_attention(&self) -> bool {
+        self.self_attn.is_some()
     }
 }
 
@@ -309,18 +438,31 @@ pub struct CausalLm {
     pub model: DecoderModel,
     /// Absent when the embedding is tied (the file then has no `lm_head.weight`).
     pub lm_head: Option<Linear>,
-    /// RoPE inverse frequencies (`head_dim / 2`); derived from the config, not a parameter.
+    /// RoPE inverse frequencies (`rotary_dim / 2`); derived from the config, not a parameter.
     #[module(skip)]
     pub inv_freq: Vec<f32>,
     /// Sliding-window width (mistral), if any.
     #[module(skip)]
     pub sliding_window: Option<usize>,
+    /// Where the decoder's tensors sit in the checkpoint and what else it carries (vision
+    /// tower, MTP head), for saving back.
+    #[module(skip)]
+    pub layout: Arc<CheckpointLayout>,
 }
 
-/// Keys and values of the positions decoded so far, per layer (`[batch, kv_heads, len, head_dim]`).
+/// What one layer remembers of the positions decoded so far.
+#[derive(Debug, Clone, Default)]
+pub struct LayerCache {
+    /// Attention: keys and values (`[batch, kv_heads, len, head_dim]`).
+    kv: Option<(Tensor<4>, Tensor<4>)>,
+    /// Gated DeltaNet: convolution inputs and the delta-rule state (size independent of len).
+    recurrent: Option<GdnState>,
+}
+
+/// The decoding cache of every layer.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    layers: Vec<LayerCache>,
     /// Positions already in the cache.
     pub len: usize,
 }
@@ -328,87 +470,54 @@ pub struct KvCache {
 /// What a forward pass returns besides logits when asked.
 #[derive(Default)]
 pub struct Capture {
-    /// Per layer, attention probabilities `[batch, heads, seq, seq]`.
+    /// Per full-attention layer, attention probabilities `[batch, heads, seq, seq]`.
     pub attention: Vec<Tensor<4>>,
+    /// The decoder layer index of each entry of `attention` (Gated-DeltaNet layers have no
+    /// attention probabilities and are skipped).
+    pub attention_layers: Vec<usize>,
 }
 
 impl CausalLm {
     /// Builds the model from named tensors (a checkpoint, or a seeded initialiser).
     pub fn load(cfg: &ModelConfig, src: &mut dyn TensorSource) -> Result<Self, WeightError> {
         let h = cfg.hidden_size;
-        let (heads, kv, hd) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
+        let eps = cfg.rms_norm_eps;
+        let offset = cfg.norm_unit_offset;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
+        for (i, kind) in cfg.layer_types.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            let norm = |src: &mut dyn TensorSource, which: &str| {
-                if cfg.qk_norm {
-                    RmsNorm::load(src, &format!("{p}.self_attn.{which}"), hd, cfg.rms_norm_eps)
-                        .map(Some)
-                } else {
-                    Ok(None)
-                }
-            };
-            let self_attn = Attention {
-                q_proj: Linear::load(
-                    src,
-                    &format!("{p}.self_attn.q_proj"),
-                    heads * hd,
-                    h,
-                    cfg.qkv_bias,
-                )?,
-                k_proj: Linear::load(
-                    src,
-                    &format!("{p}.self_attn.k_proj"),
-                    kv * hd,
-                    h,
-                    cfg.qkv_bias,
-                )?,
-                v_proj: Linear::load(
-                    src,
-                    &format!("{p}.self_attn.v_proj"),
-                    kv * hd,
-                    h,
-                    cfg.qkv_bias,
-                )?,
-                o_proj: Linear::load(
-                    src,
-                    &format!("{p}.self_attn.o_proj"),
-                    h,
-                    heads * hd,
-                    cfg.o_bias,
-                )?,
-                q_norm: norm(src, "q_norm")?,
-                k_norm: norm(src, "k_norm")?,
-                shape: AttentionShape {
-                    heads,
-                    kv_heads: kv,
-                    head_dim: hd,
-                },
-            };
-            let i_sz = cfg.intermediate_size;
-            let mlp = Mlp {
-                gate_proj: Linear::load(src, &format!("{p}.mlp.gate_proj"), i_sz, h, cfg.mlp_bias)?,
-                up_proj: Linear::load(src, &format!("{p}.mlp.up_proj"), i_sz, h, cfg.mlp_bias)?,
-                down_proj: Linear::load(src, &format!("{p}.mlp.down_proj"), h, i_sz, cfg.mlp_bias)?,
+            let (self_attn, linear_attn) = match (kind, &cfg.linear_attn) {
+                (LayerKind::LinearAttention, Some(lin)) => (
+                    None,
+                    Some(GatedDeltaNet::load(
+                        src,
+                        &format!("{p}.linear_attn"),
+                        cfg,
+                        lin,
+                    )?),
+                ),
+                _ => (
+                    Some(Attention::load(src, &format!("{p}.self_attn"), cfg)?),
+                    None,
+                ),
             };
             layers.push(DecoderLayer {
                 self_attn,
-                mlp,
+                linear_attn,
+                mlp: FeedForward::load(src, &format!("{p}.mlp"), cfg, i)?,
                 input_layernorm: RmsNorm::load(
                     src,
                     &format!("{p}.input_layernorm"),
                     h,
-                    cfg.rms_norm_eps,
+                    eps,
+                    offset,
                 )?,
                 post_attention_layernorm: RmsNorm::load(
                     src,
                     &format!("{p}.post_attention_layernorm"),
                     h,
-                    cfg.rms_norm_eps,
+                    eps,
+                    offset,
                 )?,
             });
         }
@@ -419,7 +528,7 @@ impl CausalLm {
                 ),
             },
             layers,
-            norm: RmsNorm::load(src, "model.norm", h, cfg.rms_norm_eps)?,
+            norm: RmsNorm::load(src, "model.norm", h, eps, offset)?,
         };
         let lm_head = if cfg.tie_word_embeddings {
             None
@@ -432,7 +541,17 @@ impl CausalLm {
             lm_head,
             inv_freq: cfg.inv_freq(),
             sliding_window: cfg.sliding_window,
+            layout: Arc::new(CheckpointLayout::default()),
         })
+    }
+
+    /// Every parameter under its checkpoint name (`model.language_model.…` for a multimodal
+    /// qwen3_5), for saving.
+    pub fn checkpoint_tensors(&self) -> Vec<(String, TensorData)> {
+        super::weights::named_tensors(self)
+            .into_iter()
+            .map(|(name, data)| (self.layout.disk_name(&name), data))
+            .collect()
     }
 
     /// The device the weights live on.
@@ -456,11 +575,12 @@ impl CausalLm {
         let ctx = self.context(batch, seq, attention_mask, &device);
         let mut x =
             burn::tensor::module::embedding(self.model.embed_tokens.weight.val(), input_ids);
-        for layer in &self.model.layers {
+        for (i, layer) in self.model.layers.iter().enumerate() {
             let (next, probs) = layer.forward(x, &ctx, capture.is_some());
             x = next;
             if let (Some(c), Some(p)) = (capture.as_deref_mut(), probs) {
                 c.attention.push(p);
+                c.attention_layers.push(i);
             }
         }
         self.model.norm.forward(x)
@@ -506,7 +626,7 @@ impl CausalLm {
         let [batch, n] = input_ids.dims();
         let device = input_ids.device();
         if cache.layers.len() != self.model.layers.len() {
-            cache.layers = vec![None; self.model.layers.len()];
+            cache.layers = vec![LayerCache::default(); self.model.layers.len()];
         }
         let past = cache.len;
         let (cos, sin) = self.rope_tables(past, n, &device);
@@ -526,17 +646,12 @@ impl CausalLm {
                 TensorData::new(mask, [batch, 1, n, past + n]),
                 &device,
             ),
+            token_mask: None,
         };
         let mut x =
             burn::tensor::module::embedding(self.model.embed_tokens.weight.val(), input_ids);
         for (layer, slot) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
-            let attn = layer.self_attn.forward_cached(
-                layer.input_layernorm.forward(x.clone()),
-                &ctx,
-                slot,
-            );
-            x = x + attn;
-            x = x.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(x));
+            x = layer.forward_cached(x, &ctx, slot);
         }
         cache.len += n;
         self.logits_from_hidden(self.model.norm.forward(x))
@@ -545,7 +660,7 @@ impl CausalLm {
     /// cos/sin tables for positions `start..start + n`.
     fn rope_tables(&self, start: usize, n: usize, device: &Device) -> (Tensor<4>, Tensor<4>) {
         let half = self.inv_freq.len();
-        let head_dim = 2 * half;
+        let head_dim = 2 * half; // the rotary width
         let mut cos = Vec::with_capacity(n * head_dim);
         let mut sin = Vec::with_capacity(n * head_dim);
         for pos in start..start + n {
@@ -582,10 +697,26 @@ impl CausalLm {
                 }
             }
         }
+        let has_gdn = self.model.layers.iter().any(|l| l.linear_attn.is_some());
+        let token_mask = match attention_mask {
+            Some(m) if has_gdn => {
+                let values: Vec<f32> = (0..batch)
+                    .flat_map(|b| {
+                        (0..seq).map(move |t| f32::from(m[b].get(t).copied().unwrap_or(0) != 0))
+                    })
+                    .collect();
+                Some(Tensor::<3>::from_data(
+                    TensorData::new(values, [batch, seq, 1]),
+                    device,
+                ))
+            }
+            _ => None,
+        };
         ForwardContext {
             cos,
             sin,
             mask: Tensor::<4, Bool>::from_data(TensorData::new(mask, [batch, 1, seq, seq]), device),
+            token_mask,
         }
     }
 }

@@ -11,10 +11,12 @@
 //! (`model.valid()`), or burn keeps the graph alive.
 
 pub mod config;
+pub mod gdn;
 pub mod generate;
 pub mod gguf;
 pub mod llama;
 pub mod logprobs;
+pub mod moe;
 pub mod preset;
 pub mod tokenizer;
 pub mod weights;
@@ -79,7 +81,16 @@ impl Model {
     pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let mut source = weights::SafetensorsSource::open(dir, device)?;
-        let lm = CausalLm::load(&config, &mut source)?;
+        let mut text = weights::TextSource {
+            inner: &mut source,
+            layout: weights::CheckpointLayout {
+                text_prefix: (config.text_prefix != "model.").then(|| config.text_prefix.clone()),
+                passthrough: Vec::new(),
+            },
+        };
+        let mut lm = CausalLm::load(&config, &mut text)?;
+        lm.layout = std::sync::Arc::new(text.layout);
+        // Disk dtypes are recorded under disk names; the save path maps names the same way.
         let tokenizer = if dir.join("tokenizer.json").exists() {
             Some(Tokenizer::from_dir(dir)?)
         } else {
@@ -219,8 +230,13 @@ pub fn save_dir(
 ) -> Result<(), ModelError> {
     let io = |path: PathBuf| move |source| ModelError::Io { path, source };
     std::fs::create_dir_all(dir).map_err(io(dir.to_path_buf()))?;
-    let tensors = weights::named_tensors(lm);
-    weights::write_safetensors(&dir.join("model.safetensors"), &tensors, dtypes)?;
+    let tensors = lm.checkpoint_tensors();
+    weights::write_safetensors(
+        &dir.join("model.safetensors"),
+        &tensors,
+        dtypes,
+        &lm.layout.passthrough,
+    )?;
     let config_json = serde_json::to_vec_pretty(&config.raw).expect("a JSON value serialises");
     let mut files: Vec<(String, Vec<u8>)> = vec![("config.json".into(), config_json)];
     if let Some(tok) = tokenizer {

@@ -6,6 +6,11 @@
 //! extra tensor are errors that name the tensor. Saving walks the module's parameters by
 //! path and writes exactly the names, shapes and dtypes that were loaded, with
 //! `config.json`, so transformers and vLLM load the directory unchanged.
+//!
+//! A multimodal qwen3_5 checkpoint keeps its text decoder under `model.language_model.*`:
+//! [`TextSource`] maps the decoder's `model.*` names there, and tensors dreamloop does not
+//! train (`model.visual.*`, the multi-token-prediction head `mtp.*`) are carried through
+//! byte for byte ([`RawTensor`]) so that a save loses nothing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -58,6 +63,10 @@ pub trait TensorSource {
     /// Called after the model took everything it needs: unused tensors are an error.
     fn finish(&mut self) -> Result<(), WeightError>;
 
+    fn take3(&mut self, name: &str, shape: [usize; 3]) -> Result<Tensor<3>, WeightError> {
+        let data = self.take(name, &shape)?;
+        Ok(Tensor::from_data(data, &self.device()))
+    }
     fn take1(&mut self, name: &str, len: usize) -> Result<Tensor<1>, WeightError> {
         let data = self.take(name, &[len])?;
         Ok(Tensor::from_data(data, &self.device()))
@@ -65,6 +74,64 @@ pub trait TensorSource {
     fn take2(&mut self, name: &str, shape: [usize; 2]) -> Result<Tensor<2>, WeightError> {
         let data = self.take(name, &shape)?;
         Ok(Tensor::from_data(data, &self.device()))
+    }
+}
+
+/// A tensor kept exactly as it was on disk (not part of the trained decoder).
+#[derive(Debug, Clone)]
+pub struct RawTensor {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+/// Where the decoder's tensors sit in the checkpoint, and what else it holds.
+#[derive(Debug, Clone, Default)]
+pub struct CheckpointLayout {
+    /// Prefix replacing `model.` in the decoder's names (`model.language_model.` for a
+    /// multimodal qwen3_5); `None` = the names as they are.
+    pub text_prefix: Option<String>,
+    /// Tensors carried through unchanged on save (vision tower, MTP head).
+    pub passthrough: Vec<RawTensor>,
+}
+
+impl CheckpointLayout {
+    /// The checkpoint name of the decoder's parameter `name` (`model.…` / `lm_head.…`).
+    pub fn disk_name(&self, name: &str) -> String {
+        match (&self.text_prefix, name.strip_prefix("model.")) {
+            (Some(prefix), Some(rest)) => format!("{prefix}{rest}"),
+            _ => name.to_string(),
+        }
+    }
+}
+
+/// Checkpoint prefixes whose tensors dreamloop carries through without loading them: the
+/// multi-token-prediction head of qwen3_next / qwen3_5 and qwen3_5's vision tower.
+pub const PASSTHROUGH_PREFIXES: [&str; 2] = ["mtp.", "model.visual."];
+
+/// A [`SafetensorsSource`] seen through a [`CheckpointLayout`]: the decoder asks for `model.*`
+/// names, and at [`TensorSource::finish`] the pass-through tensors are collected instead of
+/// being reported as extra.
+pub struct TextSource<'a> {
+    pub inner: &'a mut SafetensorsSource,
+    pub layout: CheckpointLayout,
+}
+
+impl TensorSource for TextSource<'_> {
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<TensorData, WeightError> {
+        let disk = self.layout.disk_name(name);
+        self.inner.take(&disk, shape).map_err(|e| match e {
+            WeightError::Missing { .. } => WeightError::Missing { name: disk.clone() },
+            other => other,
+        })
+    }
+    fn device(&self) -> Device {
+        self.inner.device()
+    }
+    fn finish(&mut self) -> Result<(), WeightError> {
+        self.layout.passthrough = self.inner.take_raw_with_prefixes(&PASSTHROUGH_PREFIXES)?;
+        self.inner.finish()
     }
 }
 
@@ -145,6 +212,41 @@ impl SafetensorsSource {
             dtypes: HashMap::new(),
             device: device.clone(),
         })
+    }
+}
+
+impl SafetensorsSource {
+    /// Takes every not-yet-taken tensor whose name starts with one of `prefixes`, as raw bytes.
+    pub fn take_raw_with_prefixes(
+        &mut self,
+        prefixes: &[&str],
+    ) -> Result<Vec<RawTensor>, WeightError> {
+        let names: Vec<String> = self
+            .index
+            .keys()
+            .filter(|k| prefixes.iter().any(|p| k.starts_with(p)) && !self.taken.contains(k))
+            .cloned()
+            .collect();
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let shard = &self.shards[self.index[&name]];
+            let parsed = SafeTensors::deserialize(&shard.map).map_err(|e| WeightError::Format {
+                path: shard.path.clone(),
+                reason: e.to_string(),
+            })?;
+            let view = parsed.tensor(&name).map_err(|e| WeightError::Format {
+                path: shard.path.clone(),
+                reason: e.to_string(),
+            })?;
+            out.push(RawTensor {
+                name: name.clone(),
+                dtype: view.dtype(),
+                shape: view.shape().to_vec(),
+                bytes: view.data().to_vec(),
+            });
+            self.taken.push(name);
+        }
+        Ok(out)
     }
 }
 
@@ -256,12 +358,13 @@ pub fn named_tensors<M: Module>(module: &M) -> Vec<(String, TensorData)> {
 }
 
 /// Writes `tensors` to a safetensors file at `path`, each in its recorded disk dtype
-/// (f32 when unknown). Written to a temporary sibling and renamed, so a crash never leaves a
-/// half-written file under the real name.
+/// (f32 when unknown), plus `raw` tensors byte for byte. Written to a temporary sibling and
+/// renamed, so a crash never leaves a half-written file under the real name.
 pub fn write_safetensors(
     path: &Path,
     tensors: &[(String, TensorData)],
     dtypes: &HashMap<String, DiskDtype>,
+    raw: &[RawTensor],
 ) -> Result<(), WeightError> {
     let mut encoded: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
     for (name, data) in tensors {
@@ -292,6 +395,10 @@ pub fn write_safetensors(
         };
         encoded.push((name.clone(), st_dtype, data.shape().to_vec(), bytes));
     }
+    encoded.extend(
+        raw.iter()
+            .map(|t| (t.name.clone(), t.dtype, t.shape.clone(), t.bytes.clone())),
+    );
     let views: Vec<(String, TensorView<'_>)> = encoded
         .iter()
         .map(|(name, dtype, shape, bytes)| {

@@ -1,0 +1,580 @@
+//! The hybrid Gated-DeltaNet decoders (qwen3_next, qwen3_5) against transformers.
+//!
+//! - `tests/fixtures/models/{qwen3_next, qwen3_next_moe, qwen3_5}`: the shared golden fixtures
+//!   (every case, including `seq80`, which crosses the 64-position chunk boundary).
+//! - `tests/fixtures/hybrid_unseen/*`: models of other shapes made by
+//!   `scripts/gen-hybrid-reference.py` (other head counts and ratios, conv kernel 3, partial
+//!   RoPE 0.5, `full_attention_interval` instead of `layer_types`, top-2-of-3 MoE without
+//!   renormalisation beside dense layers, and a multimodal qwen3_5 checkpoint).
+//! - The chunked delta rule against the recurrent one (values and gradients), and the
+//!   recurrent one's gradient against finite differences.
+//!
+//! Tolerances: the fixtures README's for hybrid models (log-probs/logits 3e-4, loss 5e-5);
+//! `qwen3_next_r3`'s own float32-vs-float64 spread is 4.3e-5 in log-probs (README of
+//! `hybrid_unseen`), so it gets 5e-4.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Int, Tensor, TensorData};
+use dreamloop::model::gdn::{chunked_delta_rule, recurrent_delta_rule};
+use dreamloop::model::llama::KvCache;
+use dreamloop::model::logprobs::{logprobs, ScoredSeq};
+use dreamloop::model::{cpu, Device, Model};
+use serde_json::Value;
+
+const ATOL: f32 = 3e-4;
+const LOSS_ATOL: f64 = 5e-5;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    let mut out = Vec::new();
+    fn walk(v: &Value, out: &mut Vec<f32>) {
+        match v {
+            Value::Array(items) => items.iter().for_each(|i| walk(i, out)),
+            other => out.push(other.as_f64().unwrap() as f32),
+        }
+    }
+    walk(v, &mut out);
+    out
+}
+
+fn rows_of(case: &Value) -> Vec<Vec<u32>> {
+    case["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect()
+        })
+        .collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn logits_of(model: &Model, rows: &[Vec<u32>], mask: Option<&[Vec<u8>]>) -> Vec<f32> {
+    let width = rows.iter().map(Vec::len).max().unwrap();
+    let ids: Vec<i64> = rows
+        .iter()
+        .flat_map(|r| {
+            let mut r: Vec<i64> = r.iter().map(|&i| i as i64).collect();
+            r.resize(width, 0);
+            r
+        })
+        .collect();
+    let lm = model.frozen();
+    let input =
+        Tensor::<2, Int>::from_data(TensorData::new(ids, [rows.len(), width]), &lm.device());
+    lm.forward(input, mask)
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap()
+}
+
+fn scored(rows: &[Vec<u32>]) -> Vec<ScoredSeq> {
+    rows.iter()
+        .map(|ids| ScoredSeq {
+            ids: ids.clone(),
+            score_from: 1,
+        })
+        .collect()
+}
+
+/// Logits, log-probs and loss of every case of a shared fixture.
+fn check_shared(name: &str) {
+    let dir = root().join("models").join(name);
+    let model = Model::load(&dir, &cpu()).unwrap();
+    let reference = read_json(&dir.join("reference.json"));
+    let cases = reference["cases"].as_object().unwrap();
+    assert!(
+        cases.contains_key("seq80"),
+        "{name}: the chunk-crossing case"
+    );
+    for (case_name, case) in cases {
+        let rows = rows_of(case);
+        let diff = max_abs_diff(&logits_of(&model, &rows, None), &floats(&case["logits"]));
+        assert!(diff <= ATOL, "{name}/{case_name}: logits differ by {diff}");
+        let lp = logprobs(&model.frozen(), &scored(&rows), 0);
+        let got: Vec<f32> = lp.scored_host().into_iter().flatten().collect();
+        let diff = max_abs_diff(&got, &floats(&case["logprobs"]));
+        assert!(
+            diff <= ATOL,
+            "{name}/{case_name}: log-probs differ by {diff}"
+        );
+        let loss = -got.iter().map(|&v| v as f64).sum::<f64>() / got.len() as f64;
+        let want = case["loss"].as_f64().unwrap();
+        assert!(
+            (loss - want).abs() <= LOSS_ATOL,
+            "{name}/{case_name}: loss {loss} vs {want}"
+        );
+    }
+}
+
+#[test]
+fn qwen3_next_matches_transformers() {
+    check_shared("qwen3_next");
+}
+
+#[test]
+fn qwen3_next_moe_matches_transformers() {
+    check_shared("qwen3_next_moe");
+}
+
+#[test]
+fn qwen3_5_matches_transformers() {
+    check_shared("qwen3_5");
+}
+
+/// Per-layer residual stream of `seq7` (localises a mismatch to a layer when one appears).
+#[test]
+fn hybrid_hidden_states_match_per_layer() {
+    use dreamloop::model::llama::Capture;
+    for name in ["qwen3_next", "qwen3_5"] {
+        let dir = root().join("models").join(name);
+        let model = Model::load(&dir, &cpu()).unwrap();
+        let reference = read_json(&dir.join("reference.json"));
+        let want = floats(&reference["debug_hidden_states_seq7"]["values"]);
+        let ids = rows_of(&reference["cases"]["seq7"]);
+        let lm = model.frozen();
+        let input = Tensor::<2, Int>::from_data(
+            TensorData::new(ids[0].iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, 7]),
+            &lm.device(),
+        );
+        let mut capture = Capture::default();
+        let last = lm
+            .hidden_states(input, None, Some(&mut capture))
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let n = last.len();
+        let diff = max_abs_diff(&last, &want[want.len() - n..]);
+        assert!(diff <= ATOL, "{name}: final hidden states differ by {diff}");
+        // Only the full-attention layer (index 3) has attention probabilities.
+        assert_eq!(capture.attention_layers, vec![3], "{name}");
+    }
+}
+
+/// Right-padded batches of different lengths give each sequence's own reference logits (GDN
+/// layers see zeroed inputs at padded positions, which only follow the real ones).
+#[test]
+fn hybrid_right_padded_batch_matches_references() {
+    for name in ["qwen3_next_moe", "qwen3_5"] {
+        let dir = root().join("models").join(name);
+        let model = Model::load(&dir, &cpu()).unwrap();
+        let reference = read_json(&dir.join("reference.json"));
+        let names = ["seq7", "seq80", "seq33"];
+        let rows: Vec<Vec<u32>> = names
+            .iter()
+            .map(|c| rows_of(&reference["cases"][*c]).remove(0))
+            .collect();
+        let width = rows.iter().map(Vec::len).max().unwrap();
+        let mask: Vec<Vec<u8>> = rows
+            .iter()
+            .map(|r| {
+                let mut m = vec![1u8; r.len()];
+                m.resize(width, 0);
+                m
+            })
+            .collect();
+        let logits = logits_of(&model, &rows, Some(&mask));
+        let vocab = model.config.vocab_size;
+        for (b, case) in names.iter().enumerate() {
+            let want = floats(&reference["cases"][*case]["logits"]);
+            let got = &logits[b * width * vocab..(b * width + rows[b].len()) * vocab];
+            let diff = max_abs_diff(got, &want);
+            assert!(diff <= ATOL, "{name}: padded row {case} differs by {diff}");
+        }
+    }
+}
+
+/// Decoding with conv + recurrent state (GDN layers) and a KV cache (attention layers): a
+/// 70-token prefill (chunked, crossing a chunk boundary) then single tokens (recurrent).
+#[test]
+fn hybrid_cached_decoding_matches_full_sequence_logits() {
+    for name in ["qwen3_next", "qwen3_next_moe", "qwen3_5"] {
+        let dir = root().join("models").join(name);
+        let model = Model::load(&dir, &cpu()).unwrap();
+        let lm = model.frozen();
+        let reference = read_json(&dir.join("reference.json"));
+        let case = &reference["cases"]["seq80"];
+        let ids = rows_of(case).remove(0);
+        let want = floats(&case["logits"]);
+        let vocab = model.config.vocab_size;
+        let mut cache = KvCache::default();
+        let mut pos = 0;
+        let mut pieces: Vec<&[u32]> = vec![&ids[..70]];
+        pieces.extend(ids[70..77].chunks(1));
+        pieces.push(&ids[77..]);
+        for piece in pieces {
+            let n = piece.len();
+            let input = Tensor::<2, Int>::from_data(
+                TensorData::new(piece.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, n]),
+                &lm.device(),
+            );
+            let got = lm
+                .forward_cached(input, &mut cache)
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap();
+            let diff = max_abs_diff(&got, &want[pos * vocab..(pos + n) * vocab]);
+            assert!(
+                diff <= ATOL,
+                "{name}: cached logits at {pos}..{} differ by {diff}",
+                pos + n
+            );
+            pos += n;
+        }
+        assert_eq!(cache.len, ids.len());
+    }
+}
+
+/// Deterministic pseudo-random values in [lo, hi).
+fn uniform(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            lo + (hi - lo) * ((state >> 40) as f32 / (1u64 << 24) as f32)
+        })
+        .collect()
+}
+
+struct RuleInputs {
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    g: Tensor<3>,
+    beta: Tensor<3>,
+    initial: Tensor<4>,
+}
+
+/// Inputs shaped as the layer makes them: unit-norm keys and queries (q scaled by dk^-½),
+/// `g ≤ 0` with some strong decays, `β ∈ (0, 1)`.
+fn rule_inputs(
+    b: usize,
+    h: usize,
+    t: usize,
+    dk: usize,
+    dv: usize,
+    seed: u64,
+    device: &Device,
+) -> RuleInputs {
+    let unit = |seed: u64, scale: f32| -> Tensor<4> {
+        let raw = uniform(b * h * t * dk, seed, -1.0, 1.0);
+        let mut out = Vec::with_capacity(raw.len());
+        for row in raw.chunks(dk) {
+            let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+            out.extend(row.iter().map(|x| x / norm * scale));
+        }
+        Tensor::from_data(TensorData::new(out, [b, h, t, dk]), device)
+    };
+    let g: Vec<f32> = uniform(b * h * t, seed + 3, 0.0, 1.0)
+        .into_iter()
+        .map(|u| -(u * u * 3.0))
+        .collect();
+    RuleInputs {
+        q: unit(seed, (dk as f32).powf(-0.5)),
+        k: unit(seed + 1, 1.0),
+        v: Tensor::from_data(
+            TensorData::new(uniform(b * h * t * dv, seed + 2, -2.0, 2.0), [b, h, t, dv]),
+            device,
+        ),
+        g: Tensor::from_data(TensorData::new(g, [b, h, t]), device),
+        beta: Tensor::from_data(
+            TensorData::new(uniform(b * h * t, seed + 4, 0.05, 0.95), [b, h, t]),
+            device,
+        ),
+        initial: Tensor::from_data(
+            TensorData::new(
+                uniform(b * h * dk * dv, seed + 5, -0.5, 0.5),
+                [b, h, dk, dv],
+            ),
+            device,
+        ),
+    }
+}
+
+fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().try_to_vec::<f32>().unwrap()
+}
+
+/// Chunked and recurrent forms agree to 1e-5 (outputs and final state) at lengths that are
+/// not multiples of the chunk, with and without an initial state, at chunk 64 and 16.
+#[test]
+fn chunked_and_recurrent_delta_rules_agree() {
+    let device = cpu();
+    for (t, chunk) in [
+        (1, 64),
+        (37, 64),
+        (64, 64),
+        (65, 64),
+        (150, 64),
+        (150, 16),
+        (23, 16),
+    ] {
+        let x = rule_inputs(2, 3, t, 16, 8, t as u64 * 7 + chunk as u64, &device);
+        for initial in [None, Some(x.initial.clone())] {
+            let (o_c, s_c) = chunked_delta_rule(
+                x.q.clone(),
+                x.k.clone(),
+                x.v.clone(),
+                x.g.clone(),
+                x.beta.clone(),
+                initial.clone(),
+                chunk,
+            );
+            let (o_r, s_r) = recurrent_delta_rule(
+                x.q.clone(),
+                x.k.clone(),
+                x.v.clone(),
+                x.g.clone(),
+                x.beta.clone(),
+                initial.clone(),
+            );
+            let d_out = max_abs_diff(&host(o_c), &host(o_r));
+            let d_state = max_abs_diff(&host(s_c), &host(s_r));
+            assert!(
+                d_out <= 1e-5 && d_state <= 1e-5,
+                "T={t} chunk={chunk} initial={}: outputs differ by {d_out}, states by {d_state}",
+                initial.is_some()
+            );
+        }
+    }
+}
+
+/// Gradients through the chunked form (burn autodiff) equal those through the recurrent
+/// form for every input, and the recurrent form's gradient matches central finite
+/// differences at a few elements.
+#[test]
+fn chunked_delta_rule_gradients_match_recurrent_and_finite_differences() {
+    let device = cpu().autodiff();
+    let (b, h, t, dk, dv) = (1, 2, 83, 8, 4);
+    let weights = Tensor::<4>::from_data(
+        TensorData::new(uniform(b * h * t * dv, 99, -1.0, 1.0), [b, h, t, dv]),
+        &device,
+    );
+    let state_weights = Tensor::<4>::from_data(
+        TensorData::new(uniform(b * h * dk * dv, 98, -1.0, 1.0), [b, h, dk, dv]),
+        &device,
+    );
+    let run = |chunked: bool| -> Vec<Vec<f32>> {
+        let x = rule_inputs(b, h, t, dk, dv, 5, &device);
+        let (q, k, v, g, beta, s0) = (
+            x.q.require_grad(),
+            x.k.require_grad(),
+            x.v.require_grad(),
+            x.g.require_grad(),
+            x.beta.require_grad(),
+            x.initial.require_grad(),
+        );
+        let (o, s) = if chunked {
+            chunked_delta_rule(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                g.clone(),
+                beta.clone(),
+                Some(s0.clone()),
+                16,
+            )
+        } else {
+            recurrent_delta_rule(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                g.clone(),
+                beta.clone(),
+                Some(s0.clone()),
+            )
+        };
+        let loss = (o * weights.clone()).sum() + (s * state_weights.clone()).sum();
+        let grads = loss.backward();
+        vec![
+            host(q.grad(&grads).unwrap()),
+            host(k.grad(&grads).unwrap()),
+            host(v.grad(&grads).unwrap()),
+            host(g.grad(&grads).unwrap()),
+            host(beta.grad(&grads).unwrap()),
+            host(s0.grad(&grads).unwrap()),
+        ]
+    };
+    let chunked = run(true);
+    let recurrent = run(false);
+    for (i, name) in ["q", "k", "v", "g", "beta", "initial"].iter().enumerate() {
+        let scale = recurrent[i].iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let diff = max_abs_diff(&chunked[i], &recurrent[i]);
+        assert!(
+            diff <= 1e-5 * scale.max(1.0),
+            "d/d{name}: chunked and recurrent gradients differ by {diff} (scale {scale})"
+        );
+    }
+
+    // Finite differences of the recurrent form in f32: a coarse but independent check.
+    let plain = cpu();
+    let loss_at = |which: usize, index: usize, delta: f32| -> f64 {
+        let x = rule_inputs(b, h, t, dk, dv, 5, &plain);
+        let mut parts = vec![host(x.q), host(x.k), host(x.v), host(x.g), host(x.beta)];
+        parts[which][index] += delta;
+        let t4 = |v: Vec<f32>, d: usize| {
+            Tensor::<4>::from_data(TensorData::new(v, [b, h, t, d]), &plain)
+        };
+        let t3 = |v: Vec<f32>| Tensor::<3>::from_data(TensorData::new(v, [b, h, t]), &plain);
+        let beta = t3(parts.pop().unwrap());
+        let g = t3(parts.pop().unwrap());
+        let v = t4(parts.pop().unwrap(), dv);
+        let k = t4(parts.pop().unwrap(), dk);
+        let q = t4(parts.pop().unwrap(), dk);
+        let (o, s) = recurrent_delta_rule(q, k, v, g, beta, Some(x.initial));
+        let w = host(weights.clone().inner());
+        let sw = host(state_weights.clone().inner());
+        let o = host(o);
+        let s = host(s);
+        o.iter()
+            .zip(&w)
+            .map(|(a, b)| (*a as f64) * (*b as f64))
+            .sum::<f64>()
+            + s.iter()
+                .zip(&sw)
+                .map(|(a, b)| (*a as f64) * (*b as f64))
+                .sum::<f64>()
+    };
+    for (which, index) in [
+        (0, 17),
+        (1, 100),
+        (2, 33),
+        (3, 50),
+        (3, 160),
+        (4, 7),
+        (4, 120),
+    ] {
+        let eps = 1e-2;
+        let numeric =
+            (loss_at(which, index, eps) - loss_at(which, index, -eps)) / (2.0 * eps as f64);
+        let analytic = recurrent[which][index] as f64;
+        assert!(
+            (numeric - analytic).abs() <= 2e-3 * analytic.abs().max(1.0),
+            "input {which}[{index}]: autodiff {analytic} vs finite difference {numeric}"
+        );
+    }
+}
+
+fn key_set(path: &Path) -> BTreeMap<String, (String, Vec<usize>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| (name, (format!("{:?}", view.dtype()), view.shape().to_vec())))
+        .collect()
+}
+
+/// load → save → load, both projection layouts, MoE, and the multimodal checkpoint (whose
+/// bf16 vision tower and `mtp.*` head are carried through byte for byte): identical keys,
+/// shapes, dtypes and config, identical logits, and every carried tensor's bytes unchanged.
+#[test]
+fn hybrid_save_round_trip_is_exact() {
+    let dirs = [
+        root().join("models/qwen3_next"),
+        root().join("models/qwen3_next_moe"),
+        root().join("models/qwen3_5"),
+        root().join("hybrid_unseen/qwen3_next_r3"),
+        root().join("hybrid_unseen/qwen3_5_vl"),
+    ];
+    for dir in dirs {
+        let model = Model::load(&dir, &cpu()).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        model.save(out.path()).unwrap();
+        let shown = dir.display();
+        assert_eq!(
+            key_set(&dir.join("model.safetensors")),
+            key_set(&out.path().join("model.safetensors")),
+            "{shown}: saved key set/shapes/dtypes differ"
+        );
+        assert_eq!(
+            read_json(&dir.join("config.json")),
+            read_json(&out.path().join("config.json")),
+            "{shown}: config.json changed"
+        );
+        let original = std::fs::read(dir.join("model.safetensors")).unwrap();
+        let saved = std::fs::read(out.path().join("model.safetensors")).unwrap();
+        let original = safetensors::SafeTensors::deserialize(&original).unwrap();
+        let saved = safetensors::SafeTensors::deserialize(&saved).unwrap();
+        for (name, view) in original.tensors() {
+            assert_eq!(
+                view.data(),
+                saved.tensor(&name).unwrap().data(),
+                "{shown}: tensor {name} changed"
+            );
+        }
+        let reloaded = Model::load(out.path(), &cpu()).unwrap();
+        let rows = vec![(3..40)
+            .map(|i| (i * 7 % 250) as u32 + 3)
+            .collect::<Vec<_>>()];
+        assert_eq!(
+            logits_of(&model, &rows, None),
+            logits_of(&reloaded, &rows, None),
+            "{shown}"
+        );
+    }
+}
+
+/// Models of shapes the shared fixtures do not have match transformers' log-probs.
+#[test]
+fn unseen_hybrid_configs_match_transformers() {
+    for (name, atol) in [
+        ("qwen3_5_odd", 3e-4),
+        ("qwen3_next_r3", 5e-4),
+        ("qwen3_5_vl", 3e-4),
+    ] {
+        let dir = root().join("hybrid_unseen").join(name);
+        let model = Model::load(&dir, &cpu()).unwrap();
+        let reference = read_json(&dir.join("reference.json"));
+        let resolved: Vec<String> = reference["layer_types"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        let ours: Vec<String> = model
+            .config
+            .layer_types
+            .iter()
+            .map(|k| {
+                serde_json::to_value(k)
+                    .unwrap()
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(ours, resolved, "{name}: layer types");
+        for case in reference["cases"].as_array().unwrap() {
+            let rows = rows_of(case);
+            let lp = logprobs(&model.frozen(), &scored(&rows), 0);
+            let got: Vec<f32> = lp.scored_host().into_iter().flatten().collect();
+            let diff = max_abs_diff(&got, &floats(&case["logprobs"]));
+            let label = case["name"].as_str().unwrap_or("?");
+            assert!(diff <= atol, "{name}/{label}: log-probs differ by {diff}");
+        }
+    }
+}
