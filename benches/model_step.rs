@@ -89,6 +89,7 @@ fn run_one(name: &str) {
         seed: 0,
         std: 0.02,
         device: device.clone(),
+        zero_centred_norms: cfg.norm_unit_offset,
     };
     let model = CausalLm::load(&cfg, &mut init).expect("shape loads");
     let mut ids = Ids(0x2545F4914F6CDD1D);

@@ -59,11 +59,26 @@ fn perplexity_is_exp_of_the_transformers_loss() {
 
 /// With q_proj zeroed every score is 0, so attention is uniform over the causal window:
 /// from query q (keys 0..=q), the sink-excluded mass on a span of s tokens is s / q.
+/// In the hybrid preset only the full-attention layer (index 3) is measured; the zeroed
+/// queries there still give uniform attention (q_norm of 0 is 0, the output gate does not
+/// touch the probabilities), and the GDN layers leave ablation sensitivity to see through them.
 #[test]
 fn attention_mass_matches_uniform_attention_closed_form() {
-    let mut model = Model::preset("tiny", 3, &cpu()).unwrap();
+    check_uniform_attention("tiny", &[0, 1, 2, 3]);
+}
+
+#[test]
+fn hybrid_attention_mass_reads_only_full_attention_layers() {
+    let report = check_uniform_attention("tiny-hybrid", &[3]);
+    assert!(report.ablation_sensitivity.is_finite() && report.ablation_sensitivity != 0.0);
+}
+
+fn check_uniform_attention(preset: &str, layers: &[usize]) -> dreamloop::eval::EvalReport {
+    let mut model = Model::preset(preset, 3, &cpu()).unwrap();
     for layer in &mut model.lm.model.layers {
-        let attn = layer.self_attn.as_mut().unwrap();
+        let Some(attn) = layer.self_attn.as_mut() else {
+            continue;
+        };
         let w = attn.q_proj.weight.val();
         let [out, inp] = w.dims();
         attn.q_proj.weight = Param::from_tensor(Tensor::from_data(
@@ -101,11 +116,13 @@ fn attention_mass_matches_uniform_attention_closed_form() {
         .map(|q| span.iter().filter(|&&k| k > 0 && k <= q).count() as f64 / q as f64)
         .sum::<f64>()
         / ATTENTION_POSITIONS as f64;
-    assert_eq!(report.attention_per_layer.len(), 4);
+    assert_eq!(report.attention_layers, layers);
+    assert_eq!(report.attention_per_layer.len(), layers.len());
     for (layer, got) in report.attention_per_layer.iter().enumerate() {
         assert!((got - want).abs() < 1e-5, "layer {layer}: {got} vs {want}");
     }
     assert!((report.attention_on_direction - want).abs() < 1e-5);
+    report
 }
 
 #[test]

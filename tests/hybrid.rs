@@ -578,3 +578,32 @@ fn unseen_hybrid_configs_match_transformers() {
         }
     }
 }
+
+/// Greedy generation through the recurrent + conv state and KV cache picks, at every step,
+/// the argmax of a full uncached forward over everything so far.
+#[test]
+fn hybrid_greedy_generation_matches_uncached_argmax() {
+    use dreamloop::model::generate::{generate_ids, Sampling};
+    for name in ["qwen3_next_moe", "qwen3_5"] {
+        let model = Model::load(&root().join("models").join(name), &cpu()).unwrap();
+        let lm = model.frozen();
+        let prompt: Vec<u32> = (0..67).map(|i| (i * 13 % 250) as u32 + 3).collect();
+        let sampling = Sampling {
+            max_new_tokens: 12,
+            ..Sampling::default()
+        };
+        let (generated, _) = generate_ids(&lm, &prompt, &[], &sampling);
+        assert_eq!(generated.len(), 12, "{name}");
+        let mut seq = prompt.clone();
+        for (step, &token) in generated.iter().enumerate() {
+            let logits = logits_of(&model, std::slice::from_ref(&seq), None);
+            let vocab = model.config.vocab_size;
+            let last = &logits[(seq.len() - 1) * vocab..];
+            let best = (0..vocab)
+                .max_by(|&a, &b| last[a].total_cmp(&last[b]))
+                .unwrap() as u32;
+            assert_eq!(token, best, "{name}: step {step}");
+            seq.push(token);
+        }
+    }
+}

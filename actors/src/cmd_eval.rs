@@ -222,7 +222,11 @@ fn print_table(what: &str, r: &EvalReport) {
         r.attention_on_direction,
         r.attention_per_layer
             .iter()
-            .map(|a| format!("{a:.4}"))
+            .enumerate()
+            .map(|(i, a)| match r.attention_layers.get(i) {
+                Some(layer) => format!("L{layer} {a:.4}"),
+                None => format!("{a:.4}"),
+            })
             .collect::<Vec<_>>()
             .join(" ")
     );

@@ -667,7 +667,8 @@ impl Driver {
                 ev.report.arithmetic.margin,
             );
             telemetry::record_probe("code", ev.report.code.accuracy, ev.report.code.margin);
-            for (layer, ratio) in ev.report.attention_per_layer.iter().enumerate() {
+            for (i, ratio) in ev.report.attention_per_layer.iter().enumerate() {
+                let layer = ev.report.attention_layers.get(i).copied().unwrap_or(i);
                 telemetry::record_layer_attention(layer, *ratio);
             }
             telemetry::record_verdict(&ev.verdict, &after);

@@ -96,10 +96,15 @@ pub struct EvalReport {
     pub code: PreferenceScore,
     /// exp(mean NLL) over the held-out text.
     pub perplexity: f64,
-    /// Attention mass on the direction span, averaged over layers.
+    /// Attention mass on the direction span, averaged over the full-attention layers.
     pub attention_on_direction: f64,
-    /// The same per layer (all layers of a llama-family model are full attention).
+    /// The same per full-attention layer (every layer of a llama-family model; one in four
+    /// of a qwen3_5 / qwen3_next hybrid, whose Gated-DeltaNet layers have no attention
+    /// probabilities: ablation sensitivity is the probe that sees through those).
     pub attention_per_layer: Vec<f64>,
+    /// Decoder layer index of each entry of `attention_per_layer`.
+    #[serde(default)]
+    pub attention_layers: Vec<usize>,
     /// Mean Δ log p(preferred) when the direction is removed (positive: the direction helps).
     pub ablation_sensitivity: f64,
     pub seconds: f64,
@@ -386,9 +391,10 @@ impl ProbeSuite {
         report.ablation_sensitivity = mean(&deltas);
 
         // Attention from the first response positions onto the direction tokens.
-        let (per_layer, n) = self.attention(lm, &mut tick);
+        let (per_layer, layers, n) = self.attention(lm, &mut tick);
         if n > 0 {
             report.attention_per_layer = per_layer;
+            report.attention_layers = layers;
             report.attention_on_direction = mean(&report.attention_per_layer);
         }
 
@@ -421,15 +427,22 @@ impl ProbeSuite {
         report
     }
 
-    /// Mean attention mass on direction tokens per layer, and how many probes had a span.
-    fn attention(&self, lm: &CausalLm, tick: &mut dyn FnMut(usize)) -> (Vec<f64>, usize) {
+    /// Mean attention mass on direction tokens per full-attention layer, those layers'
+    /// indices, and how many probes had a span.
+    fn attention(
+        &self,
+        lm: &CausalLm,
+        tick: &mut dyn FnMut(usize),
+    ) -> (Vec<f64>, Vec<usize>, usize) {
         let probes: Vec<&PreferenceProbe> = self
             .preference
             .iter()
             .filter(|p| !p.direction.is_empty())
             .collect();
-        let layers = lm.model.layers.len();
-        let mut totals = vec![0.0; layers];
+        let layers: Vec<usize> = (0..lm.model.layers.len())
+            .filter(|&i| lm.model.layers[i].is_attention())
+            .collect();
+        let mut totals = vec![0.0; layers.len()];
         for chunk in probes.chunks(BATCH) {
             let seqs: Vec<ScoredSeq> = chunk.iter().map(|p| seq(&p.prompt, &p.preferred)).collect();
             let (ids, mask, width) = pad_batch(&seqs, self.pad);
@@ -475,7 +488,11 @@ impl ProbeSuite {
             tick(1);
         }
         let n = probes.len();
-        (totals.iter().map(|t| t / n.max(1) as f64).collect(), n)
+        (
+            totals.iter().map(|t| t / n.max(1) as f64).collect(),
+            layers,
+            n,
+        )
     }
 
     fn choices(

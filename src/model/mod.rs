@@ -121,6 +121,7 @@ impl Model {
             seed,
             std,
             device: device.clone(),
+            zero_centred_norms: config.norm_unit_offset,
         };
         let lm = CausalLm::load(&config, &mut init)?;
         let json = serde_json::to_vec_pretty(&preset::byte_tokenizer_json())

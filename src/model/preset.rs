@@ -5,6 +5,11 @@
 //! enough to train on a laptop CPU, shaped like the real thing (GQA, tied embeddings,
 //! ChatML). Its weights follow transformers' `_init_weights` for llama: linear and embedding
 //! weights ~ N(0, initializer_range²), RMSNorm weights 1.
+//!
+//! `tiny-hybrid` is the operator's model family in miniature: a `qwen3_5_text` decoder of
+//! three Gated-DeltaNet layers and one gated full-attention layer, with the same tokenizer.
+//! Its init follows transformers' for qwen3_5: zero-centred norms 0 (the gated GDN norm 1),
+//! `dt_bias` 1, `A_log = log U(1, 16)`.
 
 use serde_json::json;
 
@@ -19,7 +24,7 @@ pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>
 pub const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 
 /// Names of the presets [`preset_config`] knows.
-pub const PRESETS: [&str; 1] = ["tiny"];
+pub const PRESETS: [&str; 2] = ["tiny", "tiny-hybrid"];
 
 /// The `config.json` of a named preset.
 pub fn preset_config(name: &str) -> Option<serde_json::Value> {
@@ -44,6 +49,38 @@ pub fn preset_config(name: &str) -> Option<serde_json::Value> {
             "tie_word_embeddings": true,
             "attention_bias": false,
             "mlp_bias": false,
+            "bos_token_id": 257,
+            "eos_token_id": 258,
+            "pad_token_id": 258,
+            "torch_dtype": "float32"
+        })),
+        "tiny-hybrid" => Some(json!({
+            "architectures": ["Qwen3_5ForCausalLM"],
+            "model_type": "qwen3_5_text",
+            "vocab_size": 320,
+            "hidden_size": 128,
+            "intermediate_size": 352,
+            "num_hidden_layers": 4,
+            "layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4,
+            "linear_key_head_dim": 32,
+            "linear_value_head_dim": 32,
+            "linear_conv_kernel_dim": 4,
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000000.0,
+                "partial_rotary_factor": 0.25
+            },
+            "max_position_embeddings": 2048,
+            "initializer_range": 0.02,
+            "tie_word_embeddings": true,
+            "attention_bias": false,
             "bos_token_id": 257,
             "eos_token_id": 258,
             "pad_token_id": 258,
@@ -149,13 +186,25 @@ pub struct SeededInit {
     pub seed: u64,
     pub std: f64,
     pub device: Device,
+    /// The model's RMSNorms scale by `1 + w` (hybrid families): their weights start at 0.
+    pub zero_centred_norms: bool,
 }
 
 impl TensorSource for SeededInit {
     fn take(&mut self, name: &str, shape: &[usize]) -> Result<TensorData, WeightError> {
         let len: usize = shape.iter().product();
-        let values: Vec<f32> = if name.ends_with("norm.weight") {
+        let values: Vec<f32> = if name.ends_with("linear_attn.norm.weight") {
+            // The GDN output norm is a plain-`w` gated RMSNorm.
             vec![1.0; len]
+        } else if name.ends_with("norm.weight") {
+            vec![if self.zero_centred_norms { 0.0 } else { 1.0 }; len]
+        } else if name.ends_with("dt_bias") {
+            vec![1.0; len]
+        } else if name.ends_with("A_log") {
+            // log of evenly spread rates in [1, 16] (transformers draws them from U(0, 16)).
+            (0..len)
+                .map(|i| (1.0 + 15.0 * (i as f32 + 0.5) / len as f32).ln())
+                .collect()
         } else if name.ends_with(".bias") {
             vec![0.0; len]
         } else {
