@@ -124,8 +124,9 @@ fn train_and_compare_at(
         let off = diffs.iter().filter(|d| **d > tol.close).count();
         if std::env::var_os("TRAIN_CLI_VERBOSE").is_some() {
             eprintln!(
-                "{loss}: {name}: worst {worst:.2e}, {off}/{} over 2e-6",
-                diffs.len()
+                "{loss}: {name}: worst {worst:.2e}, {off}/{} over {}",
+                diffs.len(),
+                tol.close
             );
         }
         assert!(
