@@ -607,3 +607,120 @@ fn hybrid_greedy_generation_matches_uncached_argmax() {
         }
     }
 }
+
+/// The learning core on the hybrid preset: SFT then DPO steps through the real `Trainer` with
+/// APOLLO-Mini, the GDN and attention projections projected (low-rank state), `A_log` and the
+/// 3-D `conv1d.weight` on the dense branch, and freezing by name holding the GDN layers still.
+#[test]
+fn hybrid_trains_with_apollo_mini_and_freezing() {
+    use dreamloop::model::weights::named_tensors;
+    use dreamloop::train::loss::DpoVariant;
+    use dreamloop::train::optim::{ApolloConfig, OptimizerConfig};
+    use dreamloop::train::schedule::LrSchedule;
+    use dreamloop::train::trainer::{Batch, DpoItem, SftItem, Trainer, TrainerConfig};
+
+    let device = cpu().autodiff();
+    let model = Model::preset("tiny-hybrid", 1, &device).unwrap();
+    let before = named_tensors(&model.lm);
+    let settings = TrainerConfig {
+        optimizer: OptimizerConfig::Apollo(ApolloConfig::mini()),
+        schedule: LrSchedule::warmup_constant(1e-3, 0),
+        max_grad_norm: 1.0,
+        beta: 0.1,
+        dpo_variant: DpoVariant::Sigmoid,
+        freeze: vec!["*.linear_attn.*".into()],
+        train_only: Vec::new(),
+        pad_id: model.config.pad_id(),
+        max_seq_len: 0,
+    };
+    let mut trainer = Trainer::new(model.config.clone(), model.lm, None, settings).unwrap();
+    let ids = |seed: u64, n: usize| -> Vec<u32> {
+        uniform(n, seed, 3.0, 250.0)
+            .into_iter()
+            .map(|x| x as u32)
+            .collect()
+    };
+    let mut sft = Batch::default();
+    for i in 0..2 {
+        sft.sft.push(SftItem {
+            prompt: ids(10 + i, 70 + 3 * i as usize),
+            completion: ids(20 + i, 9),
+            hash: i,
+        });
+    }
+    let report = trainer.step(&sft).unwrap();
+    assert!(
+        report.loss.is_finite() && report.grad_norm > 0.0,
+        "{report:?}"
+    );
+    let mut dpo = Batch::default();
+    dpo.dpo.push(DpoItem {
+        prompt: ids(30, 40),
+        chosen: ids(31, 6),
+        rejected: ids(32, 8),
+        hash: 99,
+    });
+    let report = trainer.step(&dpo).unwrap();
+    assert!(report.loss.is_finite(), "{report:?}");
+
+    let optim = trainer.optimizer();
+    let attn = "model.layers.3.self_attn.q_proj.weight";
+    assert!(
+        optim.apollo_state::<2>(attn).unwrap().projected.is_some(),
+        "{attn}"
+    );
+    let names: Vec<&str> = optim.param_names().collect();
+    assert!(
+        !names.iter().any(|n| n.contains("linear_attn")),
+        "frozen GDN parameters have no optimizer state: {names:?}"
+    );
+    let after = named_tensors(trainer.model());
+    for ((name, a), (_, b)) in before.iter().zip(&after) {
+        let moved = max_abs_diff(
+            &a.clone().try_to_vec::<f32>().unwrap(),
+            &b.clone().try_to_vec::<f32>().unwrap(),
+        );
+        if name.contains("linear_attn") {
+            assert_eq!(moved, 0.0, "{name} is frozen but moved");
+        } else if name.contains("layers.3.self_attn") || name.contains("mlp") {
+            assert!(moved > 0.0, "{name} did not train");
+        }
+    }
+
+    // Without freezing, the GDN projections get projected (low-rank) state and the rest dense.
+    let model = Model::preset("tiny-hybrid", 1, &device).unwrap();
+    let settings = TrainerConfig {
+        optimizer: OptimizerConfig::Apollo(ApolloConfig::mini()),
+        schedule: LrSchedule::warmup_constant(1e-3, 0),
+        max_grad_norm: 1.0,
+        beta: 0.1,
+        dpo_variant: DpoVariant::Sigmoid,
+        freeze: Vec::new(),
+        train_only: Vec::new(),
+        pad_id: model.config.pad_id(),
+        max_seq_len: 0,
+    };
+    let mut trainer = Trainer::new(model.config.clone(), model.lm, None, settings).unwrap();
+    trainer.step(&sft).unwrap();
+    let optim = trainer.optimizer();
+    for name in ["in_proj_qkv", "in_proj_z", "out_proj"] {
+        let full = format!("model.layers.0.linear_attn.{name}.weight");
+        assert!(
+            optim.apollo_state::<2>(&full).unwrap().projected.is_some(),
+            "{full}"
+        );
+    }
+    for name in ["in_proj_a.weight", "in_proj_b.weight"] {
+        let full = format!("model.layers.0.linear_attn.{name}");
+        assert!(
+            optim.apollo_state::<2>(&full).unwrap().projected.is_none(),
+            "{full}"
+        );
+    }
+    assert!(optim
+        .apollo_state::<1>("model.layers.0.linear_attn.A_log")
+        .is_some());
+    assert!(optim
+        .apollo_state::<3>("model.layers.0.linear_attn.conv1d.weight")
+        .is_some());
+}

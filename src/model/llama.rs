@@ -554,6 +554,22 @@ impl CausalLm {
             .collect()
     }
 
+    /// Only the token mixer of layer `layer` (its attention or Gated DeltaNet, no norms, no
+    /// MLP) over `x` at positions `0..seq`, unmasked: what benchmarks compare layer kinds with.
+    ///
+    /// # Shapes
+    /// `[batch, seq, hidden]` → `[batch, seq, hidden]`
+    pub fn mixer_forward(&self, layer: usize, x: Tensor<3>) -> Tensor<3> {
+        let [batch, seq, _] = x.dims();
+        let ctx = self.context(batch, seq, None, &x.device());
+        let l = &self.model.layers[layer];
+        match (&l.self_attn, &l.linear_attn) {
+            (Some(attn), _) => attn.forward(x, &ctx, false).0,
+            (None, Some(gdn)) => gdn.forward(x, None, None),
+            (None, None) => unreachable!("a decoder layer has a token mixer"),
+        }
+    }
+
     /// The device the weights live on.
     pub fn device(&self) -> Device {
         self.model.embed_tokens.weight.val().device()

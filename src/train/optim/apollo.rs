@@ -87,7 +87,8 @@ pub struct ApolloConfig {
     pub seed: u64,
     /// Module names whose 2-D weights are projected: a parameter is projected when one of the
     /// dot-separated segments of its name equals one of these (`layers.3.self_attn.q_proj.weight`
-    /// matches `q_proj`). Embeddings, `lm_head` and all 1-D tensors get the dense branch.
+    /// matches `q_proj`). Embeddings, `lm_head`, routers, the GDN gate projections and all
+    /// 1-D and 3-D tensors (`A_log`, `conv1d.weight`) get the dense branch.
     pub projected_modules: Vec<String>,
     /// Storage orientation of the projected weights.
     pub layout: WeightLayout,
@@ -115,6 +116,12 @@ impl Default for ApolloConfig {
                 "gate_proj",
                 "up_proj",
                 "down_proj",
+                // Gated DeltaNet (qwen3_5 / qwen3_next): a quarter of a 27B model's weights.
+                // in_proj_b / in_proj_a / in_proj_ba have one row per value head and stay dense.
+                "in_proj_qkv",
+                "in_proj_z",
+                "in_proj_qkvz",
+                "out_proj",
             ]
             .iter()
             .map(|name| name.to_string())
