@@ -226,3 +226,129 @@ fn weight_errors_name_the_tensor() {
         "{e}"
     );
 }
+
+fn hybrid_base() -> Value {
+    json!({
+        "model_type": "qwen3_5_text", "vocab_size": 256, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 8, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 32, "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25},
+        "linear_num_key_heads": 2, "linear_num_value_heads": 6, "linear_key_head_dim": 16,
+        "linear_value_head_dim": 8, "linear_conv_kernel_dim": 4
+    })
+}
+
+/// Hybrid configs: layer pattern from `full_attention_interval` (default 4) as transformers
+/// derives it, partial RoPE, gated attention and zero-centred norms, GDN shape, MoE layers.
+#[test]
+fn hybrid_families_and_their_conventions() {
+    use dreamloop::model::config::LayerKind::{FullAttention as F, LinearAttention as L};
+    let c = parse(hybrid_base()).unwrap();
+    assert_eq!(c.family, Family::Qwen35);
+    assert_eq!(c.layer_types, [L, L, L, F, L, L, L, F]);
+    assert_eq!(c.rotary_dim, 8);
+    assert_eq!(c.inv_freq().len(), 4);
+    assert!(c.attn_output_gate && c.norm_unit_offset && c.qk_norm);
+    let lin = c.linear_attn.unwrap();
+    assert_eq!((lin.num_key_heads, lin.num_value_heads), (2, 6));
+    assert!(!lin.fused_projections);
+    assert!(c.moe.is_none());
+
+    let mut v = hybrid_base();
+    v["model_type"] = json!("qwen3_next");
+    v["full_attention_interval"] = json!(2);
+    v["num_experts"] = json!(4);
+    v["num_experts_per_tok"] = json!(2);
+    v["moe_intermediate_size"] = json!(16);
+    v["shared_expert_intermediate_size"] = json!(24);
+    v["decoder_sparse_step"] = json!(2);
+    v["mlp_only_layers"] = json!([5]);
+    let c = parse(v).unwrap();
+    assert_eq!(c.family, Family::Qwen3Next);
+    assert_eq!(c.layer_types, [L, F, L, F, L, F, L, F]);
+    assert!(c.linear_attn.unwrap().fused_projections);
+    let moe = c.moe.unwrap();
+    assert!(moe.norm_topk_prob, "transformers' default");
+    // sparse where (i + 1) % 2 == 0, except mlp_only_layers
+    assert_eq!(
+        moe.sparse_layers,
+        [false, true, false, true, false, false, false, true]
+    );
+
+    // The multimodal checkpoint: text config nested, tying by the top-level flag only.
+    let mut text = hybrid_base();
+    text["tie_word_embeddings"] = json!(true);
+    let v = json!({"model_type": "qwen3_5", "text_config": text, "eos_token_id": 7});
+    let c = parse(v).unwrap();
+    assert_eq!(c.text_prefix, "model.language_model.");
+    assert!(!c.tie_word_embeddings, "text_config's tie flag is ignored");
+    assert_eq!(c.eos_token_id, Some(7));
+    assert_eq!(c.layer_types.len(), 8);
+}
+
+/// Errors name the field, including inside `text_config`.
+#[test]
+fn hybrid_config_errors_name_the_field() {
+    let field_of = |v: Value| match parse(v).unwrap_err() {
+        ConfigError::Missing { field, .. } | ConfigError::Invalid { field, .. } => field,
+        other => panic!("{other}"),
+    };
+    let mut v = hybrid_base();
+    v["linear_num_value_heads"] = json!(5);
+    assert_eq!(field_of(v), "linear_num_value_heads");
+
+    let mut v = hybrid_base();
+    v.as_object_mut().unwrap().remove("linear_key_head_dim");
+    assert_eq!(field_of(v), "linear_key_head_dim");
+
+    let mut v = hybrid_base();
+    v["layer_types"] = json!(["linear_attention", "full_attention"]);
+    assert_eq!(field_of(v), "layer_types");
+
+    let mut v = hybrid_base();
+    v["layer_types"] = json!(vec!["linear_attention"; 8]);
+    v["layer_types"][7] = json!("sliding_attention");
+    assert_eq!(field_of(v), "layer_types[7]");
+
+    let mut v = base();
+    v["layer_types"] = json!(["full_attention", "linear_attention"]);
+    assert_eq!(
+        field_of(v),
+        "layer_types[1]",
+        "GDN layers only in hybrid families"
+    );
+
+    let mut v = hybrid_base();
+    v["rope_parameters"]["partial_rotary_factor"] = json!(0.01);
+    assert_eq!(field_of(v), "partial_rotary_factor");
+
+    let mut text = hybrid_base();
+    text.as_object_mut().unwrap().remove("rms_norm_eps");
+    let v = json!({"model_type": "qwen3_5", "text_config": text});
+    assert_eq!(field_of(v), "text_config.rms_norm_eps");
+
+    let v = json!({"model_type": "qwen3_5"});
+    assert_eq!(field_of(v), "text_config");
+}
+
+/// A GDN checkpoint missing a tensor names it under the multimodal prefix it was looked for.
+#[test]
+fn hybrid_missing_tensor_is_named() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hybrid_unseen/qwen3_5_vl");
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+    let gone = "model.language_model.layers.2.linear_attn.A_log";
+    let kept: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| n != gone)
+        .collect();
+    safetensors::serialize_to_file(kept, None, &dir.path().join("model.safetensors")).unwrap();
+    match Model::load(dir.path(), &cpu()) {
+        Err(ModelError::Weights(WeightError::Missing { name })) => assert_eq!(name, gone),
+        Err(other) => panic!("{other}"),
+        Ok(_) => panic!("loaded without {gone}"),
+    }
+}

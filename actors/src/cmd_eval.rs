@@ -36,7 +36,7 @@ pub const EXIT_INPUT: u8 = 2;
 #[derive(clap::Args)]
 #[command(group(clap::ArgGroup::new("weights").required(true).args(["model", "checkpoint"])))]
 pub struct EvalArgs {
-    /// A Hugging Face model directory, a `.gguf` file, or a preset name (`tiny`).
+    /// A Hugging Face model directory, a `.gguf` file, or a preset name (`tiny`, `tiny-hybrid`).
     #[arg(long)]
     pub model: Option<String>,
     /// A checkpoint of the state directory: a step number, `good` or `latest`.

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 #[derive(clap::Args)]
 pub struct ScoreArgs {
-    /// A Hugging Face model directory, a `.gguf` file, or a preset name (`tiny`, embedded, seed 0).
+    /// A Hugging Face model directory, a `.gguf` file, or a preset name (`tiny`, `tiny-hybrid`; embedded, seed 0).
     #[arg(long, default_value = "tiny")]
     pub model: String,
     /// The text to score.
@@ -20,7 +20,7 @@ pub struct ScoreArgs {
 
 #[derive(clap::Args)]
 pub struct LogprobsArgs {
-    /// A Hugging Face model directory, a `.gguf` file, or a preset name (`tiny`).
+    /// A Hugging Face model directory, a `.gguf` file, or a preset name (`tiny`, `tiny-hybrid`).
     #[arg(long, default_value = "tiny")]
     pub model: String,
     /// JSONL input: one `{"ids":[...]}`, `{"text":"..."}` or `{"messages":[...]}` per line.

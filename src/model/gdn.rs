@@ -396,20 +396,99 @@ pub fn chunked_delta_rule(
     let intra = q.matmul(k.swap_dims(3, 4)) * decay;
     let chunk_decay = last.exp();
 
-    let mut state = initial.unwrap_or_else(|| Tensor::zeros([b, h, dk, dv], &device));
+    let state = initial.unwrap_or_else(|| Tensor::zeros([b, h, dk, dv], &device));
     let mut outs = Vec::with_capacity(n);
-    let at = |x: &Tensor<5>, i: usize, d: usize| x.clone().narrow(2, i, 1).reshape([b, h, c, d]);
-    for i in 0..n {
-        let v_new = at(&u, i, dv) - at(&w, i, dk).matmul(state.clone());
-        outs.push(
-            at(&q_decayed, i, dk).matmul(state.clone()) + at(&intra, i, c).matmul(v_new.clone()),
-        );
-        state = state * chunk_decay.clone().narrow(2, i, 1).reshape([b, h, 1, 1])
-            + at(&k_to_end, i, dk).swap_dims(2, 3).matmul(v_new);
-    }
+    let parts = ChunkParts {
+        u,
+        w,
+        q_decayed,
+        k_to_end,
+        intra,
+        decay: chunk_decay,
+    };
+    let state = parts.scan(state, &mut outs);
     let out = Tensor::cat(outs, 2);
     let out = if pad == 0 { out } else { out.narrow(2, 0, t) };
     (out, state)
+}
+
+/// The per-chunk quantities of a range of chunks (axis 2), for the sequential pass.
+struct ChunkParts {
+    /// `Tm·(β⊙V)`, `[b, h, m, C, dv]`
+    u: Tensor<5>,
+    /// `Tm·(β⊙exp(Gc)⊙K)`, `[b, h, m, C, dk]`
+    w: Tensor<5>,
+    /// `Q⊙exp(Gc)`, `[b, h, m, C, dk]`
+    q_decayed: Tensor<5>,
+    /// `K⊙exp(Gc[C−1] − Gc)`, `[b, h, m, C, dk]`
+    k_to_end: Tensor<5>,
+    /// `(Q·Kᵀ)⊙D`, `[b, h, m, C, C]`
+    intra: Tensor<5>,
+    /// `exp(Gc[C−1])`, `[b, h, m, 1]`
+    decay: Tensor<4>,
+}
+
+impl ChunkParts {
+    /// Runs the chunks in order from `state`, pushing each chunk's output
+    /// (`[b, h, C, dv]`); returns the state after the last.
+    ///
+    /// The range is halved recursively rather than sliced one chunk at a time: the backward
+    /// pass of a slice allocates a gradient the size of what was sliced, so chunk-by-chunk
+    /// slicing would cost O(T²/C) in backward; halving costs O(T·log(T/C)).
+    fn scan(self, state: Tensor<4>, outs: &mut Vec<Tensor<4>>) -> Tensor<4> {
+        let [b, h, m, c, dk] = self.w.dims();
+        let dv = self.u.dims()[4];
+        if m == 1 {
+            let v_new =
+                self.u.reshape([b, h, c, dv]) - self.w.reshape([b, h, c, dk]).matmul(state.clone());
+            outs.push(
+                self.q_decayed.reshape([b, h, c, dk]).matmul(state.clone())
+                    + self.intra.reshape([b, h, c, c]).matmul(v_new.clone()),
+            );
+            return state * self.decay.reshape([b, h, 1, 1])
+                + self
+                    .k_to_end
+                    .reshape([b, h, c, dk])
+                    .swap_dims(2, 3)
+                    .matmul(v_new);
+        }
+        let half = m / 2;
+        let (left, right) = self.split(half);
+        let state = left.scan(state, outs);
+        right.scan(state, outs)
+    }
+
+    fn split(self, at: usize) -> (ChunkParts, ChunkParts) {
+        let m = self.w.dims()[2];
+        let cut5 = |x: Tensor<5>| (x.clone().narrow(2, 0, at), x.narrow(2, at, m - at));
+        let (u0, u1) = cut5(self.u);
+        let (w0, w1) = cut5(self.w);
+        let (q0, q1) = cut5(self.q_decayed);
+        let (k0, k1) = cut5(self.k_to_end);
+        let (i0, i1) = cut5(self.intra);
+        let (d0, d1) = (
+            self.decay.clone().narrow(2, 0, at),
+            self.decay.narrow(2, at, m - at),
+        );
+        (
+            ChunkParts {
+                u: u0,
+                w: w0,
+                q_decayed: q0,
+                k_to_end: k0,
+                intra: i0,
+                decay: d0,
+            },
+            ChunkParts {
+                u: u1,
+                w: w1,
+                q_decayed: q1,
+                k_to_end: k1,
+                intra: i1,
+                decay: d1,
+            },
+        )
+    }
 }
 
 /// `(I + A)⁻¹` for strictly lower-triangular `A` (`[.., m, m]`), by forward substitution:
