@@ -2,7 +2,8 @@
 //! perplexity matches one recomputed window by window through the library's log-prob API
 //! (not through `ProbeSuite`), a daemon's GOOD checkpoint evaluates to the numbers the
 //! daemon itself recorded when it marked it GOOD (so the CLI measures the daemon's probes),
-//! and a corrupt or missing checkpoint is an exit-2 error naming the file or step.
+//! and a corrupt or missing checkpoint is an exit-2 error naming the file or step. On the
+//! hybrid preset, attention is reported for its full-attention layer only, by index.
 
 mod common;
 
@@ -241,4 +242,39 @@ fn daemon_checkpoints_evaluate_as_the_daemon_did_and_bad_ones_are_refused() {
         "{stderr}"
     );
     assert!(out.stdout.is_empty());
+}
+
+/// `tiny-hybrid` (three Gated-DeltaNet layers, one gated-attention layer): the report names
+/// layer 3 as the only attention layer, and ablation sensitivity (which sees through the
+/// recurrent layers) is measured.
+#[test]
+fn hybrid_report_reads_attention_from_the_full_attention_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("dreamloop.toml");
+    std::fs::write(
+        &config,
+        config_text(&dir.path().join("state"), &Overrides::default()),
+    )
+    .unwrap();
+    let r = report(&eval(
+        &["--model", "tiny-hybrid", "--json", "--config"],
+        &[&config],
+    ));
+    assert_eq!(r["attention_layers"], serde_json::json!([3]), "{r}");
+    assert_eq!(r["attention_per_layer"].as_array().unwrap().len(), 1);
+    assert!((0.0..=1.0).contains(&number(&r, "attention_on_direction")));
+    number(&r, "ablation_sensitivity");
+    assert!(number(&r, "perplexity") > 1.0);
+
+    // And the preset decodes through its recurrent and KV caches.
+    let out = Command::new(env!("CARGO_BIN_EXE_dreamloop"))
+        .args(["generate", "--model", "tiny-hybrid", "--prompt", "Rename x to y."])
+        .args(["--max-new-tokens", "8"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
