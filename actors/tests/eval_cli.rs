@@ -268,7 +268,13 @@ fn hybrid_report_reads_attention_from_the_full_attention_layer() {
 
     // And the preset decodes through its recurrent and KV caches.
     let out = Command::new(env!("CARGO_BIN_EXE_dreamloop"))
-        .args(["generate", "--model", "tiny-hybrid", "--prompt", "Rename x to y."])
+        .args([
+            "generate",
+            "--model",
+            "tiny-hybrid",
+            "--prompt",
+            "Rename x to y.",
+        ])
         .args(["--max-new-tokens", "8"])
         .output()
         .unwrap();
