@@ -13,6 +13,8 @@
 //! `qwen3_next_r3`'s own float32-vs-float64 spread is 4.3e-5 in log-probs (README of
 //! `hybrid_unseen`), so it gets 5e-4.
 
+mod model_common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -21,6 +23,7 @@ use dreamloop::model::gdn::{chunked_delta_rule, recurrent_delta_rule};
 use dreamloop::model::llama::KvCache;
 use dreamloop::model::logprobs::{logprobs, ScoredSeq};
 use dreamloop::model::{cpu, Device, Model};
+use model_common::{floats, ids_of, logits_of, max_abs_diff};
 use serde_json::Value;
 
 const ATOL: f32 = 3e-4;
@@ -32,60 +35,6 @@ fn root() -> PathBuf {
 
 fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    let mut out = Vec::new();
-    fn walk(v: &Value, out: &mut Vec<f32>) {
-        match v {
-            Value::Array(items) => items.iter().for_each(|i| walk(i, out)),
-            other => out.push(other.as_f64().unwrap() as f32),
-        }
-    }
-    walk(v, &mut out);
-    out
-}
-
-fn rows_of(case: &Value) -> Vec<Vec<u32>> {
-    case["input_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect()
-        })
-        .collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn logits_of(model: &Model, rows: &[Vec<u32>], mask: Option<&[Vec<u8>]>) -> Vec<f32> {
-    let width = rows.iter().map(Vec::len).max().unwrap();
-    let ids: Vec<i64> = rows
-        .iter()
-        .flat_map(|r| {
-            let mut r: Vec<i64> = r.iter().map(|&i| i as i64).collect();
-            r.resize(width, 0);
-            r
-        })
-        .collect();
-    let lm = model.frozen();
-    let input =
-        Tensor::<2, Int>::from_data(TensorData::new(ids, [rows.len(), width]), &lm.device());
-    lm.forward(input, mask)
-        .into_data()
-        .try_to_vec::<f32>()
-        .unwrap()
 }
 
 fn scored(rows: &[Vec<u32>]) -> Vec<ScoredSeq> {
@@ -108,7 +57,7 @@ fn check_shared(name: &str) {
         "{name}: the chunk-crossing case"
     );
     for (case_name, case) in cases {
-        let rows = rows_of(case);
+        let rows = ids_of(case);
         let diff = max_abs_diff(&logits_of(&model, &rows, None), &floats(&case["logits"]));
         assert!(diff <= ATOL, "{name}/{case_name}: logits differ by {diff}");
         let lp = logprobs(&model.frozen(), &scored(&rows), 0);
@@ -142,7 +91,8 @@ fn qwen3_5_matches_transformers() {
     check_shared("qwen3_5");
 }
 
-/// Per-layer residual stream of `seq7` (localises a mismatch to a layer when one appears).
+/// Final hidden states of `seq7` (after the last norm) against transformers'
+/// `debug_hidden_states_seq7`, and which layers report attention probabilities.
 #[test]
 fn hybrid_hidden_states_match_per_layer() {
     use dreamloop::model::llama::Capture;
@@ -151,7 +101,7 @@ fn hybrid_hidden_states_match_per_layer() {
         let model = Model::load(&dir, &cpu()).unwrap();
         let reference = read_json(&dir.join("reference.json"));
         let want = floats(&reference["debug_hidden_states_seq7"]["values"]);
-        let ids = rows_of(&reference["cases"]["seq7"]);
+        let ids = ids_of(&reference["cases"]["seq7"]);
         let lm = model.frozen();
         let input = Tensor::<2, Int>::from_data(
             TensorData::new(ids[0].iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, 7]),
@@ -182,7 +132,7 @@ fn hybrid_right_padded_batch_matches_references() {
         let names = ["seq7", "seq80", "seq33"];
         let rows: Vec<Vec<u32>> = names
             .iter()
-            .map(|c| rows_of(&reference["cases"][*c]).remove(0))
+            .map(|c| ids_of(&reference["cases"][*c]).remove(0))
             .collect();
         let width = rows.iter().map(Vec::len).max().unwrap();
         let mask: Vec<Vec<u8>> = rows
@@ -214,7 +164,7 @@ fn hybrid_cached_decoding_matches_full_sequence_logits() {
         let lm = model.frozen();
         let reference = read_json(&dir.join("reference.json"));
         let case = &reference["cases"]["seq80"];
-        let ids = rows_of(case).remove(0);
+        let ids = ids_of(case).remove(0);
         let want = floats(&case["logits"]);
         let vocab = model.config.vocab_size;
         let mut cache = KvCache::default();
@@ -569,7 +519,7 @@ fn unseen_hybrid_configs_match_transformers() {
             .collect();
         assert_eq!(ours, resolved, "{name}: layer types");
         for case in reference["cases"].as_array().unwrap() {
-            let rows = rows_of(case);
+            let rows = ids_of(case);
             let lp = logprobs(&model.frozen(), &scored(&rows), 0);
             let got: Vec<f32> = lp.scored_host().into_iter().flatten().collect();
             let diff = max_abs_diff(&got, &floats(&case["logprobs"]));

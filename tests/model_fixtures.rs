@@ -3,12 +3,15 @@
 //! case, right-padded batches, and the save → load round trip.
 //! Tolerances are the fixtures README's for a float32 port of a dense model.
 
+mod model_common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Int, Tensor, TensorData};
 use dreamloop::model::logprobs::{logprobs, ScoredSeq};
 use dreamloop::model::{cpu, Model};
+use model_common::{floats, ids_of, logits_of, max_abs_diff};
 use serde_json::Value;
 
 const LOGIT_ATOL: f32 = 1e-4;
@@ -24,60 +27,6 @@ fn fixture(name: &str) -> PathBuf {
 fn reference(name: &str) -> Value {
     let text = std::fs::read_to_string(fixture(name).join("reference.json")).unwrap();
     serde_json::from_str(&text).unwrap()
-}
-
-fn ids_of(case: &Value) -> Vec<Vec<u32>> {
-    case["input_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|row| {
-            row.as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect()
-        })
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    let mut out = Vec::new();
-    fn walk(v: &Value, out: &mut Vec<f32>) {
-        match v {
-            Value::Array(items) => items.iter().for_each(|i| walk(i, out)),
-            other => out.push(other.as_f64().unwrap() as f32),
-        }
-    }
-    walk(v, &mut out);
-    out
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn logits_of(model: &Model, rows: &[Vec<u32>], mask: Option<&[Vec<u8>]>) -> Vec<f32> {
-    let width = rows.iter().map(Vec::len).max().unwrap();
-    let ids: Vec<i64> = rows
-        .iter()
-        .flat_map(|r| {
-            let mut r: Vec<i64> = r.iter().map(|&i| i as i64).collect();
-            r.resize(width, 0);
-            r
-        })
-        .collect();
-    let lm = model.frozen();
-    let input =
-        Tensor::<2, Int>::from_data(TensorData::new(ids, [rows.len(), width]), &lm.device());
-    lm.forward(input, mask)
-        .into_data()
-        .try_to_vec::<f32>()
-        .unwrap()
 }
 
 fn check_model(name: &str) {

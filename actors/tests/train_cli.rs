@@ -208,28 +208,24 @@ fn hybrid(name: &str) -> PathBuf {
     root().join("tests/fixtures/hybrid_unseen").join(name)
 }
 
+/// SFT then DPO (3 steps each) on `hybrid_unseen/<name>` against its torch trajectories.
+fn train_hybrid(name: &str) {
+    let model = hybrid(name);
+    let reference = model.join("train");
+    for (loss, want) in [
+        ("sft", "sft_after.safetensors"),
+        ("dpo", "dpo_after.safetensors"),
+    ] {
+        let data = format!("{loss}.jsonl");
+        train_and_compare_at(&model, &reference, loss, &data, want, &HYBRID);
+    }
+}
+
 /// SFT and DPO on a qwen3_5 text decoder of unseen shape (1 key head : 3 value heads, dk ≠ dv,
 /// conv kernel 3, attention layers at 1 and 4, untied) land where PyTorch lands.
 #[test]
 fn hybrid_qwen3_5_trains_like_torch() {
-    let model = hybrid("qwen3_5_odd");
-    let reference = model.join("train");
-    train_and_compare_at(
-        &model,
-        &reference,
-        "sft",
-        "sft.jsonl",
-        "sft_after.safetensors",
-        &HYBRID,
-    );
-    train_and_compare_at(
-        &model,
-        &reference,
-        "dpo",
-        "dpo.jsonl",
-        "dpo_after.safetensors",
-        &HYBRID,
-    );
+    train_hybrid("qwen3_5_odd");
 }
 
 /// The same for qwen3_next: fused projections, 3 value heads per key head,
@@ -237,24 +233,7 @@ fn hybrid_qwen3_5_trains_like_torch() {
 /// tied embeddings.
 #[test]
 fn hybrid_qwen3_next_moe_trains_like_torch() {
-    let model = hybrid("qwen3_next_r3");
-    let reference = model.join("train");
-    train_and_compare_at(
-        &model,
-        &reference,
-        "sft",
-        "sft.jsonl",
-        "sft_after.safetensors",
-        &HYBRID,
-    );
-    train_and_compare_at(
-        &model,
-        &reference,
-        "dpo",
-        "dpo.jsonl",
-        "dpo_after.safetensors",
-        &HYBRID,
-    );
+    train_hybrid("qwen3_next_r3");
 }
 
 /// `dreamloop logprobs` on the unseen hybrid models (lines of 5, 64, 70 and 131 tokens scored

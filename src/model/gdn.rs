@@ -347,7 +347,7 @@ pub fn chunked_delta_rule(
     chunk: usize,
 ) -> (Tensor<4>, Tensor<4>) {
     let [b, h, t, dk] = k.dims();
-    let dv = v.dims()[3];
+    let [_, _, _, dv] = v.dims();
     let device = k.device();
     let c = chunk;
     let n = t.div_ceil(c);
@@ -437,7 +437,7 @@ impl ChunkParts {
     /// slicing would cost O(T²/C) in backward; halving costs O(T·log(T/C)).
     fn scan(self, state: Tensor<4>, outs: &mut Vec<Tensor<4>>) -> Tensor<4> {
         let [b, h, m, c, dk] = self.w.dims();
-        let dv = self.u.dims()[4];
+        let [_, _, _, _, dv] = self.u.dims();
         if m == 1 {
             let v_new =
                 self.u.reshape([b, h, c, dv]) - self.w.reshape([b, h, c, dk]).matmul(state.clone());
@@ -459,7 +459,7 @@ impl ChunkParts {
     }
 
     fn split(self, at: usize) -> (ChunkParts, ChunkParts) {
-        let m = self.w.dims()[2];
+        let [_, _, m, _, _] = self.w.dims();
         let cut5 = |x: Tensor<5>| (x.clone().narrow(2, 0, at), x.narrow(2, at, m - at));
         let (u0, u1) = cut5(self.u);
         let (w0, w1) = cut5(self.w);
@@ -548,7 +548,7 @@ pub fn recurrent_delta_rule(
     initial: Option<Tensor<4>>,
 ) -> (Tensor<4>, Tensor<4>) {
     let [b, h, t, dk] = k.dims();
-    let dv = v.dims()[3];
+    let [_, _, _, dv] = v.dims();
     let mut state = initial.unwrap_or_else(|| Tensor::zeros([b, h, dk, dv], &k.device()));
     let decay = g.exp();
     let mut outs = Vec::with_capacity(t);

@@ -345,7 +345,7 @@ impl Attention {
 /// `x: [batch, heads, seq, head_dim]`, `cos`/`sin`: `[1, 1, seq, rotary_dim]`
 fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
     let [_, _, _, head_dim] = x.dims();
-    let rotary = cos.dims()[3];
+    let [_, _, _, rotary] = cos.dims();
     if rotary < head_dim {
         let pass = x.clone().narrow(3, rotary, head_dim - rotary);
         let rotated = apply_rope(x.narrow(3, 0, rotary), cos, sin);
