@@ -80,7 +80,11 @@ fn adamw() -> OptimizerConfig {
 }
 
 fn tiny_trainer(optimizer: OptimizerConfig, lr: f64) -> Trainer {
-    let model = Model::preset("tiny", 7, &cpu().autodiff()).unwrap();
+    preset_trainer("tiny", optimizer, lr)
+}
+
+fn preset_trainer(preset: &str, optimizer: OptimizerConfig, lr: f64) -> Trainer {
+    let model = Model::preset(preset, 7, &cpu().autodiff()).unwrap();
     Trainer::new(model.config, model.lm, None, settings(optimizer, lr)).unwrap()
 }
 
@@ -304,42 +308,45 @@ fn run_steps(trainer: &mut Trainer, stream: &mut Stream, n: usize) {
     }
 }
 
-/// N steps straight vs N/2, save, a fresh trainer restored from disk, N/2: identical weights.
+/// N steps straight vs N/2, save, a fresh trainer restored from disk, N/2: identical weights —
+/// for the llama preset and the hybrid one (GDN layers: 3-D `conv1d` and 1-D `A_log` state).
 #[test]
 fn resumed_run_is_bit_identical() {
-    for optimizer in [
-        adamw(),
-        OptimizerConfig::Apollo(ApolloConfig {
-            update_proj_gap: 3,
-            ..ApolloConfig::apollo(8)
-        }),
-    ] {
-        let mut straight = tiny_trainer(optimizer.clone(), 1e-3);
-        let mut stream = Stream(11);
-        run_steps(&mut straight, &mut stream, 6);
+    for preset in ["tiny", "tiny-hybrid"] {
+        for optimizer in [
+            adamw(),
+            OptimizerConfig::Apollo(ApolloConfig {
+                update_proj_gap: 3,
+                ..ApolloConfig::apollo(8)
+            }),
+        ] {
+            let mut straight = preset_trainer(preset, optimizer.clone(), 1e-3);
+            let mut stream = Stream(11);
+            run_steps(&mut straight, &mut stream, 6);
 
-        let mut first = tiny_trainer(optimizer.clone(), 1e-3);
-        let mut stream = Stream(11);
-        run_steps(&mut first, &mut stream, 3);
-        let dir = tempfile::tempdir().unwrap();
-        first.save(dir.path()).unwrap();
-        drop(first);
-        let reference = Model::preset("tiny", 7, &cpu()).unwrap().lm;
-        let mut resumed = Trainer::restore(dir.path(), reference, &cpu().autodiff()).unwrap();
-        run_steps(&mut resumed, &mut stream, 3);
+            let mut first = preset_trainer(preset, optimizer.clone(), 1e-3);
+            let mut stream = Stream(11);
+            run_steps(&mut first, &mut stream, 3);
+            let dir = tempfile::tempdir().unwrap();
+            first.save(dir.path()).unwrap();
+            drop(first);
+            let reference = Model::preset(preset, 7, &cpu()).unwrap().lm;
+            let mut resumed = Trainer::restore(dir.path(), reference, &cpu().autodiff()).unwrap();
+            run_steps(&mut resumed, &mut stream, 3);
 
-        assert_eq!(resumed.step_count(), 6);
-        for ((n1, a), (n2, b)) in named_tensors(straight.model())
-            .iter()
-            .zip(&named_tensors(resumed.model()))
-        {
-            assert_eq!(n1, n2);
-            assert_eq!(
-                a.as_bytes(),
-                b.as_bytes(),
-                "{}: {n1} differs after resume",
-                optimizer.algorithm()
-            );
+            assert_eq!(resumed.step_count(), 6);
+            for ((n1, a), (n2, b)) in named_tensors(straight.model())
+                .iter()
+                .zip(&named_tensors(resumed.model()))
+            {
+                assert_eq!(n1, n2);
+                assert_eq!(
+                    a.as_bytes(),
+                    b.as_bytes(),
+                    "{preset}/{}: {n1} differs after resume",
+                    optimizer.algorithm()
+                );
+            }
         }
     }
 }
