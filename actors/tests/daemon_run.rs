@@ -1,5 +1,6 @@
 //! The whole loop end to end on the tiny model: N steps, checkpoints, a baseline that
-//! becomes GOOD, no example trained twice, status.json and `dreamloop status` agree.
+//! becomes GOOD, no example trained twice, status.json and `dreamloop status` agree; and on
+//! the hybrid Gated-DeltaNet preset: steps, a loadable hybrid checkpoint, a resume.
 
 mod common;
 
@@ -169,5 +170,48 @@ fn control_commands_report_a_stale_pid_file() {
         String::from_utf8_lossy(&out.stderr).contains("stale pid file"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The loop on `tiny-hybrid` (qwen3_5 shape: three GDN layers, one gated-attention layer):
+/// trains, evaluates, checkpoints a directory that loads back as the same hybrid model, and
+/// resumes from it.
+#[test]
+fn hybrid_model_runs_checkpoints_and_resumes() {
+    let mut d = Daemon::new(&Overrides {
+        model: "tiny-hybrid".into(),
+        ..Overrides::default()
+    });
+    d.start(&["--max-steps", "4"], &[]);
+    let status = d.wait_exit(Duration::from_secs(180));
+    assert!(status.success(), "exit {status}\n{}", d.log());
+    let latest = latest_dir(&d.state()).expect("LATEST");
+    let saved = dreamloop::model::Model::load(&latest, &dreamloop::model::cpu()).unwrap();
+    assert_eq!(saved.config.family, dreamloop::model::Family::Qwen35);
+    assert_eq!(
+        saved
+            .lm
+            .model
+            .layers
+            .iter()
+            .filter(|l| l.linear_attn.is_some())
+            .count(),
+        3
+    );
+    assert!(d.events().iter().any(|e| e["event"] == "mark_good"));
+
+    d.start(&["--max-steps", "6"], &[]);
+    let status = d.wait_exit(Duration::from_secs(180));
+    assert!(status.success(), "exit {status}\n{}", d.log());
+    assert_eq!(d.status().expect("status.json")["step"], 6);
+    let steps: Vec<u64> = d
+        .trained()
+        .iter()
+        .map(|r| r["step"].as_u64().expect("step"))
+        .collect();
+    assert_eq!(
+        steps,
+        vec![1, 2, 3, 4, 5, 6],
+        "resumed at 5, nothing retrained"
     );
 }

@@ -27,6 +27,8 @@ pub struct Daemon {
 /// Settings a test changes in the base config (TOML snippets appended per table).
 #[derive(Default, Clone)]
 pub struct Overrides {
+    /// `[model] spec`; empty means the `tiny` preset.
+    pub model: String,
     pub top: String,
     pub train: String,
     pub data: String,
@@ -44,7 +46,7 @@ metrics_addr = "127.0.0.1:0"
 phase = "sft"
 {top}
 [model]
-spec = "tiny"
+spec = "{model}"
 backend = "cpu"
 
 [train]
@@ -94,6 +96,7 @@ status_every_seconds = 1
         state = state.display(),
         scenarios = scenarios.display(),
         top = o.top,
+        model = if o.model.is_empty() { "tiny" } else { &o.model },
         train = if o.train.contains("lr") {
             o.train.clone()
         } else {
