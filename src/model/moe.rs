@@ -5,7 +5,8 @@
 //! renormalised to sum to one when `norm_topk_prob`), each a SwiGLU MLP stored per expert
 //! (`mlp.experts.{e}.{gate,up,down}_proj`), plus a shared expert scaled by
 //! `sigmoid(shared_expert_gate(x))`. The choice of experts is made on the host (it is
-//! discrete); the routing weights stay on the graph, so the router trains as in PyTorch.
+//! discrete, and reading the probabilities back is a CPU–GPU sync point per MoE layer); the
+//! routing weights stay on the graph, so the router trains as in PyTorch.
 //! Each expert runs only on the tokens routed to it.
 
 use burn::module::Module;
