@@ -167,7 +167,7 @@ impl GatedDeltaNet {
     }
 
     /// The layer's output; `state` (decoding) is read as the history before `x` and
-    /// replaced by the state after it. `mask` (`[batch, seq]`, 1 = token) zeroes padded
+    /// replaced by the state after it. `mask` (`[batch, seq, 1]`, 1 = token) zeroes padded
     /// positions' inputs, as transformers does.
     ///
     /// # Shapes
