@@ -352,3 +352,60 @@ fn hybrid_missing_tensor_is_named() {
         Ok(_) => panic!("loaded without {gone}"),
     }
 }
+
+/// The operator's model as its published `config.json` describes it (multimodal Qwen3.5-27B:
+/// text decoder nested, `full_attention_interval` instead of `layer_types`, M-RoPE sections,
+/// keys dreamloop does not use such as `mamba_ssm_dtype` and `mtp_num_hidden_layers`).
+#[test]
+fn qwen3_5_27b_config_parses() {
+    let v = json!({
+        "architectures": ["Qwen3_5ForConditionalGeneration"],
+        "model_type": "qwen3_5", "image_token_id": 248056, "video_token_id": 248057,
+        "vision_start_token_id": 248053, "vision_end_token_id": 248054,
+        "tie_word_embeddings": false, "eos_token_id": 248046, "pad_token_id": 248044,
+        "text_config": {
+            "model_type": "qwen3_5_text", "attention_bias": false, "attn_output_gate": true,
+            "eos_token_id": 248044, "full_attention_interval": 4, "head_dim": 256,
+            "hidden_act": "silu", "hidden_size": 5120, "intermediate_size": 17408,
+            "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_num_key_heads": 16,
+            "linear_num_value_heads": 48, "linear_value_head_dim": 128,
+            "mamba_ssm_dtype": "float32", "max_position_embeddings": 262144,
+            "mlp_only_layers": [], "mtp_num_hidden_layers": 1, "num_attention_heads": 24,
+            "num_hidden_layers": 64, "num_key_value_heads": 4, "partial_rotary_factor": 0.25,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {"mrope_interleaved": true, "mrope_section": [11, 11, 10],
+                "partial_rotary_factor": 0.25, "rope_theta": 10000000, "rope_type": "default"},
+            "tie_word_embeddings": false, "vocab_size": 248320
+        },
+        "vision_config": {"depth": 27, "hidden_size": 1152, "model_type": "qwen3_5"}
+    });
+    let c = parse(v).unwrap();
+    assert_eq!(c.family, Family::Qwen35);
+    assert_eq!(c.text_prefix, "model.language_model.");
+    assert_eq!(c.num_hidden_layers, 64);
+    let full: Vec<usize> = (0..64)
+        .filter(|&i| c.layer_types[i] == dreamloop::model::config::LayerKind::FullAttention)
+        .collect();
+    assert_eq!(full, (0..16).map(|i| 4 * i + 3).collect::<Vec<_>>());
+    assert_eq!(
+        c.rotary_dim, 64,
+        "partial_rotary_factor 0.25 of head_dim 256"
+    );
+    let lin = c.linear_attn.unwrap();
+    assert_eq!(
+        (
+            lin.num_key_heads,
+            lin.num_value_heads,
+            lin.key_head_dim,
+            lin.value_head_dim
+        ),
+        (16, 48, 128, 128)
+    );
+    assert!(!c.tie_word_embeddings);
+    assert_eq!(
+        c.eos_token_id,
+        Some(248044),
+        "the text config's own id wins"
+    );
+    assert_eq!(c.pad_token_id, Some(248044));
+}
