@@ -9,7 +9,9 @@
 //!   through the real `Trainer` at 1024 tokens.
 //!
 //! Each measurement runs in its own child process so that its peak RSS is its own; time is the
-//! best of 2 after one warm-up.
+//! best of 2 after one warm-up. When `benches/.venv` exists (`benches/setup-torch.sh`), the
+//! same two layers in transformers' Qwen3.5 (pure-torch fallbacks) are timed too
+//! (`benches/torch_gdn_layer.py`; `HYBRID_BENCH_TORCH=0` skips them).
 //! Run: `cargo bench --profile dev --bench hybrid_layer` (`HYBRID_BENCH_LENGTHS=256,1024`
 //! limits the lengths).
 
@@ -212,5 +214,50 @@ fn main() {
                     .unwrap_or("")
             ),
         }
+    }
+    torch_rows(&lengths);
+}
+
+/// The same two layers in PyTorch (transformers' Qwen3.5 modules), when the bench venv exists.
+fn torch_rows(lengths: &[usize]) {
+    let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/.venv/bin/python");
+    if std::env::var("HYBRID_BENCH_TORCH").as_deref() == Ok("0")
+        || !std::path::Path::new(venv).exists()
+    {
+        println!(
+            "\nPyTorch comparison skipped (run benches/setup-torch.sh, unset HYBRID_BENCH_TORCH=0)"
+        );
+        return;
+    }
+    let list: Vec<String> = lengths.iter().map(usize::to_string).collect();
+    let out = Command::new(venv)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/benches/torch_gdn_layer.py"
+        ))
+        .arg(list.join(","))
+        .output()
+        .expect("running the PyTorch comparison");
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let seq = v["seq"].as_u64().unwrap_or(0) as usize;
+        let s = v["seconds"].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "| {} {}-layer | {seq} | {s:.3} | {:.3} | – |",
+            v["impl"].as_str().unwrap_or("torch"),
+            v["what"].as_str().unwrap_or("?"),
+            s * 1000.0 / seq.max(1) as f64
+        );
+    }
+    if !out.status.success() {
+        println!(
+            "PyTorch comparison failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        );
     }
 }

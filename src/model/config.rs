@@ -59,8 +59,10 @@ pub enum Family {
     Qwen2,
     Qwen3,
     /// Qwen3-Next: hybrid GDN / gated attention, fused GDN projections, optional MoE.
+    #[serde(rename = "qwen3_next")]
     Qwen3Next,
     /// Qwen3.5 text decoder: hybrid GDN / gated attention, separate GDN projections.
+    #[serde(rename = "qwen3_5_text")]
     Qwen35,
 }
 
