@@ -674,3 +674,56 @@ fn hybrid_trains_with_apollo_mini_and_freezing() {
         .apollo_state::<3>("model.layers.0.linear_attn.conv1d.weight")
         .is_some());
 }
+
+/// Decays far beyond f32's exponent range (g down to −80 per step, a cumulative −5000 within a
+/// chunk): every exponent taken is ≤ 0, so outputs and gradients stay finite, and the chunked
+/// form still equals the recurrent one — to 1e-4 here rather than 1e-5: the chunked form takes
+/// differences of cumulative sums near −2000, where one f32 ulp is 1.2e-4, so a decay factor
+/// exp(Gc[i] − Gc[j]) carries ~1e-4 relative error (transformers' and flash-linear-attention's
+/// chunked kernels share this; the recurrent form multiplies step by step).
+#[test]
+fn extreme_decays_stay_finite() {
+    let device = cpu().autodiff();
+    let (b, h, t, dk, dv) = (1, 2, 130, 8, 4);
+    let x = rule_inputs(b, h, t, dk, dv, 21, &device);
+    let g: Vec<f32> = uniform(b * h * t, 22, 0.0, 1.0)
+        .into_iter()
+        .map(|u| if u < 0.5 { -80.0 * u } else { -1e-4 })
+        .collect();
+    let g = Tensor::<3>::from_data(TensorData::new(g, [b, h, t]), &device).require_grad();
+    let q = x.q.require_grad();
+    let k = x.k.require_grad();
+    let (o, s) = chunked_delta_rule(
+        q.clone(),
+        k.clone(),
+        x.v.clone(),
+        g.clone(),
+        x.beta.clone(),
+        None,
+        64,
+    );
+    let (o_r, _) = recurrent_delta_rule(
+        q.clone().inner(),
+        k.clone().inner(),
+        x.v.clone().inner(),
+        g.clone().inner(),
+        x.beta.clone().inner(),
+        None,
+    );
+    let diff = max_abs_diff(&host(o.clone().inner()), &host(o_r));
+    assert!(
+        diff <= 1e-4,
+        "chunked vs recurrent under extreme decay: {diff}"
+    );
+    let grads = (o.sum() + s.sum()).backward();
+    for (name, grad) in [
+        ("q", host(q.grad(&grads).unwrap())),
+        ("k", host(k.grad(&grads).unwrap())),
+        ("g", host(g.grad(&grads).unwrap())),
+    ] {
+        assert!(
+            grad.iter().all(|v| v.is_finite()),
+            "d/d{name} has a non-finite value"
+        );
+    }
+}
