@@ -103,7 +103,7 @@ pub enum Backend {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
-    /// A preset name (`tiny`) or a Hugging Face directory.
+    /// A preset name (`tiny`, `tiny-hybrid`) or a Hugging Face directory.
     pub spec: String,
     /// `cpu` or `cuda`.
     #[serde(default = "default_backend")]
@@ -368,7 +368,7 @@ impl DreamConfig {
         if self.model.spec.trim().is_empty() {
             bad(
                 "model.spec",
-                "must name a preset (tiny) or a model directory".into(),
+                "must name a preset (tiny, tiny-hybrid) or a model directory".into(),
             );
         }
         let t = &self.train;
