@@ -90,7 +90,6 @@ impl Model {
         };
         let mut lm = CausalLm::load(&config, &mut text)?;
         lm.layout = std::sync::Arc::new(text.layout);
-        // Disk dtypes are recorded under disk names; the save path maps names the same way.
         let tokenizer = if dir.join("tokenizer.json").exists() {
             Some(Tokenizer::from_dir(dir)?)
         } else {
@@ -106,6 +105,7 @@ impl Model {
             config,
             lm,
             tokenizer,
+            // Keyed by disk name; saving maps each parameter to its disk name the same way.
             dtypes: source.dtypes,
             extra_files,
         })

@@ -120,11 +120,8 @@ pub struct TextSource<'a> {
 
 impl TensorSource for TextSource<'_> {
     fn take(&mut self, name: &str, shape: &[usize]) -> Result<TensorData, WeightError> {
-        let disk = self.layout.disk_name(name);
-        self.inner.take(&disk, shape).map_err(|e| match e {
-            WeightError::Missing { .. } => WeightError::Missing { name: disk.clone() },
-            other => other,
-        })
+        // Errors name the tensor as it is called on disk.
+        self.inner.take(&self.layout.disk_name(name), shape)
     }
     fn device(&self) -> Device {
         self.inner.device()
@@ -213,9 +210,7 @@ impl SafetensorsSource {
             device: device.clone(),
         })
     }
-}
 
-impl SafetensorsSource {
     /// Takes every not-yet-taken tensor whose name starts with one of `prefixes`, as raw bytes.
     pub fn take_raw_with_prefixes(
         &mut self,
