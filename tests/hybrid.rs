@@ -20,10 +20,9 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Int, Tensor, TensorData};
 use dreamloop::model::gdn::{chunked_delta_rule, recurrent_delta_rule};
-use dreamloop::model::llama::KvCache;
 use dreamloop::model::logprobs::{logprobs, ScoredSeq};
 use dreamloop::model::{cpu, Device, Model};
-use model_common::{floats, ids_of, logits_of, max_abs_diff};
+use model_common::{check_cached_decoding, floats, ids_of, logits_of, max_abs_diff};
 use serde_json::Value;
 
 const ATOL: f32 = 3e-4;
@@ -161,37 +160,9 @@ fn hybrid_cached_decoding_matches_full_sequence_logits() {
     for name in ["qwen3_next", "qwen3_next_moe", "qwen3_5"] {
         let dir = root().join("models").join(name);
         let model = Model::load(&dir, &cpu()).unwrap();
-        let lm = model.frozen();
         let reference = read_json(&dir.join("reference.json"));
         let case = &reference["cases"]["seq80"];
-        let ids = ids_of(case).remove(0);
-        let want = floats(&case["logits"]);
-        let vocab = model.config.vocab_size;
-        let mut cache = KvCache::default();
-        let mut pos = 0;
-        let mut pieces: Vec<&[u32]> = vec![&ids[..70]];
-        pieces.extend(ids[70..77].chunks(1));
-        pieces.push(&ids[77..]);
-        for piece in pieces {
-            let n = piece.len();
-            let input = Tensor::<2, Int>::from_data(
-                TensorData::new(piece.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, n]),
-                &lm.device(),
-            );
-            let got = lm
-                .forward_cached(input, &mut cache)
-                .into_data()
-                .try_to_vec::<f32>()
-                .unwrap();
-            let diff = max_abs_diff(&got, &want[pos * vocab..(pos + n) * vocab]);
-            assert!(
-                diff <= ATOL,
-                "{name}: cached logits at {pos}..{} differ by {diff}",
-                pos + n
-            );
-            pos += n;
-        }
-        assert_eq!(cache.len, ids.len());
+        check_cached_decoding(&model, name, case, &[70, 1, 1, 1, 1, 1, 1, 1], ATOL);
     }
 }
 

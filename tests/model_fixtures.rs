@@ -8,10 +8,9 @@ mod model_common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Int, Tensor, TensorData};
 use dreamloop::model::logprobs::{logprobs, ScoredSeq};
 use dreamloop::model::{cpu, Model};
-use model_common::{floats, ids_of, logits_of, max_abs_diff};
+use model_common::{check_cached_decoding, floats, ids_of, logits_of, max_abs_diff};
 use serde_json::Value;
 
 const LOGIT_ATOL: f32 = 1e-4;
@@ -282,36 +281,10 @@ fn sharded_checkpoint_loads() {
 /// logits at every position.
 #[test]
 fn cached_decoding_matches_full_sequence_logits() {
-    use dreamloop::model::llama::KvCache;
     for name in ["llama_tied", "qwen2", "qwen3"] {
         let model = Model::load(&fixture(name), &cpu()).unwrap();
-        let lm = model.frozen();
+        // A 5-token prefill, then one token at a time, then the rest.
         let case = &reference(name)["cases"]["seq16"];
-        let ids = ids_of(case).remove(0);
-        let want = floats(&case["logits"]);
-        let vocab = model.config.vocab_size;
-        let mut cache = KvCache::default();
-        // A 5-token prefill, then one token at a time.
-        let mut pos = 0;
-        for chunk in [&ids[..5], &ids[5..6], &ids[6..7], &ids[7..]] {
-            let n = chunk.len();
-            let input = Tensor::<2, Int>::from_data(
-                TensorData::new(chunk.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, n]),
-                &lm.device(),
-            );
-            let got = lm
-                .forward_cached(input, &mut cache)
-                .into_data()
-                .try_to_vec::<f32>()
-                .unwrap();
-            let diff = max_abs_diff(&got, &want[pos * vocab..(pos + n) * vocab]);
-            assert!(
-                diff <= LOGIT_ATOL,
-                "{name}: cached logits at {pos}..{} differ by {diff}",
-                pos + n
-            );
-            pos += n;
-        }
-        assert_eq!(cache.len, ids.len());
+        check_cached_decoding(&model, name, case, &[5, 1, 1], LOGIT_ATOL);
     }
 }

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use burn::tensor::{Int, Tensor, TensorData};
+use dreamloop::model::llama::KvCache;
 use dreamloop::model::Model;
 use serde_json::Value;
 
@@ -62,4 +63,43 @@ pub fn logits_of(model: &Model, rows: &[Vec<u32>], mask: Option<&[Vec<u8>]>) -> 
         .into_data()
         .try_to_vec::<f32>()
         .unwrap()
+}
+
+/// Decodes the single sequence of `case` through the cache in pieces of `pieces` tokens (the
+/// last piece takes the rest) and checks each piece's logits against the case's
+/// full-sequence logits within `atol`.
+pub fn check_cached_decoding(model: &Model, name: &str, case: &Value, pieces: &[usize], atol: f32) {
+    let lm = model.frozen();
+    let ids = ids_of(case).remove(0);
+    let want = floats(&case["logits"]);
+    let vocab = model.config.vocab_size;
+    let mut cache = KvCache::default();
+    let mut pos = 0;
+    let mut lengths = pieces.to_vec();
+    lengths.push(ids.len() - pieces.iter().sum::<usize>());
+    for n in lengths {
+        let input = Tensor::<2, Int>::from_data(
+            TensorData::new(
+                ids[pos..pos + n]
+                    .iter()
+                    .map(|&i| i as i64)
+                    .collect::<Vec<_>>(),
+                [1, n],
+            ),
+            &lm.device(),
+        );
+        let got = lm
+            .forward_cached(input, &mut cache)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let diff = max_abs_diff(&got, &want[pos * vocab..(pos + n) * vocab]);
+        assert!(
+            diff <= atol,
+            "{name}: cached logits at {pos}..{} differ by {diff}",
+            pos + n
+        );
+        pos += n;
+    }
+    assert_eq!(cache.len, ids.len());
 }
