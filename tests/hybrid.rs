@@ -20,9 +20,11 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Int, Tensor, TensorData};
 use dreamloop::model::gdn::{chunked_delta_rule, recurrent_delta_rule};
-use dreamloop::model::logprobs::{logprobs, ScoredSeq};
+use dreamloop::model::logprobs::logprobs;
 use dreamloop::model::{cpu, Device, Model};
-use model_common::{check_cached_decoding, floats, ids_of, logits_of, max_abs_diff};
+use model_common::{
+    check_cached_decoding, check_case, floats, ids_of, logits_of, max_abs_diff, scored,
+};
 use serde_json::Value;
 
 const ATOL: f32 = 3e-4;
@@ -36,41 +38,29 @@ fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-fn scored(rows: &[Vec<u32>]) -> Vec<ScoredSeq> {
-    rows.iter()
-        .map(|ids| ScoredSeq {
-            ids: ids.clone(),
-            score_from: 1,
-        })
-        .collect()
+/// A shared fixture model and its `reference.json`.
+fn load_shared(name: &str) -> (Model, Value) {
+    let dir = root().join("models").join(name);
+    let model = Model::load(&dir, &cpu()).unwrap();
+    (model, read_json(&dir.join("reference.json")))
 }
 
 /// Logits, log-probs and loss of every case of a shared fixture.
 fn check_shared(name: &str) {
-    let dir = root().join("models").join(name);
-    let model = Model::load(&dir, &cpu()).unwrap();
-    let reference = read_json(&dir.join("reference.json"));
+    let (model, reference) = load_shared(name);
     let cases = reference["cases"].as_object().unwrap();
     assert!(
         cases.contains_key("seq80"),
         "{name}: the chunk-crossing case"
     );
     for (case_name, case) in cases {
-        let rows = ids_of(case);
-        let diff = max_abs_diff(&logits_of(&model, &rows, None), &floats(&case["logits"]));
-        assert!(diff <= ATOL, "{name}/{case_name}: logits differ by {diff}");
-        let lp = logprobs(&model.frozen(), &scored(&rows), 0);
-        let got: Vec<f32> = lp.scored_host().into_iter().flatten().collect();
-        let diff = max_abs_diff(&got, &floats(&case["logprobs"]));
-        assert!(
-            diff <= ATOL,
-            "{name}/{case_name}: log-probs differ by {diff}"
-        );
-        let loss = -got.iter().map(|&v| v as f64).sum::<f64>() / got.len() as f64;
-        let want = case["loss"].as_f64().unwrap();
-        assert!(
-            (loss - want).abs() <= LOSS_ATOL,
-            "{name}/{case_name}: loss {loss} vs {want}"
+        check_case(
+            &model,
+            &format!("{name}/{case_name}"),
+            case,
+            ATOL,
+            ATOL,
+            LOSS_ATOL,
         );
     }
 }
@@ -96,9 +86,7 @@ fn qwen3_5_matches_transformers() {
 fn hybrid_hidden_states_match_per_layer() {
     use dreamloop::model::llama::Capture;
     for name in ["qwen3_next", "qwen3_5"] {
-        let dir = root().join("models").join(name);
-        let model = Model::load(&dir, &cpu()).unwrap();
-        let reference = read_json(&dir.join("reference.json"));
+        let (model, reference) = load_shared(name);
         let want = floats(&reference["debug_hidden_states_seq7"]["values"]);
         let ids = ids_of(&reference["cases"]["seq7"]);
         let lm = model.frozen();
@@ -125,9 +113,7 @@ fn hybrid_hidden_states_match_per_layer() {
 #[test]
 fn hybrid_right_padded_batch_matches_references() {
     for name in ["qwen3_next_moe", "qwen3_5"] {
-        let dir = root().join("models").join(name);
-        let model = Model::load(&dir, &cpu()).unwrap();
-        let reference = read_json(&dir.join("reference.json"));
+        let (model, reference) = load_shared(name);
         let names = ["seq7", "seq80", "seq33"];
         let rows: Vec<Vec<u32>> = names
             .iter()
@@ -158,9 +144,7 @@ fn hybrid_right_padded_batch_matches_references() {
 #[test]
 fn hybrid_cached_decoding_matches_full_sequence_logits() {
     for name in ["qwen3_next", "qwen3_next_moe", "qwen3_5"] {
-        let dir = root().join("models").join(name);
-        let model = Model::load(&dir, &cpu()).unwrap();
-        let reference = read_json(&dir.join("reference.json"));
+        let (model, reference) = load_shared(name);
         let case = &reference["cases"]["seq80"];
         check_cached_decoding(&model, name, case, &[70, 1, 1, 1, 1, 1, 1, 1], ATOL);
     }

@@ -8,9 +8,11 @@ mod model_common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use dreamloop::model::logprobs::{logprobs, ScoredSeq};
+use dreamloop::model::logprobs::logprobs;
 use dreamloop::model::{cpu, Model};
-use model_common::{check_cached_decoding, floats, ids_of, logits_of, max_abs_diff};
+use model_common::{
+    check_cached_decoding, check_case, floats, ids_of, logits_of, max_abs_diff, scored,
+};
 use serde_json::Value;
 
 const LOGIT_ATOL: f32 = 1e-4;
@@ -32,35 +34,8 @@ fn check_model(name: &str) {
     let model = Model::load(&fixture(name), &cpu()).unwrap();
     let reference = reference(name);
     for (case_name, case) in reference["cases"].as_object().unwrap() {
-        let rows = ids_of(case);
-        let logits = logits_of(&model, &rows, None);
-        let diff = max_abs_diff(&logits, &floats(&case["logits"]));
-        assert!(
-            diff <= LOGIT_ATOL,
-            "{name}/{case_name}: logits differ by {diff}"
-        );
-
-        let seqs: Vec<ScoredSeq> = rows
-            .iter()
-            .map(|ids| ScoredSeq {
-                ids: ids.clone(),
-                score_from: 1,
-            })
-            .collect();
-        let lp = logprobs(&model.frozen(), &seqs, 0);
-        let got: Vec<f32> = lp.scored_host().into_iter().flatten().collect();
-        let diff = max_abs_diff(&got, &floats(&case["logprobs"]));
-        assert!(
-            diff <= LOGPROB_ATOL,
-            "{name}/{case_name}: log-probs differ by {diff}"
-        );
-
-        let loss = -got.iter().map(|&v| v as f64).sum::<f64>() / got.len() as f64;
-        let want = case["loss"].as_f64().unwrap();
-        assert!(
-            (loss - want).abs() <= LOSS_ATOL,
-            "{name}/{case_name}: loss {loss} vs {want}"
-        );
+        let label = format!("{name}/{case_name}");
+        check_case(&model, &label, case, LOGIT_ATOL, LOGPROB_ATOL, LOSS_ATOL);
     }
 }
 
@@ -118,14 +93,7 @@ fn right_padded_batch_matches_unbatched_references() {
             );
         }
 
-        let seqs: Vec<ScoredSeq> = rows
-            .iter()
-            .map(|ids| ScoredSeq {
-                ids: ids.clone(),
-                score_from: 1,
-            })
-            .collect();
-        let lp = logprobs(&model.frozen(), &seqs, 0);
+        let lp = logprobs(&model.frozen(), &scored(&rows), 0);
         for (b, case) in cases.iter().enumerate() {
             let want = floats(&reference["cases"][*case]["logprobs"]);
             let diff = max_abs_diff(&lp.scored_host()[b], &want);

@@ -5,6 +5,7 @@
 
 use burn::tensor::{Int, Tensor, TensorData};
 use dreamloop::model::llama::KvCache;
+use dreamloop::model::logprobs::{logprobs, ScoredSeq};
 use dreamloop::model::Model;
 use serde_json::Value;
 
@@ -102,4 +103,38 @@ pub fn check_cached_decoding(model: &Model, name: &str, case: &Value, pieces: &[
         pos += n;
     }
     assert_eq!(cache.len, ids.len());
+}
+
+/// Each row scored from its second token (every next-token log-prob).
+pub fn scored(rows: &[Vec<u32>]) -> Vec<ScoredSeq> {
+    rows.iter()
+        .map(|ids| ScoredSeq {
+            ids: ids.clone(),
+            score_from: 1,
+        })
+        .collect()
+}
+
+/// Logits, next-token log-probs and mean loss of one reference case against transformers'.
+pub fn check_case(
+    model: &Model,
+    label: &str,
+    case: &Value,
+    logit_atol: f32,
+    logprob_atol: f32,
+    loss_atol: f64,
+) {
+    let rows = ids_of(case);
+    let diff = max_abs_diff(&logits_of(model, &rows, None), &floats(&case["logits"]));
+    assert!(diff <= logit_atol, "{label}: logits differ by {diff}");
+    let lp = logprobs(&model.frozen(), &scored(&rows), 0);
+    let got: Vec<f32> = lp.scored_host().into_iter().flatten().collect();
+    let diff = max_abs_diff(&got, &floats(&case["logprobs"]));
+    assert!(diff <= logprob_atol, "{label}: log-probs differ by {diff}");
+    let loss = -got.iter().map(|&v| v as f64).sum::<f64>() / got.len() as f64;
+    let want = case["loss"].as_f64().unwrap();
+    assert!(
+        (loss - want).abs() <= loss_atol,
+        "{label}: loss {loss} vs {want}"
+    );
 }
