@@ -27,6 +27,17 @@ fn eval(args: &[&str], extra: &[&Path]) -> Output {
         .expect("dreamloop eval runs")
 }
 
+/// The test config (`common::config_text` defaults) written into `dir`.
+fn default_config(dir: &Path) -> std::path::PathBuf {
+    let config = dir.join("dreamloop.toml");
+    std::fs::write(
+        &config,
+        config_text(&dir.join("state"), &Overrides::default()),
+    )
+    .unwrap();
+    config
+}
+
 /// The report printed on stdout: exactly one JSON object on one line.
 fn report(out: &Output) -> Value {
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -86,12 +97,7 @@ fn close(got: f64, want: f64, rel: f64, what: &str) {
 #[test]
 fn tiny_report_is_complete_and_its_perplexity_matches_the_logprob_api() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("dreamloop.toml");
-    std::fs::write(
-        &config,
-        config_text(&dir.path().join("state"), &Overrides::default()),
-    )
-    .unwrap();
+    let config = default_config(dir.path());
     let out = eval(&["--model", "tiny", "--json", "--config"], &[&config]);
     let r = report(&out);
 
@@ -250,12 +256,7 @@ fn daemon_checkpoints_evaluate_as_the_daemon_did_and_bad_ones_are_refused() {
 #[test]
 fn hybrid_report_reads_attention_from_the_full_attention_layer() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("dreamloop.toml");
-    std::fs::write(
-        &config,
-        config_text(&dir.path().join("state"), &Overrides::default()),
-    )
-    .unwrap();
+    let config = default_config(dir.path());
     let r = report(&eval(
         &["--model", "tiny-hybrid", "--json", "--config"],
         &[&config],

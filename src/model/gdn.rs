@@ -100,6 +100,10 @@ pub struct GatedDeltaNet {
     pub out_proj: Linear,
     #[module(skip)]
     pub shape: GdnShape,
+    /// Fused layout only: column orders taking `in_proj_qkvz` / `in_proj_ba` outputs to the
+    /// flat `[q | k | v | z]` / `[b | a]` ([`fused_orders`], computed once at load).
+    #[module(skip)]
+    pub fused_order: Option<(Vec<i64>, Vec<i64>)>,
 }
 
 /// What decoding carries between steps for one GDN layer.
@@ -141,6 +145,7 @@ impl GatedDeltaNet {
             norm: RmsNorm::load(src, &name("norm"), shape.value_dim, cfg.rms_norm_eps, false)?,
             out_proj: Linear::load(src, &name("out_proj"), h, vw, false)?,
             shape,
+            fused_order: lin.fused_projections.then(|| fused_orders(&shape)),
         };
         if lin.fused_projections {
             layer.in_proj_qkvz = Some(Linear::load(
@@ -269,12 +274,12 @@ impl GatedDeltaNet {
     fn project(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<3>, Tensor<3>, Tensor<3>) {
         let s = self.shape;
         let (kw, vw, hv) = (s.key_width(), s.value_width(), s.value_heads);
-        if let (Some(qkvz), Some(ba)) = (&self.in_proj_qkvz, &self.in_proj_ba) {
+        if let (Some(qkvz), Some(ba), Some((qkvz_order, ba_order))) =
+            (&self.in_proj_qkvz, &self.in_proj_ba, &self.fused_order)
+        {
             let device = x.device();
-            let (qkvz_order, ba_order) = fused_orders(&s);
-            let index = |order: Vec<i64>| {
-                let n = order.len();
-                Tensor::<1, Int>::from_data(TensorData::new(order, [n]), &device)
+            let index = |order: &[i64]| {
+                Tensor::<1, Int>::from_data(TensorData::new(order.to_vec(), [order.len()]), &device)
             };
             let flat = qkvz.forward(x.clone()).select(2, index(qkvz_order));
             let bflat = ba.forward(x).select(2, index(ba_order));

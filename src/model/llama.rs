@@ -130,9 +130,16 @@ impl Mlp {
     /// # Shapes
     /// `[batch, seq, hidden]` → `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        swiglu(&self.gate_proj, &self.up_proj, &self.down_proj, x)
     }
+}
+
+/// `down(silu(gate(x)) ⊙ up(x))`, for [`Mlp`] and the dense case of `moe::FeedForward`.
+///
+/// # Shapes
+/// `[batch, seq, hidden]` → `[batch, seq, hidden]`
+pub(crate) fn swiglu(gate: &Linear, up: &Linear, down: &Linear, x: Tensor<3>) -> Tensor<3> {
+    down.forward(silu(gate.forward(x.clone())) * up.forward(x))
 }
 
 /// Head counts of one attention block.

@@ -16,11 +16,11 @@
 //! would be needed. The operator's qwen3_5 27B is dense.
 
 use burn::module::Module;
-use burn::tensor::activation::{sigmoid, silu, softmax};
+use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::config::ModelConfig;
-use super::llama::{Linear, Mlp};
+use super::llama::{swiglu, Linear, Mlp};
 use super::weights::{TensorSource, WeightError};
 
 /// `mlp.*` of one layer: exactly one of the dense MLP or the sparse MoE is present.
@@ -114,7 +114,7 @@ impl FeedForward {
         if let (Some(gate), Some(up), Some(down)) =
             (&self.gate_proj, &self.up_proj, &self.down_proj)
         {
-            return down.forward(silu(gate.forward(x.clone())) * up.forward(x));
+            return swiglu(gate, up, down, x);
         }
         let [batch, seq, hidden] = x.dims();
         let tokens = batch * seq;
