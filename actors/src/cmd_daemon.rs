@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use dreamloop::config::{ConfigError, DreamConfig};
+use dreamloop::config::{ConfigError, DreamConfig, FieldError};
 
 use crate::status::{Status, PID_FILE};
 use crate::supervisor::{self, RunOptions};
@@ -77,10 +77,30 @@ fn print_config_error(e: &ConfigError) {
     eprintln!("error: {e}");
 }
 
+/// What this process cannot run although the file is valid: the backend (a CPU-only build,
+/// or no NVIDIA driver), as an error naming `model.backend`.
+fn runtime_problems(config: &DreamConfig) -> Vec<FieldError> {
+    crate::trainer::backend_problem(config.model.backend)
+        .map(|reason| FieldError {
+            field: "model.backend".into(),
+            reason,
+        })
+        .into_iter()
+        .collect()
+}
+
 /// `dreamloop validate-config FILE`: 0 when valid, 78 with every error otherwise.
 pub fn validate(args: ValidateArgs) -> ExitCode {
     match DreamConfig::load(&args.file) {
-        Ok(_) => {
+        Ok(config) => {
+            let errors = runtime_problems(&config);
+            if !errors.is_empty() {
+                print_config_error(&ConfigError::Invalid {
+                    path: args.file,
+                    errors,
+                });
+                return ExitCode::from(EXIT_CONFIG);
+            }
             println!("{}: valid", args.file.display());
             ExitCode::SUCCESS
         }
@@ -120,7 +140,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(addr) = args.metrics_addr {
         config.metrics_addr = addr;
     }
-    if let Err(errors) = config.validate() {
+    // Checked before anything starts: no state directory, pid file or listener is touched
+    // for a configuration this process cannot run.
+    let errors = match config.validate() {
+        Ok(()) => runtime_problems(&config),
+        Err(errors) => errors,
+    };
+    if !errors.is_empty() {
         print_config_error(&ConfigError::Invalid {
             path: path.unwrap_or_default(),
             errors,

@@ -170,13 +170,63 @@ async fn forward<T: Send + 'static>(
 
 /// The device of `[model] backend`.
 pub fn device(backend: Backend) -> anyhow::Result<Device> {
-    match backend {
-        Backend::Cpu => Ok(dreamloop::model::cpu()),
-        Backend::Cuda if cfg!(feature = "cuda") => Ok(default_device()),
-        Backend::Cuda => Err(anyhow!(
-            "model.backend = \"cuda\" needs a build with --features cuda"
-        )),
+    if let Some(problem) = backend_problem(backend) {
+        return Err(anyhow!("model.backend: {problem}"));
     }
+    Ok(match backend {
+        Backend::Cpu => dreamloop::model::cpu(),
+        Backend::Cuda => default_device(),
+    })
+}
+
+/// The names under which cudarc looks for the NVIDIA driver's library (it loads it at run
+/// time: the binary links no CUDA library).
+const CUDA_DRIVER_LIBRARIES: [&std::ffi::CStr; 2] = [c"libcuda.so.1", c"libcuda.so"];
+
+/// Why `[model] backend` cannot run in this process, if it cannot: a CPU-only build asked
+/// for CUDA, or a CUDA build on a machine without the NVIDIA driver. `run` and
+/// `validate-config` check this before anything starts (exit 78, like any bad setting):
+/// cudarc loads the driver lazily and would otherwise panic inside the trainer thread,
+/// which the supervisor can only report as an actor that panicked during start-up.
+pub fn backend_problem(backend: Backend) -> Option<String> {
+    match backend {
+        Backend::Cpu => None,
+        Backend::Cuda if !cfg!(feature = "cuda") => Some(
+            "\"cuda\" needs a build with --features cuda (this binary is CPU-only; \
+             see the README's development section, or set backend = \"cpu\")"
+                .into(),
+        ),
+        Backend::Cuda => load_any_library(&CUDA_DRIVER_LIBRARIES).err().map(|why| {
+            format!(
+                "\"cuda\" needs the NVIDIA driver, and its library could not be loaded \
+                 ({why}); install the driver (it provides libcuda.so.1) or set backend = \"cpu\""
+            )
+        }),
+    }
+}
+
+/// Loads (and unloads again) the first of `names` that the dynamic linker finds; the
+/// error lists what `dlerror` said for each.
+fn load_any_library(names: &[&std::ffi::CStr]) -> Result<(), String> {
+    let mut errors = Vec::new();
+    for name in names {
+        // SAFETY: dlopen with a NUL-terminated name; the handle is closed right away and no
+        // symbol of it is used. dlerror returns a thread-local C string or null.
+        unsafe {
+            let handle = libc::dlopen(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL);
+            if !handle.is_null() {
+                libc::dlclose(handle);
+                return Ok(());
+            }
+            let err = libc::dlerror();
+            errors.push(if err.is_null() {
+                format!("{} not found", name.to_string_lossy())
+            } else {
+                std::ffi::CStr::from_ptr(err).to_string_lossy().into_owned()
+            });
+        }
+    }
+    Err(errors.join("; "))
 }
 
 /// Everything the thread owns.
@@ -328,6 +378,35 @@ impl Worker {
                 ),
                 reason: e.to_string(),
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod backend_tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_library_is_named_in_the_error() {
+        let err = load_any_library(&[c"libdreamloop-no-such-driver.so.1"]).unwrap_err();
+        assert!(err.contains("libdreamloop-no-such-driver.so.1"), "{err}");
+    }
+
+    #[test]
+    fn a_present_library_loads() {
+        // The C library is loaded in every Linux process.
+        assert_eq!(
+            load_any_library(&[c"libdreamloop-missing.so", c"libc.so.6"]),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn cpu_always_runs_and_cuda_needs_the_feature() {
+        assert_eq!(backend_problem(Backend::Cpu), None);
+        if !cfg!(feature = "cuda") {
+            let problem = backend_problem(Backend::Cuda).expect("a CPU-only build refuses cuda");
+            assert!(problem.contains("--features cuda"), "{problem}");
         }
     }
 }

@@ -155,6 +155,46 @@ fn validate_config_lists_every_error_with_exit_78() {
     );
 }
 
+/// `backend = "cuda"` that this process cannot run (a CPU-only build, as CI's; or a CUDA
+/// build without the NVIDIA driver) is a configuration error named by its field, found by
+/// `validate-config` and by `run` before anything starts — not a trainer thread that panics
+/// inside cudarc and an "actor panicked during startup".
+#[test]
+fn an_unrunnable_backend_is_refused_before_start_with_exit_78() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let state = dir.path().join("state");
+    let file = dir.path().join("cuda.toml");
+    let text = common::config_text(&state, &Overrides::default())
+        .replace("backend = \"cpu\"", "backend = \"cuda\"");
+    std::fs::write(&file, text).expect("write");
+    let check = |out: std::process::Output| {
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(78), "{err}");
+        assert!(err.contains("model.backend"), "{err}");
+        assert!(
+            err.contains("--features cuda") || err.contains("NVIDIA driver"),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    };
+    let dreamloop = || std::process::Command::new(env!("CARGO_BIN_EXE_dreamloop"));
+    check(
+        dreamloop()
+            .arg("validate-config")
+            .arg(&file)
+            .output()
+            .expect("runs"),
+    );
+    check(
+        dreamloop()
+            .args(["run", "--config"])
+            .arg(&file)
+            .output()
+            .expect("runs"),
+    );
+    assert!(!state.exists(), "nothing is written for a refused config");
+}
+
 #[test]
 fn control_commands_report_a_stale_pid_file() {
     let dir = tempfile::tempdir().expect("tmp");
