@@ -71,9 +71,12 @@ const DENSE: Tolerance = Tolerance {
 /// run in float64 (qwen3_5_odd, DPO): torch's own float32 run is off by up to 2.0e-5
 /// (`lm_head`), dreamloop's by up to 2.8e-5 (4 of 144 elements of one `in_proj_a`); every
 /// other tensor of both is within 9e-6 (so `close` is 1e-5), and the losses agree to every
-/// printed digit.
+/// printed digit. The single worst element is bounded as for the dense models (lr/2), for
+/// the same reason: on an Intel Xeon (AVX-512 kernels) one of 6144 elements of qwen3_next_r3's
+/// `in_proj_qkvz` moved 1.15e-4 (0.115·lr) from torch in SFT while the rest of that tensor
+/// stayed within 1e-6; what catches a real defect is the count beyond `close`.
 const HYBRID: Tolerance = Tolerance {
-    worst: 5e-5,
+    worst: 5e-4,
     close: 1e-5,
     off_fraction: 1e-3,
     off_count: 8,
