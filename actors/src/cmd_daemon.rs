@@ -142,10 +142,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     // Checked before anything starts: no state directory, pid file or listener is touched
     // for a configuration this process cannot run.
-    let errors = match config.validate() {
-        Ok(()) => runtime_problems(&config),
-        Err(errors) => errors,
-    };
+    let mut errors = config.validate().err().unwrap_or_default();
+    errors.extend(runtime_problems(&config));
     if !errors.is_empty() {
         print_config_error(&ConfigError::Invalid {
             path: path.unwrap_or_default(),
