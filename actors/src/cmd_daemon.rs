@@ -77,6 +77,12 @@ fn print_config_error(e: &ConfigError) {
     eprintln!("error: {e}");
 }
 
+/// Prints every bad field of `path` and gives EX_CONFIG.
+fn refuse(path: PathBuf, errors: Vec<FieldError>) -> ExitCode {
+    print_config_error(&ConfigError::Invalid { path, errors });
+    ExitCode::from(EXIT_CONFIG)
+}
+
 /// What this process cannot run although the file is valid: the backend (a CPU-only build,
 /// or no NVIDIA driver), as an error naming `model.backend`.
 fn runtime_problems(config: &DreamConfig) -> Vec<FieldError> {
@@ -95,11 +101,7 @@ pub fn validate(args: ValidateArgs) -> ExitCode {
         Ok(config) => {
             let errors = runtime_problems(&config);
             if !errors.is_empty() {
-                print_config_error(&ConfigError::Invalid {
-                    path: args.file,
-                    errors,
-                });
-                return ExitCode::from(EXIT_CONFIG);
+                return refuse(args.file, errors);
             }
             println!("{}: valid", args.file.display());
             ExitCode::SUCCESS
@@ -145,11 +147,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut errors = config.validate().err().unwrap_or_default();
     errors.extend(runtime_problems(&config));
     if !errors.is_empty() {
-        print_config_error(&ConfigError::Invalid {
-            path: path.unwrap_or_default(),
-            errors,
-        });
-        return Ok(ExitCode::from(EXIT_CONFIG));
+        return Ok(refuse(path.unwrap_or_default(), errors));
     }
     let opts = RunOptions {
         config_path: path,
