@@ -185,6 +185,8 @@ fn train(args: &Args, model: &Model, examples: &[Example]) -> (Vec<StepReport>, 
         train_only: Vec::new(),
         pad_id: model.config.pad_id(),
         max_seq_len: args.max_seq_len,
+        recompute: false,
+        logits_chunk: 0,
     };
     let mut trainer =
         Trainer::new(policy.config.clone(), policy.lm, None, settings).expect("trainer builds");

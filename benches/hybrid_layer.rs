@@ -109,6 +109,8 @@ fn run_one(what: &str, seq: usize) {
             train_only: Vec::new(),
             pad_id: 0,
             max_seq_len: 0,
+            recompute: false,
+            logits_chunk: 0,
         };
         let mut trainer = Trainer::new(cfg.clone(), lm, None, settings).expect("trainer");
         for step in 0..3u64 {

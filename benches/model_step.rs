@@ -5,7 +5,10 @@
 //!   `benches/.venv` exists (`benches/setup-torch.sh`), the same SFT step in PyTorch eager in the
 //!   same run for comparison;
 //! - step time and peak RSS of SFT and DPO steps through the real `Trainer` with AdamW,
-//!   APOLLO (r = 128) and APOLLO-Mini, and each optimizer's state bytes.
+//!   APOLLO (r = 128) and APOLLO-Mini, and each optimizer's state bytes;
+//! - the memory settings, as `+` suffixes of a configuration: `+recompute` (`[train]
+//!   recompute`: per-layer recompute), `+chunk` (`[train] logits_chunk = 1024`), `+balanced`
+//!   (burn's own `Device::autodiff().gradient_checkpointing()`, for comparison).
 //!
 //! Every configuration runs in its own child process so that peak RSS is its own.
 //! Run: `cargo bench --profile dev --bench model_step` (the dev profile builds dependencies at
@@ -26,7 +29,7 @@ use dreamloop::train::optim::{AdamWConfig, ApolloConfig, OptimizerConfig};
 use dreamloop::train::schedule::LrSchedule;
 use dreamloop::train::trainer::{Batch, DpoItem, SftItem, Trainer, TrainerConfig};
 
-const CONFIGS: [&str; 7] = [
+const CONFIGS: [&str; 12] = [
     "fwd-bwd",
     "sft-adamw",
     "sft-apollo",
@@ -34,6 +37,11 @@ const CONFIGS: [&str; 7] = [
     "dpo-adamw",
     "dpo-apollo",
     "dpo-apollo-mini",
+    "sft-adamw+balanced",
+    "sft-adamw+recompute",
+    "sft-adamw+chunk",
+    "sft-adamw+recompute+chunk",
+    "dpo-apollo-mini+recompute+chunk",
 ];
 
 fn peak_rss_bytes() -> u64 {
@@ -84,7 +92,14 @@ fn shape() -> (usize, usize, usize) {
 fn run_one(name: &str) {
     let (batch, seq, steps) = shape();
     let cfg = smollm2_shape();
-    let device = cpu().autodiff();
+    let mut parts = name.split('+');
+    let base = parts.next().expect("a configuration name");
+    let memory: Vec<&str> = parts.collect();
+    let device = if memory.contains(&"balanced") {
+        cpu().autodiff().gradient_checkpointing()
+    } else {
+        cpu().autodiff()
+    };
     let mut init = SeededInit {
         seed: 0,
         std: 0.02,
@@ -95,7 +110,7 @@ fn run_one(name: &str) {
     let mut ids = Ids(0x2545F4914F6CDD1D);
     let mut times = Vec::new();
     let mut extra = serde_json::Map::new();
-    if name == "fwd-bwd" {
+    if base == "fwd-bwd" {
         let seqs: Vec<ScoredSeq> = (0..batch)
             .map(|_| ScoredSeq {
                 ids: ids.take(seq, cfg.vocab_size),
@@ -110,7 +125,7 @@ fn run_one(name: &str) {
             times.push(t0.elapsed().as_secs_f64());
         }
     } else {
-        let (loss, optim) = name.split_once('-').expect("loss-optimizer");
+        let (loss, optim) = base.split_once('-').expect("loss-optimizer");
         let optimizer = match optim {
             "adamw" => OptimizerConfig::Adamw(AdamWConfig {
                 weight_decay: 0.0,
@@ -132,6 +147,8 @@ fn run_one(name: &str) {
             train_only: Vec::new(),
             pad_id: 0,
             max_seq_len: 0,
+            recompute: memory.contains(&"recompute"),
+            logits_chunk: if memory.contains(&"chunk") { 1024 } else { 0 },
         };
         let mut trainer = Trainer::new(cfg.clone(), model, None, settings).expect("trainer");
         let mut hash = 0u64;

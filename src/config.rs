@@ -111,6 +111,11 @@ pub struct ModelSection {
     /// DPO reference weights (preset or directory); absent: a frozen copy of `spec`.
     #[serde(default)]
     pub reference: Option<String>,
+    /// Read the DPO reference (`reference`, else `spec`: a model directory) from its files
+    /// one layer at a time at each DPO step instead of keeping a resident copy: one model's
+    /// memory saved for one forward pass over the files per step.
+    #[serde(default)]
+    pub stream_reference: bool,
 }
 
 fn default_backend() -> Backend {
@@ -150,6 +155,14 @@ pub struct TrainSection {
     /// Longest trained sequence in tokens; longer examples are cut (0: no limit).
     #[serde(default = "default_max_seq_len")]
     pub max_seq_len: usize,
+    /// Keep only each decoder layer's input and recompute the layer during backward: one
+    /// layer's activations instead of all of them, for one more forward pass.
+    #[serde(default)]
+    pub recompute: bool,
+    /// Target positions per chunk of the LM head's logits, forward and backward (0: all at
+    /// once); bounds the `[tokens × vocab]` logits to `[logits_chunk × vocab]`.
+    #[serde(default)]
+    pub logits_chunk: usize,
     /// DPO temperature β.
     pub beta: f64,
     /// `sigmoid` (DPO) or `ipo`.
@@ -371,6 +384,18 @@ impl DreamConfig {
                 "must name a preset (tiny, tiny-hybrid) or a model directory".into(),
             );
         }
+        if self.model.stream_reference {
+            let source = self.model.reference.as_deref().unwrap_or(&self.model.spec);
+            if !std::path::Path::new(source).join("config.json").is_file() {
+                bad(
+                    "model.stream_reference",
+                    format!(
+                        "`{source}` is not a model directory with config.json; a streamed \
+                         reference is read from safetensors files (or set it to false)"
+                    ),
+                );
+            }
+        }
         let t = &self.train;
         if !(t.lr.is_finite() && t.lr > 0.0 && t.lr < 1.0) {
             bad("train.lr", format!("must be in (0, 1), got {}", t.lr));
@@ -518,6 +543,8 @@ impl DreamConfig {
             train_only: t.train_only.clone(),
             pad_id,
             max_seq_len: t.max_seq_len,
+            recompute: t.recompute,
+            logits_chunk: t.logits_chunk,
         }
     }
 
@@ -589,6 +616,7 @@ impl DreamConfig {
                 spec: "tiny".into(),
                 backend: Backend::Cpu,
                 reference: None,
+                stream_reference: false,
             },
             train: TrainSection {
                 lr: 2e-5,
@@ -599,6 +627,8 @@ impl DreamConfig {
                 batch_size: 2,
                 max_grad_norm: 1.0,
                 max_seq_len: 1024,
+                recompute: false,
+                logits_chunk: 0,
                 beta: 0.01,
                 dpo_variant: DpoVariant::Sigmoid,
                 freeze: Vec::new(),

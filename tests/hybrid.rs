@@ -537,6 +537,8 @@ fn hybrid_trains_with_apollo_mini_and_freezing() {
         train_only: Vec::new(),
         pad_id: model.config.pad_id(),
         max_seq_len: 0,
+        recompute: false,
+        logits_chunk: 0,
     };
     let mut trainer = Trainer::new(model.config.clone(), model.lm, None, settings).unwrap();
     let ids = |seed: u64, n: usize| -> Vec<u32> {
@@ -604,6 +606,8 @@ fn hybrid_trains_with_apollo_mini_and_freezing() {
         train_only: Vec::new(),
         pad_id: model.config.pad_id(),
         max_seq_len: 0,
+        recompute: false,
+        logits_chunk: 0,
     };
     let mut trainer = Trainer::new(model.config.clone(), model.lm, None, settings).unwrap();
     trainer.step(&sft).unwrap();

@@ -10,6 +10,7 @@ use dreamloop::model::{cpu, CausalLm, Model};
 use dreamloop::train::dataset::hash_ids;
 use dreamloop::train::loss::{sft_loss, DpoVariant};
 use dreamloop::train::optim::{AdamWConfig, ApolloConfig, OptimizerConfig};
+use dreamloop::train::reference::Reference;
 use dreamloop::train::schedule::LrSchedule;
 use dreamloop::train::trainer::{Batch, DpoItem, SftItem, TrainError, Trainer, TrainerConfig};
 
@@ -69,6 +70,8 @@ fn settings(optimizer: OptimizerConfig, lr: f64) -> TrainerConfig {
         train_only: Vec::new(),
         pad_id: 0,
         max_seq_len: 0,
+        recompute: false,
+        logits_chunk: 0,
     }
 }
 
@@ -233,7 +236,12 @@ fn non_finite_loss_skips_the_step_and_touches_nothing() {
         std::fs::copy(clean.path().join(f), poisoned.path().join(f)).unwrap();
     }
     let reference = Model::load(clean.path(), &cpu()).unwrap().lm;
-    let mut trainer = Trainer::restore(poisoned.path(), reference, &cpu().autodiff()).unwrap();
+    let mut trainer = Trainer::restore(
+        poisoned.path(),
+        Reference::Resident(reference),
+        &cpu().autodiff(),
+    )
+    .unwrap();
     let weights_before = named_tensors(trainer.model());
 
     let err = trainer
@@ -331,7 +339,12 @@ fn resumed_run_is_bit_identical() {
             first.save(dir.path()).unwrap();
             drop(first);
             let reference = Model::preset(preset, 7, &cpu()).unwrap().lm;
-            let mut resumed = Trainer::restore(dir.path(), reference, &cpu().autodiff()).unwrap();
+            let mut resumed = Trainer::restore(
+                dir.path(),
+                Reference::Resident(reference),
+                &cpu().autodiff(),
+            )
+            .unwrap();
             run_steps(&mut resumed, &mut stream, 3);
 
             assert_eq!(resumed.step_count(), 6);

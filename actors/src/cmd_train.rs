@@ -51,6 +51,12 @@ pub struct TrainArgs {
     /// limit).
     #[arg(long, default_value_t = 1024)]
     pub max_seq_len: usize,
+    /// Keep only each decoder layer's input and recompute the layer during backward.
+    #[arg(long)]
+    pub recompute: bool,
+    /// Target positions per chunk of the LM head's logits, forward and backward (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub logits_chunk: usize,
     /// DPO reference weights (default: a frozen copy of --model).
     #[arg(long)]
     pub ref_model: Option<String>,
@@ -123,6 +129,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         freeze: Vec::new(),
         train_only: Vec::new(),
         max_seq_len: args.max_seq_len,
+        recompute: args.recompute,
+        logits_chunk: args.logits_chunk,
         pad_id: model.config.pad_id(),
     };
 

@@ -14,7 +14,7 @@
 //! `DREAMLOOP_FAULT_PANIC_AT_STEP=N` makes the thread panic when it is about to take step N;
 //! `DREAMLOOP_FAULT_PANIC_TIMES=k` (default 1) limits how many times per process.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -22,8 +22,9 @@ use anyhow::{anyhow, Context};
 use dreamloop::config::{Backend, DreamConfig};
 use dreamloop::eval::{EvalReport, ProbeSuite};
 use dreamloop::example::Example;
-use dreamloop::model::{default_device, Device, Model};
+use dreamloop::model::{default_device, Device, Model, Tokenizer};
 use dreamloop::train::dataset::{tokenize_example, Item};
+use dreamloop::train::reference::{Reference, StreamedReference};
 use dreamloop::train::trainer::{Batch, StepReport, TrainError, Trainer};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::oneshot;
@@ -229,11 +230,34 @@ fn load_any_library(names: &[&std::ffi::CStr]) -> Result<(), String> {
     Err(errors.join("; "))
 }
 
+/// The tokenizer of a restored run, without loading the starting model's weights: the
+/// starting directory's own files, a preset's (tiny: built in memory), or else the
+/// checkpoint's copy (a GGUF's tokenizer is saved with every checkpoint).
+fn restored_tokenizer(
+    spec: &str,
+    checkpoint: &Path,
+    plain: &Device,
+) -> anyhow::Result<Option<Tokenizer>> {
+    let base = Path::new(spec);
+    let from = if base.join("tokenizer.json").is_file() {
+        base
+    } else if dreamloop::model::preset::PRESETS.contains(&spec) && !base.is_dir() {
+        return Ok(Model::open(spec, plain)?.tokenizer);
+    } else if checkpoint.join("tokenizer.json").is_file() {
+        checkpoint
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(Tokenizer::from_dir(from).with_context(|| {
+        format!("loading the tokenizer of {}", from.display())
+    })?))
+}
+
 /// Everything the thread owns.
 struct Worker {
     trainer: Trainer,
-    /// The DPO reference (frozen starting weights), kept to rebuild the trainer on restore.
-    reference: dreamloop::model::CausalLm,
+    /// The DPO reference (the starting model), kept to rebuild the trainer on restore.
+    reference: Reference,
     tokenizer: dreamloop::model::Tokenizer,
     probes: ProbeSuite,
     /// Autodiff device of the policy weights.
@@ -271,35 +295,55 @@ impl Worker {
         let plain = device(config.model.backend)?;
         let device = plain.clone().autodiff();
         let spec = &config.model.spec;
-        let model =
-            Model::open(spec, &device).with_context(|| format!("loading model `{spec}`"))?;
-        let reference = match &config.model.reference {
-            Some(r) => {
-                Model::open(r, &plain)
-                    .with_context(|| format!("loading reference `{r}`"))?
-                    .lm
+        let open_reference = |spec: &str| -> anyhow::Result<Reference> {
+            Ok(if config.model.stream_reference {
+                Reference::Streamed(
+                    StreamedReference::open(Path::new(spec), &plain)
+                        .with_context(|| format!("opening the streamed reference `{spec}`"))?,
+                )
+            } else {
+                Reference::Resident(
+                    Model::open(spec, &plain)
+                        .with_context(|| format!("loading reference `{spec}`"))?
+                        .lm,
+                )
+            })
+        };
+        let (trainer, reference, tokenizer) = match &args.start {
+            Start::Fresh => {
+                let model = Model::open(spec, &device)
+                    .with_context(|| format!("loading model `{spec}`"))?;
+                let reference = match (&config.model.reference, config.model.stream_reference) {
+                    (None, false) => Reference::Resident(model.frozen()),
+                    (r, _) => open_reference(r.as_deref().unwrap_or(spec))?,
+                };
+                let pad = model.config.pad_id();
+                let Model {
+                    config: model_config,
+                    lm,
+                    tokenizer,
+                    dtypes,
+                    ..
+                } = model;
+                let trainer = Trainer::with_reference(
+                    model_config,
+                    lm,
+                    reference.clone(),
+                    config.trainer_config(pad),
+                )?
+                .with_files(dtypes, tokenizer.as_ref());
+                (trainer, reference, tokenizer)
             }
-            None => model.frozen(),
+            Start::Restore(dir) => {
+                // The policy comes from the checkpoint alone: the starting model is read
+                // again only as the reference (not at all when it is streamed).
+                let reference = open_reference(config.model.reference.as_deref().unwrap_or(spec))?;
+                let trainer = Trainer::restore(dir, reference.clone(), &device)
+                    .with_context(|| format!("restoring the trainer from {}", dir.display()))?;
+                (trainer, reference, restored_tokenizer(spec, dir, &plain)?)
+            }
         };
-        let pad = model.config.pad_id();
-        let Model {
-            config: model_config,
-            lm,
-            tokenizer,
-            dtypes,
-            ..
-        } = model;
-        let trainer = match &args.start {
-            Start::Fresh => Trainer::new(
-                model_config,
-                lm,
-                Some(reference.clone()),
-                config.trainer_config(pad),
-            )?
-            .with_files(dtypes, tokenizer.as_ref()),
-            Start::Restore(dir) => Trainer::restore(dir, reference.clone(), &device)
-                .with_context(|| format!("restoring the trainer from {}", dir.display()))?,
-        };
+        let pad = trainer.config.pad_id();
         let tokenizer = tokenizer.ok_or_else(|| anyhow!("model `{spec}` has no tokenizer.json"))?;
         let probes =
             ProbeSuite::from_config(&config.eval, &config.data.scenarios_dir, &tokenizer, pad)?;

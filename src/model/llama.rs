@@ -391,7 +391,12 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn forward(
+    /// The block over `x`: returns its output and, when `keep_probs`, the attention
+    /// probabilities (softmax layers only).
+    ///
+    /// # Shapes
+    /// `x: [batch, seq, hidden]` → `[batch, seq, hidden]`, probs `[batch, heads, seq, seq]`
+    pub(crate) fn forward(
         &self,
         x: Tensor<3>,
         ctx: &ForwardContext,
@@ -423,6 +428,44 @@ impl DecoderLayer {
         };
         let x = x + mixed;
         x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
+    }
+
+    /// Decoder layer `i` (`model.layers.{i}.*`) of `cfg` from `src`.
+    pub fn load(
+        cfg: &ModelConfig,
+        src: &mut dyn TensorSource,
+        i: usize,
+    ) -> Result<Self, WeightError> {
+        let (h, eps, offset) = (cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_unit_offset);
+        let p = format!("model.layers.{i}");
+        let (self_attn, linear_attn) = match (&cfg.layer_types[i], &cfg.linear_attn) {
+            (LayerKind::LinearAttention, Some(lin)) => (
+                None,
+                Some(GatedDeltaNet::load(
+                    src,
+                    &format!("{p}.linear_attn"),
+                    cfg,
+                    lin,
+                )?),
+            ),
+            _ => (
+                Some(Attention::load(src, &format!("{p}.self_attn"), cfg)?),
+                None,
+            ),
+        };
+        Ok(DecoderLayer {
+            self_attn,
+            linear_attn,
+            mlp: FeedForward::load(src, &format!("{p}.mlp"), cfg, i)?,
+            input_layernorm: RmsNorm::load(src, &format!("{p}.input_layernorm"), h, eps, offset)?,
+            post_attention_layernorm: RmsNorm::load(
+                src,
+                &format!("{p}.post_attention_layernorm"),
+                h,
+                eps,
+                offset,
+            )?,
+        })
     }
 
     /// Whether this layer is softmax attention (has attention probabilities to capture).
@@ -490,44 +533,9 @@ impl CausalLm {
         let h = cfg.hidden_size;
         let eps = cfg.rms_norm_eps;
         let offset = cfg.norm_unit_offset;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for (i, kind) in cfg.layer_types.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            let (self_attn, linear_attn) = match (kind, &cfg.linear_attn) {
-                (LayerKind::LinearAttention, Some(lin)) => (
-                    None,
-                    Some(GatedDeltaNet::load(
-                        src,
-                        &format!("{p}.linear_attn"),
-                        cfg,
-                        lin,
-                    )?),
-                ),
-                _ => (
-                    Some(Attention::load(src, &format!("{p}.self_attn"), cfg)?),
-                    None,
-                ),
-            };
-            layers.push(DecoderLayer {
-                self_attn,
-                linear_attn,
-                mlp: FeedForward::load(src, &format!("{p}.mlp"), cfg, i)?,
-                input_layernorm: RmsNorm::load(
-                    src,
-                    &format!("{p}.input_layernorm"),
-                    h,
-                    eps,
-                    offset,
-                )?,
-                post_attention_layernorm: RmsNorm::load(
-                    src,
-                    &format!("{p}.post_attention_layernorm"),
-                    h,
-                    eps,
-                    offset,
-                )?,
-            });
-        }
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(cfg, src, i))
+            .collect::<Result<Vec<_>, _>>()?;
         let model = DecoderModel {
             embed_tokens: Embedding {
                 weight: Param::from_tensor(
@@ -616,14 +624,7 @@ impl CausalLm {
     pub fn logits_from_hidden(&self, hidden: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => hidden.matmul(
-                self.model
-                    .embed_tokens
-                    .weight
-                    .val()
-                    .transpose()
-                    .unsqueeze_dim::<3>(0),
-            ),
+            None => tied_logits(hidden, self.model.embed_tokens.weight.val()),
         }
     }
 
@@ -682,32 +683,74 @@ impl CausalLm {
 
     /// cos/sin tables for positions `start..start + n`.
     fn rope_tables(&self, start: usize, n: usize, device: &Device) -> (Tensor<4>, Tensor<4>) {
-        let half = self.inv_freq.len();
-        let head_dim = 2 * half; // the rotary width
-        let mut cos = Vec::with_capacity(n * head_dim);
-        let mut sin = Vec::with_capacity(n * head_dim);
-        for pos in start..start + n {
-            // transformers: freqs = inv_freq ⊗ position in float32, emb = cat(freqs, freqs).
-            let freqs: Vec<f32> = self.inv_freq.iter().map(|f| f * pos as f32).collect();
-            for _ in 0..2 {
-                cos.extend(freqs.iter().map(|f| f.cos()));
-                sin.extend(freqs.iter().map(|f| f.sin()));
-            }
-        }
-        let table =
-            |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, [1, 1, n, head_dim]), device);
-        (table(cos), table(sin))
+        rope_tables(&self.inv_freq, start, n, device)
     }
 
     /// RoPE tables for positions `0..seq` and the combined attention mask.
-    fn context(
+    pub(crate) fn context(
         &self,
         batch: usize,
         seq: usize,
         attention_mask: Option<&[Vec<u8>]>,
         device: &Device,
     ) -> ForwardContext {
-        let (cos, sin) = self.rope_tables(0, seq, device);
+        let has_gdn = self.model.layers.iter().any(|l| l.linear_attn.is_some());
+        ForwardContext::new(
+            &self.inv_freq,
+            self.sliding_window,
+            has_gdn,
+            (batch, seq),
+            attention_mask,
+            device,
+        )
+    }
+}
+
+/// Logits through a tied head: the hidden states times the embedding matrix transposed.
+///
+/// # Shapes
+/// `hidden: [batch, seq, hidden]`, `embedding: [vocab, hidden]` → `[batch, seq, vocab]`
+pub(crate) fn tied_logits(hidden: Tensor<3>, embedding: Tensor<2>) -> Tensor<3> {
+    hidden.matmul(embedding.transpose().unsqueeze_dim::<3>(0))
+}
+
+/// cos/sin tables of `inv_freq` for positions `start..start + n`.
+fn rope_tables(
+    inv_freq: &[f32],
+    start: usize,
+    n: usize,
+    device: &Device,
+) -> (Tensor<4>, Tensor<4>) {
+    let half = inv_freq.len();
+    let head_dim = 2 * half; // the rotary width
+    let mut cos = Vec::with_capacity(n * head_dim);
+    let mut sin = Vec::with_capacity(n * head_dim);
+    for pos in start..start + n {
+        // transformers: freqs = inv_freq ⊗ position in float32, emb = cat(freqs, freqs).
+        let freqs: Vec<f32> = inv_freq.iter().map(|f| f * pos as f32).collect();
+        for _ in 0..2 {
+            cos.extend(freqs.iter().map(|f| f.cos()));
+            sin.extend(freqs.iter().map(|f| f.sin()));
+        }
+    }
+    let table =
+        |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, [1, 1, n, head_dim]), device);
+    (table(cos), table(sin))
+}
+
+impl ForwardContext {
+    /// RoPE tables of `inv_freq` for positions `0..seq` and the combined attention mask
+    /// (future, padding, outside `sliding_window`); `has_gdn`: some layer is Gated DeltaNet,
+    /// which needs the token mask.
+    pub(crate) fn new(
+        inv_freq: &[f32],
+        sliding_window: Option<usize>,
+        has_gdn: bool,
+        (batch, seq): (usize, usize),
+        attention_mask: Option<&[Vec<u8>]>,
+        device: &Device,
+    ) -> ForwardContext {
+        let (cos, sin) = rope_tables(inv_freq, 0, seq, device);
         let mut mask = Vec::with_capacity(batch * seq * seq);
         for b in 0..batch {
             for i in 0..seq {
@@ -715,12 +758,11 @@ impl CausalLm {
                     let future = j > i;
                     let padding =
                         attention_mask.is_some_and(|m| m[b].get(j).copied().unwrap_or(0) == 0);
-                    let outside = self.sliding_window.is_some_and(|w| i >= j + w);
+                    let outside = sliding_window.is_some_and(|w| i >= j + w);
                     mask.push(future || padding || outside);
                 }
             }
         }
-        let has_gdn = self.model.layers.iter().any(|l| l.linear_attn.is_some());
         let token_mask = match attention_mask {
             Some(m) if has_gdn => {
                 let values: Vec<f32> = (0..batch)

@@ -7,7 +7,7 @@
 //! weights: pass autodiff weights to train, `valid()` weights to only measure.
 
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::llama::CausalLm;
 
@@ -85,43 +85,145 @@ pub fn pad_batch(seqs: &[ScoredSeq], pad_id: u32) -> (Vec<i64>, Vec<Vec<u8>>, us
     (ids, mask, width)
 }
 
+/// A batch of scored sequences laid out for one forward pass: right-padded ids, the
+/// attention mask, the next-token targets and the scoring mask.
+pub(crate) struct Padded {
+    pub batch: usize,
+    /// Padded length.
+    pub width: usize,
+    /// `[batch, width]` ids, row-major.
+    pub ids: Vec<i64>,
+    /// Per row, 1 for tokens and 0 for padding.
+    pub attention: Vec<Vec<u8>>,
+    /// `[batch, width - 1]` row-major: the target of position `t` is `ids[t + 1]`.
+    pub targets: Vec<i64>,
+    /// `[batch][width - 1]`: whether target `t + 1` is scored.
+    pub mask_host: Vec<Vec<bool>>,
+}
+
+impl Padded {
+    /// Every sequence must have at least two tokens and `score_from ≥ 1`.
+    pub fn new(seqs: &[ScoredSeq], pad_id: u32) -> Self {
+        let batch = seqs.len();
+        let (ids, attention, width) = pad_batch(seqs, pad_id);
+        let targets: Vec<i64> = (0..batch)
+            .flat_map(|b| ids[b * width + 1..(b + 1) * width].to_vec())
+            .collect();
+        let mask_host: Vec<Vec<bool>> = seqs
+            .iter()
+            .map(|s| {
+                (0..width - 1)
+                    .map(|t| t + 1 >= s.score_from.max(1) && t + 1 < s.ids.len())
+                    .collect()
+            })
+            .collect();
+        Padded {
+            batch,
+            width,
+            ids,
+            attention,
+            targets,
+            mask_host,
+        }
+    }
+
+    /// The ids as a tensor.
+    ///
+    /// # Shapes
+    /// → `[batch, width]`
+    pub fn input(&self, device: &Device) -> Tensor<2, Int> {
+        Tensor::from_data(
+            TensorData::new(self.ids.clone(), [self.batch, self.width]),
+            device,
+        )
+    }
+
+    /// Wraps per-target log-probs `[batch, width - 1]` with the scoring mask.
+    pub fn log_probs(&self, token: Tensor<2>) -> LogProbs {
+        let device = token.device();
+        let flat: Vec<f32> = self
+            .mask_host
+            .iter()
+            .flatten()
+            .map(|&m| if m { 1.0 } else { 0.0 })
+            .collect();
+        let mask =
+            Tensor::<2>::from_data(TensorData::new(flat, [self.batch, self.width - 1]), &device);
+        LogProbs {
+            token,
+            mask,
+            mask_host: self.mask_host.clone(),
+        }
+    }
+}
+
 /// Log-probs of every scored token of every sequence, in one batched forward pass.
 ///
 /// Every sequence must have at least two tokens and `score_from ≥ 1`.
 pub fn logprobs(lm: &CausalLm, seqs: &[ScoredSeq], pad_id: u32) -> LogProbs {
     let device = lm.device();
-    let batch = seqs.len();
-    let (ids, attention, width) = pad_batch(seqs, pad_id);
-    let input = Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [batch, width]), &device);
-    let logits = lm.forward(input, Some(&attention));
-    let [_, _, vocab] = logits.dims();
+    let padded = Padded::new(seqs, pad_id);
+    let (batch, width) = (padded.batch, padded.width);
+    let logits = lm.forward(padded.input(&device), Some(&padded.attention));
     let logp = log_softmax(logits.narrow(1, 0, width - 1), 2);
-    let targets: Vec<i64> = (0..batch)
-        .flat_map(|b| ids[b * width + 1..(b + 1) * width].to_vec())
-        .collect();
-    let targets =
-        Tensor::<2, Int>::from_data(TensorData::new(targets, [batch, width - 1]), &device);
+    let targets = Tensor::<2, Int>::from_data(
+        TensorData::new(padded.targets.clone(), [batch, width - 1]),
+        &device,
+    );
     let token = logp
         .gather(2, targets.unsqueeze_dim::<3>(2))
         .reshape([batch, width - 1]);
-    debug_assert!(vocab > 0);
-    let mask_host: Vec<Vec<bool>> = seqs
-        .iter()
-        .map(|s| {
-            (0..width - 1)
-                .map(|t| t + 1 >= s.score_from.max(1) && t + 1 < s.ids.len())
-                .collect()
+    padded.log_probs(token)
+}
+
+/// [`logprobs`] with the vocabulary projection and log-softmax done `chunk` target positions
+/// at a time (0 = all at once), so `[tokens × vocab]` logits never exist whole. Meant for
+/// forward-only weights (the DPO reference, probes): with autodiff weights every chunk's
+/// log-softmax would still be kept for backward — the trainer's recomputed head
+/// ([`crate::train::recompute`]) is the training path.
+pub fn logprobs_chunked(lm: &CausalLm, seqs: &[ScoredSeq], pad_id: u32, chunk: usize) -> LogProbs {
+    if chunk == 0 {
+        return logprobs(lm, seqs, pad_id);
+    }
+    let device = lm.device();
+    let padded = Padded::new(seqs, pad_id);
+    let (batch, width) = (padded.batch, padded.width);
+    let hidden = lm.hidden_states(padded.input(&device), Some(&padded.attention), None);
+    let [_, _, size] = hidden.dims();
+    let rows = hidden
+        .narrow(1, 0, width - 1)
+        .reshape([batch * (width - 1), size]);
+    let logits = |h| lm.logits_from_hidden(h);
+    let token =
+        normed_rows_logprobs(&logits, rows, &padded.targets, chunk).reshape([batch, width - 1]);
+    padded.log_probs(token)
+}
+
+/// `log p(target)` of each row of final-normed hidden states, `chunk` rows at a time
+/// (0 = all at once): `logits` (the LM head), log-softmax over the vocabulary, gather.
+///
+/// # Shapes
+/// `rows: [n, hidden]`, `targets: n` → `[n]`; `logits`: `[1, len, hidden]` → `[1, len, vocab]`
+pub(crate) fn normed_rows_logprobs(
+    logits: &dyn Fn(Tensor<3>) -> Tensor<3>,
+    rows: Tensor<2>,
+    targets: &[i64],
+    chunk: usize,
+) -> Tensor<1> {
+    let [n, _] = rows.dims();
+    let device = rows.device();
+    let chunk = if chunk == 0 { n } else { chunk.min(n) };
+    let parts: Vec<Tensor<1>> = (0..n)
+        .step_by(chunk.max(1))
+        .map(|start| {
+            let len = chunk.min(n - start);
+            let logits = logits(rows.clone().narrow(0, start, len).unsqueeze_dim(0));
+            let target = Tensor::<3, Int>::from_data(
+                TensorData::new(targets[start..start + len].to_vec(), [1, len, 1]),
+                &device,
+            );
+            log_softmax(logits, 2).gather(2, target).reshape([len])
         })
         .collect();
-    let flat: Vec<f32> = mask_host
-        .iter()
-        .flatten()
-        .map(|&m| if m { 1.0 } else { 0.0 })
-        .collect();
-    let mask = Tensor::<2>::from_data(TensorData::new(flat, [batch, width - 1]), &device);
-    LogProbs {
-        token,
-        mask,
-        mask_host,
-    }
+    Tensor::cat(parts, 0)
 }

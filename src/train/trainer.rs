@@ -29,8 +29,10 @@ use serde::{Deserialize, Serialize};
 use super::clip::{clip_grad_norm, grad_norm, grads_finite};
 use super::loss::{dpo_loss, sft_loss, DpoStats, DpoVariant};
 use super::optim::{ModelOptimizer, OptimError, OptimizerConfig};
+use super::recompute::{Segmented, Tape};
+use super::reference::{Reference, StreamedReference};
 use super::schedule::LrSchedule;
-use crate::model::logprobs::{logprobs, ScoredSeq};
+use crate::model::logprobs::{logprobs, LogProbs, ScoredSeq};
 use crate::model::{CausalLm, Device, DiskDtype, ModelConfig, ModelError, Tokenizer};
 
 /// A tokenized SFT example: the loss covers `completion` only.
@@ -93,6 +95,24 @@ pub struct TrainerConfig {
     /// batch with a ~2k-token example needed > 20 GB for its backward pass.
     #[serde(default)]
     pub max_seq_len: usize,
+    /// Keep only each decoder layer's input through the forward pass and recompute the layer
+    /// during backward ([`super::recompute`]): activation memory of one layer instead of all.
+    #[serde(default)]
+    pub recompute: bool,
+    /// Target positions per chunk of the LM head's logits, forward and backward (0 = all at
+    /// once): `[tokens × vocab]` logits never exist whole.
+    #[serde(default)]
+    pub logits_chunk: usize,
+}
+
+impl TrainerConfig {
+    /// How gradients are computed.
+    fn segmented(&self) -> Segmented {
+        Segmented {
+            recompute: self.recompute,
+            logits_chunk: self.logits_chunk,
+        }
+    }
 }
 
 /// Why a step was not taken. Weights and optimizer state are unchanged in every case.
@@ -151,8 +171,8 @@ pub struct Trainer {
     pub config: ModelConfig,
     /// Policy weights on an autodiff device. `None` only transiently inside `step`.
     model: Option<CausalLm>,
-    /// Frozen reference weights (non-autodiff), for DPO.
-    reference: CausalLm,
+    /// The DPO reference: frozen weights in memory, or the starting model's files.
+    reference: Reference,
     optim: ModelOptimizer,
     schedule: LrSchedule,
     step: u64,
@@ -172,8 +192,18 @@ impl Trainer {
         reference: Option<CausalLm>,
         settings: TrainerConfig,
     ) -> Result<Self, TrainError> {
+        let reference = Reference::Resident(reference.unwrap_or_else(|| model.valid()));
+        Self::with_reference(config, model, reference, settings)
+    }
+
+    /// [`Trainer::new`] with the DPO reference given as a [`Reference`].
+    pub fn with_reference(
+        config: ModelConfig,
+        model: CausalLm,
+        reference: Reference,
+        settings: TrainerConfig,
+    ) -> Result<Self, TrainError> {
         let optim = ModelOptimizer::new(settings.optimizer.clone())?;
-        let reference = reference.unwrap_or_else(|| model.valid());
         let model = apply_freeze(model, &settings.freeze, &settings.train_only);
         Ok(Trainer {
             config,
@@ -187,6 +217,13 @@ impl Trainer {
             dtypes: HashMap::new(),
             tokenizer_files: Vec::new(),
         })
+    }
+
+    /// Reads the DPO reference from `reference`'s files layer by layer at each DPO step
+    /// instead of keeping it in memory (the resident copy is dropped).
+    pub fn with_streamed_reference(mut self, reference: StreamedReference) -> Self {
+        self.reference = Reference::Streamed(reference);
+        self
     }
 
     /// Keeps the tokenizer files and disk dtypes of the source checkpoint for saving.
@@ -247,18 +284,70 @@ impl Trainer {
                 return Err(TrainError::Repeated { hash });
             }
         }
-        let pad = self.settings.pad_id;
-        let model = self
+        let (mut report, mut grads) = match self.gradients(batch) {
+            Ok(done) => done,
+            Err(e) => {
+                // A non-finite example is consumed: retrying it would fail the same way.
+                if matches!(
+                    e,
+                    TrainError::NonFiniteLoss { .. } | TrainError::NonFiniteGradient
+                ) {
+                    self.seen.extend(batch.hashes());
+                }
+                return Err(e);
+            }
+        };
+        let model = self.model();
+        report.grad_norm = if self.settings.max_grad_norm > 0.0 {
+            clip_grad_norm(model, &mut grads, self.settings.max_grad_norm)
+        } else {
+            grad_norm(model, &grads)
+        };
+        report.lr = self.schedule.lr_at(self.step);
+        let current = self
             .model
-            .as_ref()
+            .take()
             .expect("model is only absent inside step()");
+        let backup = current.clone();
+        match self.optim.step(report.lr, current, grads) {
+            Ok(updated) => self.model = Some(updated),
+            Err(e) => {
+                self.model = Some(backup);
+                return Err(e.into());
+            }
+        }
+        self.seen.extend(batch.hashes());
+        self.step += 1;
+        report.step = self.step;
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
+    }
+
+    /// The loss of `batch` and its gradients (before clipping), touching nothing: the
+    /// forward passes, the loss and the backward pass of [`Trainer::step`]. The report has
+    /// the losses, token counts and truncations; `grad_norm`, `lr` and `step` are the step's.
+    pub fn gradients(&self, batch: &Batch) -> Result<(StepReport, GradientsParams), TrainError> {
+        let pad = self.settings.pad_id;
+        let model = self.model();
+        let segmented = self.settings.segmented();
         let mut report = StepReport {
             sft_examples: batch.sft.len(),
             dpo_pairs: batch.dpo.len(),
             ..StepReport::default()
         };
+        // Forward: the plain path keeps the whole graph; the segmented one keeps tapes and
+        // returns log-probs as leaves (`tapes` pairs each leaf with its tape).
+        let mut tapes: Vec<(Tensor<2>, Tape)> = Vec::new();
+        let mut forward = |seqs: &[ScoredSeq]| -> LogProbs {
+            if segmented.is_plain() {
+                logprobs(model, seqs, pad)
+            } else {
+                let (lp, tape) = segmented.forward(model, seqs, pad);
+                tapes.push((lp.token.clone(), tape));
+                lp
+            }
+        };
 
-        // Forward passes and the loss.
         let mut loss: Option<Tensor<1>> = None;
         if !batch.sft.is_empty() {
             let max = self.settings.max_seq_len;
@@ -273,7 +362,7 @@ impl Trainer {
                 .collect();
             check_completions(&seqs)?;
             report.tokens += seqs.iter().map(|s| s.ids.len()).sum::<usize>();
-            let l = sft_loss(&logprobs(model, &seqs, pad));
+            let l = sft_loss(&forward(&seqs));
             report.sft_loss = Some(scalar(&l));
             loss = Some(l);
         }
@@ -300,9 +389,11 @@ impl Trainer {
                 .sum::<usize>();
             let pairs = chosen.len();
             let both: Vec<ScoredSeq> = chosen.iter().chain(&rejected).cloned().collect();
-            let policy = logprobs(model, &both, pad);
-            let (pol_c, pol_r) = split_rows(policy, pairs);
-            let reference = sums_host(&self.reference, &both, pad);
+            let (pol_c, pol_r) = split_rows(forward(&both), pairs);
+            let reference = self
+                .reference
+                .sums(&both, pad, self.settings.logits_chunk)
+                .map_err(ModelError::from)?;
             let (ref_c, ref_r) = reference.split_at(pairs);
             let (l, stats) = dpo_loss(
                 &pol_c,
@@ -321,39 +412,28 @@ impl Trainer {
         let loss = loss.expect("a non-empty batch has SFT or DPO items");
         report.loss = scalar(&loss);
         if !report.loss.is_finite() {
-            self.seen.extend(batch.hashes());
             return Err(TrainError::NonFiniteLoss { value: report.loss });
         }
 
-        // Backward, guard, clip, step.
-        let mut grads = GradientsParams::from_grads(loss.backward(), model);
+        // Backward: through the whole graph, or through the loss to the log-prob leaves and
+        // then segment by segment.
+        let grads = if tapes.is_empty() {
+            GradientsParams::from_grads(loss.backward(), model)
+        } else {
+            let mut loss_grads = loss.backward();
+            let mut grads = GradientsParams::new();
+            for (leaf, tape) in tapes {
+                let g = leaf
+                    .grad_remove(&mut loss_grads)
+                    .expect("the loss depends on every forward's log-probs");
+                segmented.backward(model, tape, g, &mut grads);
+            }
+            grads
+        };
         if !grads_finite(model, &grads) {
-            self.seen.extend(batch.hashes());
             return Err(TrainError::NonFiniteGradient);
         }
-        report.grad_norm = if self.settings.max_grad_norm > 0.0 {
-            clip_grad_norm(model, &mut grads, self.settings.max_grad_norm)
-        } else {
-            grad_norm(model, &grads)
-        };
-        report.lr = self.schedule.lr_at(self.step);
-        let current = self
-            .model
-            .take()
-            .expect("model is only absent inside step()");
-        let backup = current.clone();
-        match self.optim.step(report.lr, current, grads) {
-            Ok(updated) => self.model = Some(updated),
-            Err(e) => {
-                self.model = Some(backup);
-                return Err(e.into());
-            }
-        }
-        self.seen.extend(batch.hashes());
-        self.step += 1;
-        report.step = self.step;
-        report.seconds = started.elapsed().as_secs_f64();
-        Ok(report)
+        Ok((report, grads))
     }
 
     /// Writes everything a resumed run needs into `dir`: the weights as a Hugging Face
@@ -393,8 +473,8 @@ impl Trainer {
     }
 
     /// Restores a trainer saved by [`Trainer::save`] onto `device` (autodiff for training).
-    /// The DPO reference is the weights in `reference_dir` (the run's starting model).
-    pub fn restore(dir: &Path, reference: CausalLm, device: &Device) -> Result<Self, TrainError> {
+    /// The DPO reference is `reference` (the run's starting model).
+    pub fn restore(dir: &Path, reference: Reference, device: &Device) -> Result<Self, TrainError> {
         let model = crate::model::Model::load(dir, device)?;
         let state_path = dir.join("trainer_state.json");
         let bad = |reason: String| TrainError::State {
@@ -417,7 +497,7 @@ impl Trainer {
                 ),
             });
         }
-        let mut trainer = Trainer::new(model.config, model.lm, Some(reference), state.config)?
+        let mut trainer = Trainer::with_reference(model.config, model.lm, reference, state.config)?
             .with_files(model.dtypes, model.tokenizer.as_ref());
         trainer.optim.load(&dir.join("optimizer.bpk"), device)?;
         trainer.schedule = state.schedule;
@@ -480,15 +560,6 @@ fn split_rows(
     };
     debug_assert!(width > 0);
     (half(0), half(pairs))
-}
-
-/// Summed scored log-probs per sequence under frozen weights (no graph).
-fn sums_host(lm: &CausalLm, seqs: &[ScoredSeq], pad: u32) -> Vec<f64> {
-    logprobs(lm, seqs, pad)
-        .scored_host()
-        .iter()
-        .map(|v| v.iter().map(|&x| x as f64).sum())
-        .collect()
 }
 
 /// `*` matches any run of characters (dots included), `?` one character.

@@ -1,0 +1,149 @@
+//! The DPO reference: log-probs of each pair under the starting model, which never changes.
+//!
+//! - [`Reference::Resident`]: a frozen copy of the weights in memory. It shares the policy's
+//!   buffers until the first optimizer step replaces them; from then on it is a second
+//!   model's worth of memory (54 GB for the operator's 27B in bf16).
+//! - [`Reference::Streamed`]: the starting model's safetensors files, memory-mapped and read
+//!   one decoder layer at a time, forward only, for each batch of pairs: memory of one layer
+//!   plus the batch's hidden states. TRL's `precompute_ref_log_probs` computes these once
+//!   for a whole dataset before training; online, the trainer computes them for the batch it
+//!   is about to train on, all of its pairs in one pass over the files.
+//!
+//! Both give the same numbers: the same tensors from the same files through the same layer
+//! code, in the same order.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Tensor};
+
+use crate::model::config::LayerKind;
+use crate::model::llama::{tied_logits, DecoderLayer, ForwardContext, Linear, RmsNorm};
+use crate::model::logprobs::{logprobs_chunked, normed_rows_logprobs, Padded, ScoredSeq};
+use crate::model::weights::{CheckpointLayout, SafetensorsSource, TensorSource, TextSource};
+use crate::model::{CausalLm, ModelConfig, ModelError, WeightError};
+
+/// Where the reference log-probs come from (see the module docs).
+#[derive(Clone)]
+pub enum Reference {
+    /// Frozen weights in memory (no autodiff).
+    Resident(CausalLm),
+    /// The starting model's files, read layer by layer.
+    Streamed(StreamedReference),
+}
+
+impl Reference {
+    /// Summed scored log-probs of each sequence, the vocabulary projected `chunk` positions
+    /// at a time (0 = all at once).
+    pub fn sums(
+        &self,
+        seqs: &[ScoredSeq],
+        pad_id: u32,
+        chunk: usize,
+    ) -> Result<Vec<f64>, WeightError> {
+        let per_token = match self {
+            Reference::Resident(lm) => logprobs_chunked(lm, seqs, pad_id, chunk).scored_host(),
+            Reference::Streamed(s) => return s.sums(seqs, pad_id, chunk),
+        };
+        Ok(sum_rows(&per_token))
+    }
+}
+
+fn sum_rows(per_token: &[Vec<f32>]) -> Vec<f64> {
+    per_token
+        .iter()
+        .map(|v| v.iter().map(|&x| f64::from(x)).sum())
+        .collect()
+}
+
+/// A Hugging Face model directory used as a forward-only reference, one layer in memory at
+/// a time.
+#[derive(Debug, Clone)]
+pub struct StreamedReference {
+    dir: PathBuf,
+    config: ModelConfig,
+    /// A device without autodiff: nothing here is trained.
+    device: Device,
+}
+
+impl StreamedReference {
+    /// The model in `dir` (`config.json` and `model.safetensors` or its sharded index), read
+    /// onto `device` when used. The files' headers are checked now; a missing or misshapen
+    /// tensor is reported by name at the first use.
+    pub fn open(dir: &Path, device: &Device) -> Result<Self, ModelError> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        SafetensorsSource::open(dir, device)?;
+        Ok(StreamedReference {
+            dir: dir.to_path_buf(),
+            config,
+            device: device.clone().inner(),
+        })
+    }
+
+    /// The directory the reference is read from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Summed scored log-probs of each sequence: embedding, every layer loaded, applied to the
+    /// whole batch and dropped, then the final norm and the head `chunk` positions at a time.
+    pub fn sums(
+        &self,
+        seqs: &[ScoredSeq],
+        pad_id: u32,
+        chunk: usize,
+    ) -> Result<Vec<f64>, WeightError> {
+        let cfg = &self.config;
+        let mut files = SafetensorsSource::open(&self.dir, &self.device)?;
+        let mut src = TextSource {
+            inner: &mut files,
+            layout: CheckpointLayout {
+                text_prefix: (cfg.text_prefix != "model.").then(|| cfg.text_prefix.clone()),
+                passthrough: Vec::new(),
+            },
+        };
+        let padded = Padded::new(seqs, pad_id);
+        let (batch, width, hidden) = (padded.batch, padded.width, cfg.hidden_size);
+        let has_gdn =
+            cfg.linear_attn.is_some() && cfg.layer_types.contains(&LayerKind::LinearAttention);
+        let ctx = ForwardContext::new(
+            &cfg.inv_freq(),
+            cfg.sliding_window,
+            has_gdn,
+            (batch, width),
+            Some(&padded.attention),
+            &self.device,
+        );
+        let embedding = src.take2("model.embed_tokens.weight", [cfg.vocab_size, hidden])?;
+        let mut x = burn::tensor::module::embedding(embedding.clone(), padded.input(&self.device));
+        // Kept only when it is also the head.
+        let embedding = cfg.tie_word_embeddings.then_some(embedding);
+        for i in 0..cfg.num_hidden_layers {
+            let layer = DecoderLayer::load(cfg, &mut src, i)?;
+            x = layer.forward(x, &ctx, false).0;
+        }
+        let (eps, offset) = (cfg.rms_norm_eps, cfg.norm_unit_offset);
+        let norm = RmsNorm::load(&mut src, "model.norm", hidden, eps, offset)?;
+        let head = match embedding {
+            Some(_) => None,
+            None => Some(Linear::load(
+                &mut src,
+                "lm_head",
+                cfg.vocab_size,
+                hidden,
+                false,
+            )?),
+        };
+        let logits = |h: Tensor<3>| match (&head, &embedding) {
+            (Some(linear), _) => linear.forward(h),
+            (None, Some(weight)) => tied_logits(h, weight.clone()),
+            (None, None) => unreachable!("a head or a tied embedding was loaded"),
+        };
+        let rows = norm
+            .forward(x)
+            .narrow(1, 0, width - 1)
+            .reshape([batch * (width - 1), hidden]);
+        let token =
+            normed_rows_logprobs(&logits, rows, &padded.targets, chunk).reshape([batch, width - 1]);
+        Ok(sum_rows(&padded.log_probs(token).scored_host()))
+    }
+}
