@@ -1,7 +1,8 @@
 //! Per-layer recompute and the chunked LM head ([`dreamloop::train::recompute`]) compute the
 //! plain path's numbers: the same losses, the same gradient of every parameter, the same
 //! log-probs, on dense (tied and untied, with biases) and hybrid (Gated DeltaNet, MoE)
-//! fixture models, for SFT and DPO in one batch with padding.
+//! fixture models, for SFT and DPO in one batch with padding; and a DPO reference streamed
+//! from the starting model's files gives the resident copy's losses.
 //!
 //! The plain path is the one checked against transformers and TRL (`tests/losses.rs`,
 //! `actors/tests/train_cli.rs`); what may differ here is only the order of f32 sums (a
@@ -21,6 +22,7 @@ use dreamloop::model::{cpu, Model};
 use dreamloop::train::dataset::hash_ids;
 use dreamloop::train::loss::DpoVariant;
 use dreamloop::train::optim::{AdamWConfig, OptimizerConfig};
+use dreamloop::train::reference::StreamedReference;
 use dreamloop::train::schedule::LrSchedule;
 use dreamloop::train::trainer::{Batch, DpoItem, SftItem, Trainer, TrainerConfig};
 
@@ -56,6 +58,12 @@ fn settings(recompute: bool, logits_chunk: usize, freeze: &[&str]) -> TrainerCon
 /// Two SFT examples and two DPO pairs of different lengths (so rows are padded), ids below
 /// the fixtures' vocabulary of 256.
 fn batch() -> Batch {
+    batch_from(0)
+}
+
+/// [`batch`] with other ids for each `seed`.
+fn batch_from(seed: u32) -> Batch {
+    let at = |k: u32| k + 10 * seed;
     let ids = |seed: u32, len: usize| -> Vec<u32> {
         (0..len as u32)
             .map(|i| (seed * 37 + i * 11) % 250 + 3)
@@ -79,8 +87,8 @@ fn batch() -> Batch {
         }
     };
     Batch {
-        sft: vec![sft(1, 9, 14), sft(2, 5, 6)],
-        dpo: vec![dpo(3, 7, 9, 5), dpo(4, 12, 4, 10)],
+        sft: vec![sft(at(1), 9, 14), sft(at(2), 5, 6)],
+        dpo: vec![dpo(at(3), 7, 9, 5), dpo(at(4), 12, 4, 10)],
     }
 }
 
@@ -232,6 +240,42 @@ fn chunked_logprobs_equal_the_whole_vocabulary_pass() {
                 chunked.iter().map(Vec::len).collect::<Vec<_>>(),
                 whole.iter().map(Vec::len).collect::<Vec<_>>()
             );
+        }
+    }
+}
+
+/// Streamed from the files, the reference gives exactly the resident copy's DPO numbers, at
+/// the first step and after the policy moved away from it.
+#[test]
+fn a_streamed_reference_gives_the_resident_dpo_losses() {
+    for name in ["llama_untied", "qwen3_5"] {
+        let dir = models().join(name);
+        let model = Model::load(&dir, &cpu().autodiff()).unwrap();
+        for chunk in [0, 6] {
+            let trainer = || {
+                Trainer::new(
+                    model.config.clone(),
+                    model.lm.clone(),
+                    None,
+                    settings(false, chunk, &[]),
+                )
+                .unwrap()
+            };
+            let mut resident = trainer();
+            let mut streamed =
+                trainer().with_streamed_reference(StreamedReference::open(&dir, &cpu()).unwrap());
+            for seed in 0..3 {
+                let batch = batch_from(seed);
+                let (a, _) = resident.gradients(&batch).unwrap();
+                let (b, _) = streamed.gradients(&batch).unwrap();
+                assert_eq!(a.dpo, b.dpo, "{name} chunk {chunk} step {seed}");
+                let (a, b) = (
+                    resident.step(&batch).unwrap(),
+                    streamed.step(&batch).unwrap(),
+                );
+                assert_eq!(a.loss, b.loss);
+                assert!(a.dpo.unwrap().margins.abs() > 0.0 || seed == 0);
+            }
         }
     }
 }

@@ -161,19 +161,7 @@ impl Padded {
 ///
 /// Every sequence must have at least two tokens and `score_from ≥ 1`.
 pub fn logprobs(lm: &CausalLm, seqs: &[ScoredSeq], pad_id: u32) -> LogProbs {
-    let device = lm.device();
-    let padded = Padded::new(seqs, pad_id);
-    let (batch, width) = (padded.batch, padded.width);
-    let logits = lm.forward(padded.input(&device), Some(&padded.attention));
-    let logp = log_softmax(logits.narrow(1, 0, width - 1), 2);
-    let targets = Tensor::<2, Int>::from_data(
-        TensorData::new(padded.targets.clone(), [batch, width - 1]),
-        &device,
-    );
-    let token = logp
-        .gather(2, targets.unsqueeze_dim::<3>(2))
-        .reshape([batch, width - 1]);
-    padded.log_probs(token)
+    logprobs_chunked(lm, seqs, pad_id, 0)
 }
 
 /// [`logprobs`] with the vocabulary projection and log-softmax done `chunk` target positions
@@ -182,21 +170,40 @@ pub fn logprobs(lm: &CausalLm, seqs: &[ScoredSeq], pad_id: u32) -> LogProbs {
 /// log-softmax would still be kept for backward — the trainer's recomputed head
 /// ([`crate::train::recompute`]) is the training path.
 pub fn logprobs_chunked(lm: &CausalLm, seqs: &[ScoredSeq], pad_id: u32, chunk: usize) -> LogProbs {
-    if chunk == 0 {
-        return logprobs(lm, seqs, pad_id);
-    }
-    let device = lm.device();
     let padded = Padded::new(seqs, pad_id);
-    let (batch, width) = (padded.batch, padded.width);
-    let hidden = lm.hidden_states(padded.input(&device), Some(&padded.attention), None);
-    let [_, _, size] = hidden.dims();
-    let rows = hidden
-        .narrow(1, 0, width - 1)
-        .reshape([batch * (width - 1), size]);
-    let logits = |h| lm.logits_from_hidden(h);
-    let token =
-        normed_rows_logprobs(&logits, rows, &padded.targets, chunk).reshape([batch, width - 1]);
+    let normed = lm.hidden_states(padded.input(&lm.device()), Some(&padded.attention), None);
+    let token = token_logprobs(&|h| lm.logits_from_hidden(h), normed, &padded, chunk);
     padded.log_probs(token)
+}
+
+/// `log p(ids[t + 1] | ids[..= t])` from final-normed hidden states through the head
+/// `logits`, `chunk` target positions at a time (0 = the whole batch in one matmul).
+///
+/// # Shapes
+/// `normed: [batch, width, hidden]` → `[batch, width - 1]`
+pub(crate) fn token_logprobs(
+    logits: &dyn Fn(Tensor<3>) -> Tensor<3>,
+    normed: Tensor<3>,
+    padded: &Padded,
+    chunk: usize,
+) -> Tensor<2> {
+    let (batch, width) = (padded.batch, padded.width);
+    let [_, _, hidden] = normed.dims();
+    if chunk == 0 {
+        let device = normed.device();
+        let logp = log_softmax(logits(normed).narrow(1, 0, width - 1), 2);
+        let targets = Tensor::<2, Int>::from_data(
+            TensorData::new(padded.targets.clone(), [batch, width - 1]),
+            &device,
+        );
+        return logp
+            .gather(2, targets.unsqueeze_dim::<3>(2))
+            .reshape([batch, width - 1]);
+    }
+    let rows = normed
+        .narrow(1, 0, width - 1)
+        .reshape([batch * (width - 1), hidden]);
+    normed_rows_logprobs(logits, rows, &padded.targets, chunk).reshape([batch, width - 1])
 }
 
 /// `log p(target)` of each row of final-normed hidden states, `chunk` rows at a time

@@ -32,7 +32,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Gradients, Tensor};
 
 use crate::model::llama::ForwardContext;
-use crate::model::logprobs::{normed_rows_logprobs, LogProbs, Padded, ScoredSeq};
+use crate::model::logprobs::{normed_rows_logprobs, token_logprobs, LogProbs, Padded, ScoredSeq};
 use crate::model::CausalLm;
 
 /// How gradients are computed (see the module docs).
@@ -96,16 +96,9 @@ impl Segmented {
             let last = x.clone().detach();
             (Vec::new(), Some(x), last)
         };
-        let [_, _, hidden] = last.dims();
-        let rows = frozen
-            .model
-            .norm
-            .forward(last.clone())
-            .narrow(1, 0, width - 1)
-            .reshape([batch * (width - 1), hidden]);
+        let normed = frozen.model.norm.forward(last.clone());
         let logits = |h| frozen.logits_from_hidden(h);
-        let token = normed_rows_logprobs(&logits, rows, &padded.targets, self.logits_chunk)
-            .reshape([batch, width - 1])
+        let token = token_logprobs(&logits, normed, &padded, self.logits_chunk)
             .detach()
             .require_grad();
         let lp = padded.log_probs(token);

@@ -18,7 +18,7 @@ use burn::tensor::{Device, Tensor};
 
 use crate::model::config::LayerKind;
 use crate::model::llama::{tied_logits, DecoderLayer, ForwardContext, Linear, RmsNorm};
-use crate::model::logprobs::{logprobs_chunked, normed_rows_logprobs, Padded, ScoredSeq};
+use crate::model::logprobs::{logprobs_chunked, token_logprobs, Padded, ScoredSeq};
 use crate::model::weights::{CheckpointLayout, SafetensorsSource, TensorSource, TextSource};
 use crate::model::{CausalLm, ModelConfig, ModelError, WeightError};
 
@@ -138,12 +138,7 @@ impl StreamedReference {
             (None, Some(weight)) => tied_logits(h, weight.clone()),
             (None, None) => unreachable!("a head or a tied embedding was loaded"),
         };
-        let rows = norm
-            .forward(x)
-            .narrow(1, 0, width - 1)
-            .reshape([batch * (width - 1), hidden]);
-        let token =
-            normed_rows_logprobs(&logits, rows, &padded.targets, chunk).reshape([batch, width - 1]);
+        let token = token_logprobs(&logits, norm.forward(x), &padded, chunk);
         Ok(sum_rows(&padded.log_probs(token).scored_host()))
     }
 }
