@@ -8,7 +8,8 @@
 //!   APOLLO (r = 128) and APOLLO-Mini, and each optimizer's state bytes;
 //! - the memory settings, as `+` suffixes of a configuration: `+recompute` (`[train]
 //!   recompute`: per-layer recompute), `+chunk` (`[train] logits_chunk = 1024`), `+balanced`
-//!   (burn's own `Device::autodiff().gradient_checkpointing()`, for comparison).
+//!   (burn's own `Device::autodiff().gradient_checkpointing()`, for comparison), `+stream`
+//!   (`[model] stream_reference`: the DPO reference read from files layer by layer).
 //!
 //! Every configuration runs in its own child process so that peak RSS is its own.
 //! Run: `cargo bench --profile dev --bench model_step` (the dev profile builds dependencies at
@@ -26,10 +27,11 @@ use dreamloop::model::preset::SeededInit;
 use dreamloop::model::{cpu, CausalLm};
 use dreamloop::train::loss::{sft_loss, DpoVariant};
 use dreamloop::train::optim::{AdamWConfig, ApolloConfig, OptimizerConfig};
+use dreamloop::train::reference::StreamedReference;
 use dreamloop::train::schedule::LrSchedule;
 use dreamloop::train::trainer::{Batch, DpoItem, SftItem, Trainer, TrainerConfig};
 
-const CONFIGS: [&str; 12] = [
+const CONFIGS: [&str; 14] = [
     "fwd-bwd",
     "sft-adamw",
     "sft-apollo",
@@ -42,6 +44,8 @@ const CONFIGS: [&str; 12] = [
     "sft-adamw+chunk",
     "sft-adamw+recompute+chunk",
     "dpo-apollo-mini+recompute+chunk",
+    "dpo-apollo-mini+stream",
+    "dpo-apollo-mini+recompute+chunk+stream",
 ];
 
 fn peak_rss_bytes() -> u64 {
@@ -150,7 +154,21 @@ fn run_one(name: &str) {
             recompute: memory.contains(&"recompute"),
             logits_chunk: if memory.contains(&"chunk") { 1024 } else { 0 },
         };
+        // `+stream`: the reference read from files layer by layer (the starting weights
+        // saved to a temporary directory first), not a resident copy.
+        let reference_dir = memory.contains(&"stream").then(|| {
+            let dir = tempfile::tempdir().expect("a temporary directory");
+            let frozen = model.valid();
+            dreamloop::model::save_dir(dir.path(), &cfg, &frozen, &Default::default(), None, &[])
+                .expect("saving the reference");
+            dir
+        });
         let mut trainer = Trainer::new(cfg.clone(), model, None, settings).expect("trainer");
+        if let Some(dir) = &reference_dir {
+            let streamed =
+                StreamedReference::open(dir.path(), &cpu()).expect("the saved reference");
+            trainer = trainer.with_streamed_reference(streamed);
+        }
         let mut hash = 0u64;
         for _ in 0..=steps {
             let mut b = Batch::default();

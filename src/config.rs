@@ -743,10 +743,13 @@ mod tests {
         c.rollback.patience = 0;
         c.eval.every_n_steps = 0;
         c.metrics_addr = "nowhere".into();
+        // A preset has no files to stream the reference from.
+        c.model.stream_reference = true;
         let errors = c.validate().expect_err("invalid");
         let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
         for expected in [
             "metrics_addr",
+            "model.stream_reference",
             "train.batch_size",
             "data.replay_ratio",
             "eval.every_n_steps",

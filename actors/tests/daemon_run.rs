@@ -1,6 +1,8 @@
 //! The whole loop end to end on the tiny model: N steps, checkpoints, a baseline that
 //! becomes GOOD, no example trained twice, status.json and `dreamloop status` agree; and on
-//! the hybrid Gated-DeltaNet preset: steps, a loadable hybrid checkpoint, a resume.
+//! the hybrid Gated-DeltaNet preset: steps, a loadable hybrid checkpoint, a resume; and the
+//! memory settings (per-layer recompute, a chunked head, a streamed DPO reference) through a
+//! whole mixed SFT + DPO run and its resume.
 
 mod common;
 
@@ -254,4 +256,47 @@ fn hybrid_model_runs_checkpoints_and_resumes() {
         vec![1, 2, 3, 4, 5, 6],
         "resumed at 5, nothing retrained"
     );
+}
+
+#[test]
+fn memory_settings_train_checkpoint_and_resume_a_mixed_run() {
+    // A model directory (a streamed reference is read from files): the hybrid preset saved.
+    let model_dir = tempfile::tempdir().unwrap();
+    dreamloop::model::Model::preset("tiny-hybrid", 0, &dreamloop::model::cpu())
+        .unwrap()
+        .save(model_dir.path())
+        .unwrap();
+    let mut d = Daemon::new(&Overrides {
+        model: model_dir.path().display().to_string(),
+        model_extra: "stream_reference = true".into(),
+        phase: "mixed".into(),
+        train: "recompute = true\nlogits_chunk = 16".into(),
+        ..Overrides::default()
+    });
+    d.start(&["--max-steps", "4"], &[]);
+    let status = d.wait_exit(Duration::from_secs(240));
+    assert!(status.success(), "exit {status}\n{}", d.log());
+    d.start(&["--max-steps", "6"], &[]);
+    let status = d.wait_exit(Duration::from_secs(240));
+    assert!(status.success(), "exit {status}\n{}", d.log());
+    let trained = d.trained();
+    let steps: Vec<u64> = trained
+        .iter()
+        .map(|r| r["step"].as_u64().expect("step"))
+        .collect();
+    assert_eq!(
+        steps,
+        vec![1, 2, 3, 4, 5, 6],
+        "resumed at 5, nothing retrained"
+    );
+    let pairs = trained
+        .iter()
+        .flat_map(|r| r["examples"].as_array().cloned().unwrap_or_default())
+        .filter(|e| e["target"].get("dpo").is_some())
+        .count();
+    assert!(
+        pairs > 0,
+        "a mixed run trains DPO pairs against the streamed reference"
+    );
+    assert!(d.events().iter().any(|e| e["event"] == "mark_good"));
 }

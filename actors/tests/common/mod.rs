@@ -29,6 +29,10 @@ pub struct Daemon {
 pub struct Overrides {
     /// `[model] spec`; empty means the `tiny` preset.
     pub model: String,
+    /// More `[model]` settings.
+    pub model_extra: String,
+    /// `phase`; empty means `sft`.
+    pub phase: String,
     pub top: String,
     pub train: String,
     pub data: String,
@@ -43,11 +47,12 @@ pub fn config_text(state: &Path, o: &Overrides) -> String {
     format!(
         r#"state_dir = "{state}"
 metrics_addr = "127.0.0.1:0"
-phase = "sft"
+phase = "{phase}"
 {top}
 [model]
 spec = "{model}"
 backend = "cpu"
+{model_extra}
 
 [train]
 {train}
@@ -97,6 +102,8 @@ status_every_seconds = 1
         scenarios = scenarios.display(),
         top = o.top,
         model = if o.model.is_empty() { "tiny" } else { &o.model },
+        model_extra = o.model_extra,
+        phase = if o.phase.is_empty() { "sft" } else { &o.phase },
         train = if o.train.contains("lr") {
             o.train.clone()
         } else {
