@@ -111,6 +111,10 @@ pub struct ModelSection {
     /// DPO reference weights (preset or directory); absent: a frozen copy of `spec`.
     #[serde(default)]
     pub reference: Option<String>,
+    /// Memory of the device the step runs on (`141GB`, `24GiB`), for the start-up plan
+    /// (`dreamloop plan`); absent: the host's memory on `cpu`, 141 GB (one H200) on `cuda`.
+    #[serde(default)]
+    pub device_memory: Option<String>,
 }
 
 fn default_backend() -> Backend {
@@ -365,6 +369,11 @@ impl DreamConfig {
                 ),
             );
         }
+        if let Some(text) = &self.model.device_memory {
+            if let Err(e) = crate::plan::parse_bytes(text) {
+                bad("model.device_memory", e.to_string());
+            }
+        }
         if self.model.spec.trim().is_empty() {
             bad(
                 "model.spec",
@@ -589,6 +598,7 @@ impl DreamConfig {
                 spec: "tiny".into(),
                 backend: Backend::Cpu,
                 reference: None,
+                device_memory: None,
             },
             train: TrainSection {
                 lr: 2e-5,
