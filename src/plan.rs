@@ -10,6 +10,9 @@
 //! additions, slices, concatenations, reshapes and scalar products keep nothing; burn's flex
 //! backend copies on `reshape` of a non-contiguous view. The counts per layer are written
 //! next to the code that produces them ([`attention_kept`], [`gdn_kept`], [`mlp_kept`]).
+//! One hazard of ours is counted too: `Linear::forward`'s `weight.transpose().unsqueeze_dim(0)`
+//! is a reshape of a transposed view, which flex copies, and the matmul keeps the copy — so
+//! every matmul weight is held twice from its layer's forward to its layer's backward.
 //!
 //! The step's peak is the largest of these moments, each a sum of what is alive then:
 //! - the LM head's backward: every layer's kept activations, the log-softmax buffers;
@@ -627,323 +630,227 @@ impl Moment {
 
 const GB: f64 = 1e9;
 
-/// The memory and time budget of one step of `model` under `s`.
-pub fn plan(model: &ModelConfig, s: &PlanSettings) -> Plan {
-    let dt = s.dtype.bytes();
-    let params = param_shapes(model);
-    let layers = model.num_hidden_layers;
-    let (rows, pairs) = s.rows();
-    // No limit (`max_seq_len = 0`): the longest context the checkpoint was trained for.
-    let seq_len = if s.seq_len == 0 {
-        model.max_position_embeddings
-    } else {
-        s.seq_len
-    };
-    let t = seq_len.max(1) as f64;
-    let rows_f = rows as f64;
-    let tokens = rows_f * t;
-    let vocab = model.vocab_size as f64;
-    let hidden = model.hidden_size as f64;
+/// Gradients and optimizer state, by where they are counted.
+#[derive(Debug, Default)]
+struct Tally {
+    parameters: u64,
+    trainable: u64,
+    /// Gradient bytes per decoder layer, of the head (LM head, final norm, a tied
+    /// embedding: their backward comes first) and of an untied embedding (last).
+    grad_layer: Vec<u64>,
+    grad_head: u64,
+    grad_embed: u64,
+    /// Optimizer state bytes per branch.
+    projected: u64,
+    dense: u64,
+    embeddings: u64,
+    /// Elements of the largest trainable tensor (the update's temporaries).
+    largest: u64,
+}
 
-    // Weights, gradients, optimizer state per branch.
-    let total_params: u64 = params.iter().map(ParamShape::numel).sum();
-    let mut trainable = 0u64;
-    let mut grad_layer = vec![0u64; layers];
-    let mut grad_head = 0u64;
-    let mut grad_embed = 0u64;
-    let (mut projected, mut dense, mut embeddings) = (0u64, 0u64, 0u64);
-    let mut largest = 0u64;
-    for p in &params {
-        if !trains(&p.name, s) {
-            continue;
-        }
-        let n = p.numel();
-        trainable += n;
-        largest = largest.max(n);
-        match p.layer() {
-            Some(i) => grad_layer[i] += n * dt,
-            // A tied embedding's gradient starts at the head (its matmul comes first in
-            // backward); an untied one only at the very end.
-            None if p.name.starts_with("lm_head.")
-                || p.name == "model.norm.weight"
-                || (model.tie_word_embeddings && p.is_embedding()) =>
-            {
-                grad_head += n * dt
+impl Tally {
+    fn of(model: &ModelConfig, params: &[ParamShape], s: &PlanSettings) -> Tally {
+        let dt = s.dtype.bytes();
+        let mut t = Tally {
+            grad_layer: vec![0; model.num_hidden_layers],
+            ..Tally::default()
+        };
+        for p in params {
+            let n = p.numel();
+            t.parameters += n;
+            if !trains(&p.name, s) {
+                continue;
             }
-            None => grad_embed += n * dt,
+            t.trainable += n;
+            t.largest = t.largest.max(n);
+            match p.layer() {
+                Some(i) => t.grad_layer[i] += n * dt,
+                None if p.name.starts_with("lm_head.")
+                    || p.name == "model.norm.weight"
+                    || (model.tie_word_embeddings && p.is_embedding()) =>
+                {
+                    t.grad_head += n * dt
+                }
+                None => t.grad_embed += n * dt,
+            }
+            let (elements, is_projected) = state_elements(p, &s.optimizer);
+            let bytes = elements * dt;
+            if p.is_embedding() {
+                t.embeddings += bytes;
+            } else if is_projected {
+                t.projected += bytes;
+            } else {
+                t.dense += bytes;
+            }
         }
-        let (elements, is_projected) = state_elements(p, &s.optimizer);
-        let bytes = elements * dt;
-        if p.is_embedding() {
-            embeddings += bytes;
-        } else if is_projected {
-            projected += bytes;
-        } else {
-            dense += bytes;
-        }
+        t
     }
-    let grads_all: u64 = grad_layer.iter().sum::<u64>() + grad_head + grad_embed;
-    let weights = total_params * dt;
 
-    // The reference: a resident copy, or a double buffer of its largest unit.
-    let unit_bytes = |i: usize| -> u64 {
-        params
-            .iter()
-            .filter(|p| p.layer() == Some(i))
-            .map(ParamShape::numel)
-            .sum::<u64>()
-            * dt
-    };
-    let largest_unit = (0..layers)
-        .map(unit_bytes)
-        .chain(std::iter::once(
-            model.vocab_size as u64 * model.hidden_size as u64 * dt,
-        ))
-        .max()
-        .unwrap_or(0);
-    let (reference, reference_how) = match s.reference {
+    fn grads(&self) -> u64 {
+        self.grad_layer.iter().sum::<u64>() + self.grad_head + self.grad_embed
+    }
+}
+
+/// The DPO reference's bytes and how they are counted.
+fn reference_bytes(
+    model: &ModelConfig,
+    params: &[ParamShape],
+    s: &PlanSettings,
+    pairs: usize,
+) -> (u64, String) {
+    let dt = s.dtype.bytes();
+    let weights: u64 = params.iter().map(ParamShape::numel).sum::<u64>() * dt;
+    match s.reference {
         ReferenceMode::Resident => (
             weights,
-            "a second copy of the weights: Trainer::new's `valid()` copy shares them until the first update, then holds the old ones (kept in every phase: the phase is hot-reloadable)".to_string(),
+            "a second copy of the weights: Trainer::new's `valid()` copy shares them until the first update, then holds the old ones (in every phase: the phase is hot-reloadable)".into(),
         ),
-        ReferenceMode::Streamed if pairs > 0 => (
-            2 * largest_unit,
-            "what-if: two buffers of the largest unit (a decoder layer or the vocabulary matrix) streamed for the reference forward".to_string(),
-        ),
-        ReferenceMode::Streamed => (0, "streamed reference: nothing in SFT".to_string()),
-    };
-
-    // Activations per layer, and the log-softmax over the vocabulary.
-    let costs: Vec<LayerCost> = (0..layers)
-        .map(|i| layer_cost(model, i, rows_f, t))
-        .collect();
-    let kept_layer = |c: &LayerCost| -> f64 {
-        if s.recompute {
-            hidden * tokens
-        } else {
-            c.kept
+        ReferenceMode::Streamed if pairs > 0 => {
+            let layer = |i: usize| -> u64 {
+                params
+                    .iter()
+                    .filter(|p| p.layer() == Some(i))
+                    .map(ParamShape::numel)
+                    .sum()
+            };
+            let vocabulary = (model.vocab_size * model.hidden_size) as u64;
+            let unit = (0..model.num_hidden_layers)
+                .map(layer)
+                .chain(std::iter::once(vocabulary))
+                .max()
+                .unwrap_or(0);
+            (
+                2 * unit * dt,
+                "what-if: two buffers of the largest unit (a decoder layer or the vocabulary matrix) streamed through the reference forward".into(),
+            )
         }
+        ReferenceMode::Streamed => (0, "streamed reference: nothing in SFT".into()),
+    }
+}
+
+/// The shape of one step's work.
+struct Work {
+    /// Tokens per sequence.
+    t: f64,
+    /// Sequences through the policy, and DPO pairs (whose two sequences the reference sees).
+    rows: f64,
+    pairs: f64,
+}
+
+impl Work {
+    fn tokens(&self) -> f64 {
+        self.rows * self.t
+    }
+}
+
+/// Every moment of the step that can be its peak (see the module docs), by item.
+fn moments(
+    model: &ModelConfig,
+    params: &[ParamShape],
+    s: &PlanSettings,
+    w: &Work,
+    tally: &Tally,
+) -> Vec<Moment> {
+    let dt = s.dtype.bytes() as f64;
+    let bytes = |elements: f64| (elements * dt).ceil() as u64;
+    let (vocab, hidden, tokens) = (model.vocab_size as f64, model.hidden_size as f64, w.tokens());
+    // `Linear::forward` multiplies by `weight.transpose().unsqueeze_dim(0)`: the unsqueeze
+    // is a reshape of a transposed view, which flex copies, and the matmul keeps that copy
+    // for backward — every matmul weight is held a second time until its layer's backward.
+    let copies = |layer: Option<usize>| -> f64 {
+        params
+            .iter()
+            .filter(|p| p.is_matmul() && p.layer() == layer)
+            .map(|p| p.numel() as f64)
+            .sum()
     };
-    let final_norm = 3.0 * hidden * tokens;
-    let chunk = if s.logits_chunk == 0 {
-        tokens
-    } else {
-        (s.logits_chunk as f64).min(tokens)
+    let costs: Vec<LayerCost> = (0..model.num_hidden_layers)
+        .map(|i| {
+            let mut c = layer_cost(model, i, w.rows, w.t);
+            c.kept += copies(Some(i));
+            c
+        })
+        .collect();
+    let kept = |c: &LayerCost| if s.recompute { hidden * tokens } else { c.kept };
+    let chunk = |tokens: f64| {
+        if s.logits_chunk == 0 {
+            tokens
+        } else {
+            (s.logits_chunk as f64).min(tokens)
+        }
     };
     // The log-softmax's `exp` is kept for backward (whole, without chunks); its backward
     // holds the gathered gradient, the broadcast sum's and `exp`'s: 4 × [tokens × vocab].
-    let logits_kept = if s.logits_chunk == 0 {
-        tokens * vocab
-    } else {
-        0.0
-    };
-    let logits_backward = 4.0 * chunk * vocab - logits_kept;
-    let bytes = |elements: f64| (elements * dt as f64).ceil() as u64;
-
-    let kept_all: f64 = costs.iter().map(kept_layer).sum::<f64>() + final_norm + logits_kept;
-    let mut moments = Vec::new();
-    // 1. The head's backward: everything kept, the head's gradients.
-    moments.push(Moment {
+    let logits_kept = if s.logits_chunk == 0 { tokens * vocab } else { 0.0 };
+    let layers_kept: f64 = costs.iter().map(kept).sum();
+    // The final norm keeps its input, normalised value and output; the head its weight's
+    // transposed copy (the tied embedding's too).
+    let head_copy = copies(None) + if model.tie_word_embeddings { vocab * hidden } else { 0.0 };
+    let head_kept = layers_kept + 3.0 * hidden * tokens + head_copy;
+    let mut out = vec![Moment {
         label: "the LM head's backward (log-softmax over the vocabulary)".into(),
-        gradients: grad_head,
-        kept: bytes(kept_all - logits_kept),
-        logits: bytes(logits_kept + logits_backward),
+        gradients: tally.grad_head,
+        kept: bytes(head_kept),
+        logits: bytes(4.0 * chunk(tokens) * vocab),
         ..Moment::default()
-    });
-    // 2. Each layer's backward, top first.
-    let mut grads_above = grad_head;
-    let mut kept_below: f64 = costs.iter().map(kept_layer).sum();
+    }];
+    let mut grads_above = tally.grad_head;
+    let mut kept_below = layers_kept;
     for (i, c) in costs.iter().enumerate().rev() {
-        grads_above += grad_layer[i];
-        kept_below -= kept_layer(c);
-        let recompute = if s.recompute { c.kept } else { 0.0 };
+        grads_above += tally.grad_layer[i];
+        kept_below -= kept(c);
         let own = if s.recompute { hidden * tokens } else { c.kept };
-        moments.push(Moment {
+        out.push(Moment {
             label: format!("layer {i}'s backward"),
             gradients: grads_above,
             kept: bytes(kept_below + own),
-            recompute: bytes(recompute),
+            recompute: if s.recompute { bytes(c.kept) } else { 0 },
             layer_backward: bytes(c.backward),
             ..Moment::default()
         });
     }
-    // 3. DPO: the reference's forward, with the policy's graph built.
-    if pairs > 0 {
-        let ref_tokens = 2.0 * pairs as f64 * t;
-        let ref_chunk = if s.logits_chunk == 0 {
-            ref_tokens
-        } else {
-            (s.logits_chunk as f64).min(ref_tokens)
-        };
-        let ref_costs = (0..layers).map(|i| layer_cost(model, i, 2.0 * pairs as f64, t));
-        let layer_peak = ref_costs.map(|c| c.forward).fold(0.0, f64::max);
-        moments.push(Moment {
+    if w.pairs > 0.0 {
+        let sequences = 2.0 * w.pairs;
+        let layer_peak = (0..model.num_hidden_layers)
+            .map(|i| layer_cost(model, i, sequences, w.t).forward)
+            .fold(0.0, f64::max);
+        out.push(Moment {
             label: "the DPO reference's forward".into(),
-            kept: bytes(kept_all),
-            reference_forward: bytes(layer_peak.max(3.0 * ref_chunk * vocab)),
+            kept: bytes(head_kept + logits_kept),
+            reference_forward: bytes(layer_peak.max(3.0 * chunk(sequences * w.t) * vocab)),
             ..Moment::default()
         });
     }
-    // 4. The update: every gradient, the weights twice (the trainer's backup while the
-    //    optimizer builds the new ones: new + not yet used gradients stay one gradient's
-    //    worth), and the largest tensor's update temporaries.
-    moments.push(Moment {
+    // The update: every gradient, and the weights twice — the trainer's backup while the
+    // optimizer builds the new ones (new weights and not yet used gradients stay one
+    // gradient's worth) — plus the largest tensor's temporaries.
+    out.push(Moment {
         label: "the optimizer update".into(),
-        gradients: grads_all,
-        update: 4 * largest * dt,
+        gradients: tally.grads(),
+        update: bytes(4.0 * tally.largest as f64),
         ..Moment::default()
     });
-    let peak = moments
-        .iter()
-        .max_by_key(|m| m.transient())
-        .cloned()
-        .expect("at least the update moment");
-    let size = |pick: fn(&Moment) -> u64| moments.iter().map(pick).max().unwrap_or(0);
+    out
+}
 
-    let runtime = match s.target {
-        // The process before any tensor: binary, thread stacks, tokenizer, allocator arenas.
-        Target::Cpu => 100_000_000,
-        // CUDA context and cubecl's compiled kernels.
-        Target::Cuda => 1_000_000_000,
+/// FLOPs of one step: forward and backward through the policy (`3 ×` the forward), one more
+/// forward of the layers with recompute, the reference's forward for DPO pairs.
+fn step_flops(model: &ModelConfig, params: &[ParamShape], s: &PlanSettings, w: &Work) -> f64 {
+    let matmul = |layers_only: bool| -> f64 {
+        params
+            .iter()
+            .filter(|p| p.is_matmul() && (!layers_only || p.layer().is_some()))
+            .map(|p| p.numel() as f64)
+            .sum()
     };
-    let resident = weights + reference + projected + dense + embeddings + runtime;
-    let before_headroom = resident + peak.transient();
-    let headroom = match s.target {
-        Target::Cpu => 0,
-        Target::Cuda => before_headroom / 20,
+    let tied_head = if model.tie_word_embeddings {
+        (model.vocab_size * model.hidden_size) as f64
+    } else {
+        0.0
     };
-    let total = before_headroom + headroom;
-
-    let gb = |b: u64| format!("{:.2} GB", b as f64 / GB);
-    let not_peak = |at_peak: u64, largest: u64, when: &str| -> String {
-        if at_peak == largest || largest == 0 {
-            String::new()
-        } else {
-            format!("; {} during {when}", gb(largest))
-        }
-    };
-    let optimizer_name = match &s.optimizer {
-        OptimizerConfig::Adamw(_) => "AdamW".to_string(),
-        OptimizerConfig::Apollo(c) if is_mini(c) => "APOLLO-Mini".to_string(),
-        OptimizerConfig::Apollo(c) => format!("APOLLO r={}", c.rank),
-    };
-    let dense_how = match &s.optimizer {
-        OptimizerConfig::Adamw(_) => "two moments of every other tensor".to_string(),
-        OptimizerConfig::Apollo(_) => "dense-branch moments: norms, A_log, dt_bias, conv1d, in_proj_a/b, routers".to_string(),
-    };
-    let items = vec![
-        PlanItem {
-            name: "weights".into(),
-            bytes: weights,
-            how: format!("{total_params} parameters × {dt} B ({})", s.dtype.name()),
-        },
-        PlanItem {
-            name: "reference".into(),
-            bytes: reference,
-            how: reference_how,
-        },
-        PlanItem {
-            name: "gradients".into(),
-            bytes: peak.gradients,
-            how: format!(
-                "{trainable} trainable × {dt} B, all held at once (GradientsParams); during backward only those of the layers above{}",
-                not_peak(peak.gradients, grads_all, "the update")
-            ),
-        },
-        PlanItem {
-            name: "optimizer: projected".into(),
-            bytes: projected,
-            how: format!("{optimizer_name}: projection and compact moments of the projected matrices"),
-        },
-        PlanItem {
-            name: "optimizer: dense".into(),
-            bytes: dense,
-            how: format!("{optimizer_name}: {dense_how}"),
-        },
-        PlanItem {
-            name: "optimizer: embeddings + LM head".into(),
-            bytes: embeddings,
-            how: format!("{optimizer_name}: two moments of embed_tokens{} (0 if frozen)", if model.tie_word_embeddings { " (tied)" } else { " and lm_head" }),
-        },
-        PlanItem {
-            name: if s.recompute { "kept layer inputs" } else { "activations kept for backward" }.into(),
-            bytes: peak.kept,
-            how: if s.recompute {
-                format!("what-if recompute: each layer's input, {} per layer", gb(bytes(hidden * tokens)))
-            } else {
-                format!(
-                    "burn autodiff keeps every layer's inputs/outputs (largest layer {}), {} tokens{}",
-                    gb(bytes(costs.iter().map(|c| c.kept).fold(0.0, f64::max))),
-                    tokens as u64,
-                    not_peak(peak.kept, size(|m| m.kept), "the LM head's backward")
-                )
-            },
-        },
-        PlanItem {
-            name: "one layer's recompute working set".into(),
-            bytes: peak.recompute,
-            how: if s.recompute {
-                format!("the recomputed layer's kept tensors{}", not_peak(peak.recompute, size(|m| m.recompute), "the largest layer's backward"))
-            } else {
-                "no recompute".into()
-            },
-        },
-        PlanItem {
-            name: "layer backward working set".into(),
-            bytes: peak.layer_backward,
-            how: format!("gradient buffers of the running layer (T×T terms, slice-gradient sums, SwiGLU){}", not_peak(peak.layer_backward, size(|m| m.layer_backward), "the largest layer's backward")),
-        },
-        PlanItem {
-            name: "logits chunk".into(),
-            bytes: peak.logits,
-            how: format!(
-                "{} × {} vocabulary: log-softmax's kept exp + 3 gradient buffers{}",
-                if s.logits_chunk == 0 { format!("all {} tokens", tokens as u64) } else { format!("{} tokens per chunk (what-if)", chunk as u64) },
-                model.vocab_size,
-                not_peak(peak.logits, size(|m| m.logits), "the LM head's backward")
-            ),
-        },
-        PlanItem {
-            name: "reference stream / forward".into(),
-            bytes: peak.reference_forward,
-            how: if pairs > 0 {
-                format!("the reference forward's largest buffers (logits or one layer){}", not_peak(peak.reference_forward, size(|m| m.reference_forward), "the reference forward"))
-            } else {
-                "no DPO pairs".into()
-            },
-        },
-        PlanItem {
-            name: "optimizer update working set".into(),
-            bytes: peak.update,
-            how: format!("4 × the largest trainable tensor{}", not_peak(peak.update, size(|m| m.update), "the update")),
-        },
-        PlanItem {
-            name: "runtime".into(),
-            bytes: runtime,
-            how: match s.target {
-                Target::Cpu => "the process before any tensor (binary, threads, tokenizer), measured".into(),
-                Target::Cuda => "CUDA context and compiled kernels, assumed".into(),
-            },
-        },
-        PlanItem {
-            name: "allocator headroom".into(),
-            bytes: headroom,
-            how: match s.target {
-                Target::Cpu => "none: peak RSS counts touched pages, large frees go back to the OS".into(),
-                Target::Cuda => "5 % for cubecl's memory pools, assumed".into(),
-            },
-        },
-    ];
-
-    // FLOPs.
-    let matmul: f64 = params.iter().filter(|p| p.is_matmul()).map(|p| p.numel() as f64).sum::<f64>()
-        + if model.tie_word_embeddings { vocab * hidden } else { 0.0 };
-    let layer_matmul: f64 = params
-        .iter()
-        .filter(|p| p.is_matmul() && p.layer().is_some())
-        .map(|p| p.numel() as f64)
-        .sum();
-    let mixing_forward = |seq_rows: f64| -> f64 {
+    let t = w.t;
+    // Token mixing beyond the projections, forward, for `rows` sequences.
+    let mixing = |rows: f64| -> f64 {
         let mut f = 0.0;
         for kind in &model.layer_types {
             match (kind, &model.linear_attn) {
@@ -951,44 +858,109 @@ pub fn plan(model: &ModelConfig, s: &PlanSettings) -> Plan {
                     let c = CHUNK as f64;
                     let padded = (t / c).ceil() * c;
                     let (dk, dv) = (lin.key_head_dim as f64, lin.value_head_dim as f64);
+                    // β⊙K·Kᵀ, Q·Kᵀ, T·(β⊙V), T·(β⊙K), intra·V (2C wide); W·S, Q·S, Kᵀ·V.
                     let per_head = 2.0 * c * (3.0 * dk + 2.0 * dv) + 6.0 * dk * dv;
-                    f += seq_rows * padded * lin.num_value_heads as f64 * per_head;
+                    f += rows * padded * lin.num_value_heads as f64 * per_head;
                 }
                 _ => {
+                    // Q·Kᵀ and P·V over the whole T × T square (masked, not skipped).
                     let width = (model.num_attention_heads * model.head_dim) as f64;
-                    f += seq_rows * 4.0 * width * t * t;
+                    f += rows * 4.0 * width * t * t;
                 }
             }
         }
         f
     };
-    let forward = 2.0 * matmul * tokens + mixing_forward(rows_f);
-    let mut flops = 3.0 * forward;
+    let all = matmul(false) + tied_head;
+    let mut flops = 3.0 * (2.0 * all * w.tokens() + mixing(w.rows));
     if s.recompute {
-        flops += 2.0 * layer_matmul * tokens + mixing_forward(rows_f);
+        flops += 2.0 * matmul(true) * w.tokens() + mixing(w.rows);
     }
-    if pairs > 0 {
-        let ref_rows = 2.0 * pairs as f64;
-        flops += 2.0 * matmul * ref_rows * t + mixing_forward(ref_rows);
+    if w.pairs > 0.0 {
+        let sequences = 2.0 * w.pairs;
+        flops += 2.0 * all * sequences * t + mixing(sequences);
     }
-    let step_seconds = s.peak_flops.map(|p| flops / (s.mfu * p));
+    flops
+}
 
-    let phase = match s.phase {
-        Phase::Sft => format!("SFT, {} × {seq_len} tokens", s.batch),
-        Phase::Dpo => format!("DPO, {} pairs × 2 × {seq_len} tokens", s.batch),
-        Phase::Mixed => format!("mixed SFT/DPO, batch {} at {seq_len} tokens", s.batch),
+/// The memory and time budget of one step of `model` under `s`.
+pub fn plan(model: &ModelConfig, s: &PlanSettings) -> Plan {
+    let params = param_shapes(model);
+    let (rows, pairs) = s.rows();
+    // No limit (`max_seq_len = 0`): the longest context the checkpoint was trained for.
+    let seq_len = if s.seq_len == 0 {
+        model.max_position_embeddings
+    } else {
+        s.seq_len
     };
-    let settings = format!(
-        "{phase}; {}; {}; logits chunk {}; {optimizer_name}; reference {}; {} frozen glob(s)",
-        s.dtype.name(),
-        if s.recompute { "recompute" } else { "no recompute" },
-        if s.logits_chunk == 0 { "whole".into() } else { s.logits_chunk.to_string() },
-        match s.reference {
-            ReferenceMode::Resident => "resident",
-            ReferenceMode::Streamed => "streamed",
+    let work = Work {
+        t: seq_len.max(1) as f64,
+        rows: rows as f64,
+        pairs: pairs as f64,
+    };
+    let tally = Tally::of(model, &params, s);
+    let weights = tally.parameters * s.dtype.bytes();
+    let (reference, reference_how) = reference_bytes(model, &params, s, pairs);
+    let all = moments(model, &params, s, &work, &tally);
+    let peak = all
+        .iter()
+        .max_by_key(|m| m.transient())
+        .cloned()
+        .expect("at least the update moment");
+    let runtime = match s.target {
+        Target::Cpu => 100_000_000,
+        Target::Cuda => 1_000_000_000,
+    };
+    let resident = weights + reference + tally.projected + tally.dense + tally.embeddings;
+    let before_headroom = resident + runtime + peak.transient();
+    let headroom = match s.target {
+        Target::Cpu => 0,
+        Target::Cuda => before_headroom / 20,
+    };
+    let total = before_headroom + headroom;
+    let flops = step_flops(model, &params, s, &work);
+    let context = Context {
+        model,
+        s,
+        work: &work,
+        tally: &tally,
+        moments: &all,
+        peak: &peak,
+    };
+    let mut items = vec![
+        PlanItem {
+            name: "weights".into(),
+            bytes: weights,
+            how: format!(
+                "{} parameters × {} B ({})",
+                tally.parameters,
+                s.dtype.bytes(),
+                s.dtype.name()
+            ),
         },
-        s.freeze.len() + s.train_only.len(),
-    );
+        PlanItem {
+            name: "reference".into(),
+            bytes: reference,
+            how: reference_how,
+        },
+    ];
+    items.extend(context.items());
+    items.push(PlanItem {
+        name: "runtime".into(),
+        bytes: runtime,
+        how: match s.target {
+            Target::Cpu => "assumed: the process before any tensor (binary, thread stacks, tokenizer, probe suite)".into(),
+            Target::Cuda => "assumed: CUDA context and compiled kernels".into(),
+        },
+    });
+    items.push(PlanItem {
+        name: "allocator headroom".into(),
+        bytes: headroom,
+        how: match s.target {
+            Target::Cpu => "none: peak RSS counts touched pages, and large frees go back to the OS".into(),
+            Target::Cuda => "assumed: 5 % for cubecl's memory pools".into(),
+        },
+    });
     Plan {
         items,
         total_bytes: total,
@@ -996,16 +968,174 @@ pub fn plan(model: &ModelConfig, s: &PlanSettings) -> Plan {
         fits: total <= s.device_bytes,
         headroom: 1.0 - total as f64 / s.device_bytes.max(1) as f64,
         peak_at: peak.label,
-        parameters: total_params,
-        trainable_parameters: trainable,
-        tokens_per_step: tokens as u64,
+        parameters: tally.parameters,
+        trainable_parameters: tally.trainable,
+        tokens_per_step: work.tokens() as u64,
         flops_per_step: flops,
-        flops_per_token: flops / tokens,
+        flops_per_token: flops / work.tokens(),
         peak_flops: s.peak_flops,
         mfu: s.mfu,
-        step_seconds,
-        settings,
+        step_seconds: s.peak_flops.map(|p| flops / (s.mfu * p)),
+        settings: describe(s, seq_len),
     }
+}
+
+/// What the item lines need to say about a plan.
+struct Context<'a> {
+    model: &'a ModelConfig,
+    s: &'a PlanSettings,
+    work: &'a Work,
+    tally: &'a Tally,
+    moments: &'a [Moment],
+    peak: &'a Moment,
+}
+
+impl Context<'_> {
+    /// The lines between the reference and the runtime, at the peak moment; each says its
+    /// size at the moment it is largest when that is another one.
+    fn items(&self) -> Vec<PlanItem> {
+        let (s, peak, tally) = (self.s, self.peak, self.tally);
+        let optimizer = optimizer_name(&s.optimizer);
+        let dense = match &s.optimizer {
+            OptimizerConfig::Adamw(_) => "two moments of every other tensor",
+            OptimizerConfig::Apollo(_) => {
+                "dense-branch moments: norms, A_log, dt_bias, conv1d, in_proj_a/b, routers"
+            }
+        };
+        let tokens = self.work.tokens();
+        let line = |name: &str, bytes: u64, how: String| PlanItem {
+            name: name.into(),
+            bytes,
+            how,
+        };
+        vec![
+            line(
+                "gradients",
+                peak.gradients,
+                format!(
+                    "{} trainable × {} B, all held at once (GradientsParams); during backward those of the layers above{}",
+                    tally.trainable,
+                    s.dtype.bytes(),
+                    self.elsewhere(peak.gradients, |m| m.gradients),
+                ),
+            ),
+            line(
+                "optimizer: projected",
+                tally.projected,
+                format!("{optimizer}: projection and compact moments of the projected matrices"),
+            ),
+            line("optimizer: dense", tally.dense, format!("{optimizer}: {dense}")),
+            line(
+                "optimizer: embeddings + LM head",
+                tally.embeddings,
+                format!(
+                    "{optimizer}: two moments of embed_tokens{} (0 if frozen)",
+                    if self.model.tie_word_embeddings { " (tied)" } else { " and lm_head" }
+                ),
+            ),
+            line(
+                if s.recompute { "kept layer inputs" } else { "activations kept for backward" },
+                peak.kept,
+                if s.recompute {
+                    format!(
+                        "what-if recompute: each layer's input (hidden × {} tokens){}",
+                        tokens as u64,
+                        self.elsewhere(peak.kept, |m| m.kept)
+                    )
+                } else {
+                    format!(
+                        "burn autodiff's saved tensors of every layer, {} tokens{}",
+                        tokens as u64,
+                        self.elsewhere(peak.kept, |m| m.kept)
+                    )
+                },
+            ),
+            line(
+                "one layer's recompute working set",
+                peak.recompute,
+                if s.recompute {
+                    format!("what-if: the recomputed layer's saved tensors{}", self.elsewhere(peak.recompute, |m| m.recompute))
+                } else {
+                    "no recompute".into()
+                },
+            ),
+            line(
+                "layer backward working set",
+                peak.layer_backward,
+                format!(
+                    "the running layer's gradient buffers (T × T terms, slice-gradient sums, SwiGLU){}",
+                    self.elsewhere(peak.layer_backward, |m| m.layer_backward)
+                ),
+            ),
+            line(
+                "logits chunk",
+                peak.logits,
+                format!(
+                    "{} × {} vocabulary: log-softmax's saved exp + 3 gradient buffers{}",
+                    if s.logits_chunk == 0 {
+                        format!("all {} tokens", tokens as u64)
+                    } else {
+                        format!("what-if: {} tokens per chunk", s.logits_chunk)
+                    },
+                    self.model.vocab_size,
+                    self.elsewhere(peak.logits, |m| m.logits)
+                ),
+            ),
+            line(
+                "reference forward",
+                peak.reference_forward,
+                if self.work.pairs > 0.0 {
+                    format!("the frozen forward's largest buffers (logits or one layer){}", self.elsewhere(peak.reference_forward, |m| m.reference_forward))
+                } else {
+                    "no DPO pairs".into()
+                },
+            ),
+            line(
+                "optimizer update working set",
+                peak.update,
+                format!("4 × the largest trainable tensor{}", self.elsewhere(peak.update, |m| m.update)),
+            ),
+        ]
+    }
+
+    /// `"; X GB at <moment>"` when the item is larger at another moment than at the peak.
+    fn elsewhere(&self, at_peak: u64, pick: fn(&Moment) -> u64) -> String {
+        match self.moments.iter().max_by_key(|m| pick(m)) {
+            Some(m) if pick(m) > at_peak => {
+                format!("; {:.2} GB at {}", pick(m) as f64 / GB, m.label)
+            }
+            _ => String::new(),
+        }
+    }
+}
+
+fn optimizer_name(optimizer: &OptimizerConfig) -> String {
+    match optimizer {
+        OptimizerConfig::Adamw(_) => "AdamW".into(),
+        OptimizerConfig::Apollo(c) if is_mini(c) => "APOLLO-Mini".into(),
+        OptimizerConfig::Apollo(c) => format!("APOLLO r={}", c.rank),
+    }
+}
+
+/// The settings planned, in words.
+fn describe(s: &PlanSettings, seq_len: usize) -> String {
+    let phase = match s.phase {
+        Phase::Sft => format!("SFT, {} × {seq_len} tokens", s.batch),
+        Phase::Dpo => format!("DPO, {} pairs × 2 × {seq_len} tokens", s.batch),
+        Phase::Mixed => format!("mixed SFT/DPO, batch {} at {seq_len} tokens", s.batch),
+    };
+    format!(
+        "{phase}; {}; {}; logits chunk {}; {}; reference {}; {} freeze/train_only glob(s)",
+        s.dtype.name(),
+        if s.recompute { "recompute" } else { "no recompute" },
+        if s.logits_chunk == 0 { "whole".into() } else { s.logits_chunk.to_string() },
+        optimizer_name(&s.optimizer),
+        match s.reference {
+            ReferenceMode::Resident => "resident",
+            ReferenceMode::Streamed => "streamed",
+        },
+        s.freeze.len() + s.train_only.len(),
+    )
 }
 
 fn is_mini(c: &ApolloConfig) -> bool {

@@ -85,7 +85,9 @@ fn plans_the_27b_from_a_directory_with_only_config_json() {
     assert_eq!(Some(sum), plain["total_bytes"].as_u64());
     assert_eq!(items[0]["bytes"].as_u64(), Some(params as u64 * 4));
     assert_eq!(plain["fits"], false);
-    assert!(plain["flops_per_token"].as_f64().unwrap() > 6.0 * params);
+    // More than 6 FLOPs per token for each parameter in a matmul (all but the embedding).
+    let in_matmuls = params - 248_320.0 * 5120.0;
+    assert!(plain["flops_per_token"].as_f64().unwrap() > 6.0 * in_matmuls);
 
     let what_if = json_plan(
         dir.path(),
@@ -103,10 +105,15 @@ fn plans_the_27b_from_a_directory_with_only_config_json() {
             "model.embed_tokens.*",
             "--freeze",
             "lm_head.*",
+            "--peak-tflops",
+            "989",
         ],
     );
     assert_eq!(what_if["fits"], true, "{what_if:#}");
-    assert!(what_if["step_seconds"].as_f64().unwrap() > 0.0);
+    let step = what_if["step_seconds"].as_f64().expect("a step time with --peak-tflops");
+    let flops = what_if["flops_per_step"].as_f64().unwrap();
+    assert!((step - flops / (0.4 * 989e12)).abs() < 1e-9 * step, "{step}");
+    assert_eq!(plain["step_seconds"], Value::Null, "no step time on cpu unless asked");
 }
 
 #[test]
