@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use dreamloop::config::{DreamConfig, FieldError};
+use dreamloop::config::{Backend, DreamConfig, FieldError};
 use dreamloop::label::Phase;
 use dreamloop::model::{Model, ModelConfig};
 use dreamloop::plan::{
@@ -29,6 +29,10 @@ pub struct PlanArgs {
     /// directory (only its config.json is read).
     #[arg(long)]
     pub model: Option<String>,
+    /// cpu or cuda instead of the config's `[model] backend` (what the plan is checked
+    /// against: host memory, or a GPU's).
+    #[arg(long, value_parser = parse_backend)]
+    pub backend: Option<Backend>,
     /// Memory of the device (141GB, 24GiB, 512MB); default: `[model] device_memory`, else
     /// the host's memory on cpu and 141GB on cuda.
     #[arg(long)]
@@ -77,6 +81,14 @@ fn parse_dtype(s: &str) -> Result<Dtype, String> {
         "f32" => Ok(Dtype::F32),
         "bf16" => Ok(Dtype::Bf16),
         _ => Err(format!("`{s}` is not f32 or bf16")),
+    }
+}
+
+fn parse_backend(s: &str) -> Result<Backend, String> {
+    match s {
+        "cpu" => Ok(Backend::Cpu),
+        "cuda" => Ok(Backend::Cuda),
+        _ => Err(format!("`{s}` is not cpu or cuda")),
     }
 }
 
@@ -166,13 +178,16 @@ pub fn run(args: PlanArgs) -> anyhow::Result<ExitCode> {
         .config
         .clone()
         .or_else(|| default.exists().then_some(default));
-    let config = match &path {
+    let mut config = match &path {
         Some(p) => DreamConfig::load(p).map_err(anyhow::Error::new)?,
         None => DreamConfig::tiny(
             std::path::Path::new("scenarios"),
             std::path::Path::new("state"),
         ),
     };
+    if let Some(backend) = args.backend {
+        config.model.backend = backend;
+    }
     let spec = args.model.clone().unwrap_or(config.model.spec.clone());
     let model = Model::config_of(&spec).with_context(|| format!("reading model `{spec}`"))?;
     let mut s = settings(&config);
