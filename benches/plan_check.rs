@@ -264,7 +264,13 @@ fn main() {
             v["step_s"][1].as_f64().unwrap_or(f64::NAN),
         );
         for item in &predicted.items {
-            eprintln!("  {} {}: {:.3} GB — {}", shape.name, item.name, item.bytes as f64 / 1e9, item.how);
+            eprintln!(
+                "  {} {}: {:.3} GB — {}",
+                shape.name,
+                item.name,
+                item.bytes as f64 / 1e9,
+                item.how
+            );
         }
     }
 }

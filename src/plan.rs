@@ -230,9 +230,7 @@ pub fn parse_bytes(text: &str) -> Result<u64, PlanError> {
             Err(bad())
         };
     }
-    let split = t
-        .find(|c: char| c.is_ascii_alphabetic())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
     let value: f64 = number.trim().parse().map_err(|_| bad())?;
     let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
@@ -295,7 +293,11 @@ impl ParamShape {
 pub fn param_shapes(m: &ModelConfig) -> Vec<ParamShape> {
     let mut out = Vec::new();
     let h = m.hidden_size;
-    push(&mut out, "model.embed_tokens.weight".into(), vec![m.vocab_size, h]);
+    push(
+        &mut out,
+        "model.embed_tokens.weight".into(),
+        vec![m.vocab_size, h],
+    );
     for (i, kind) in m.layer_types.iter().enumerate() {
         let p = format!("model.layers.{i}");
         match (kind, &m.linear_attn) {
@@ -307,7 +309,13 @@ pub fn param_shapes(m: &ModelConfig) -> Vec<ParamShape> {
                     lin.num_value_heads,
                 );
                 if lin.fused_projections {
-                    linear(&mut out, &format!("{a}.in_proj_qkvz"), 2 * kw + 2 * vw, h, false);
+                    linear(
+                        &mut out,
+                        &format!("{a}.in_proj_qkvz"),
+                        2 * kw + 2 * vw,
+                        h,
+                        false,
+                    );
                     linear(&mut out, &format!("{a}.in_proj_ba"), 2 * hv, h, false);
                 } else {
                     linear(&mut out, &format!("{a}.in_proj_qkv"), 2 * kw + vw, h, false);
@@ -320,7 +328,11 @@ pub fn param_shapes(m: &ModelConfig) -> Vec<ParamShape> {
                 push(&mut out, format!("{a}.conv1d.weight"), conv);
                 push(&mut out, format!("{a}.dt_bias"), vec![hv]);
                 push(&mut out, format!("{a}.A_log"), vec![hv]);
-                push(&mut out, format!("{a}.norm.weight"), vec![lin.value_head_dim]);
+                push(
+                    &mut out,
+                    format!("{a}.norm.weight"),
+                    vec![lin.value_head_dim],
+                );
             }
             _ => {
                 let a = format!("{p}.self_attn");
@@ -338,19 +350,35 @@ pub fn param_shapes(m: &ModelConfig) -> Vec<ParamShape> {
         }
         match &m.moe {
             Some(moe) if moe.sparse_layers[i] => {
-                linear(&mut out, &format!("{p}.mlp.gate"), moe.num_experts, h, false);
+                linear(
+                    &mut out,
+                    &format!("{p}.mlp.gate"),
+                    moe.num_experts,
+                    h,
+                    false,
+                );
                 for e in 0..moe.num_experts {
                     let prefix = format!("{p}.mlp.experts.{e}");
                     mlp(&mut out, m, &prefix, moe.expert_intermediate_size);
                 }
                 let shared = moe.shared_expert_intermediate_size;
                 mlp(&mut out, m, &format!("{p}.mlp.shared_expert"), shared);
-                linear(&mut out, &format!("{p}.mlp.shared_expert_gate"), 1, h, false);
+                linear(
+                    &mut out,
+                    &format!("{p}.mlp.shared_expert_gate"),
+                    1,
+                    h,
+                    false,
+                );
             }
             _ => mlp(&mut out, m, &format!("{p}.mlp"), m.intermediate_size),
         }
         push(&mut out, format!("{p}.input_layernorm.weight"), vec![h]);
-        push(&mut out, format!("{p}.post_attention_layernorm.weight"), vec![h]);
+        push(
+            &mut out,
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+        );
     }
     push(&mut out, "model.norm.weight".into(), vec![h]);
     if !m.tie_word_embeddings {
@@ -374,7 +402,11 @@ fn linear(out: &mut Vec<ParamShape>, name: &str, rows: usize, cols: usize, bias:
 /// A SwiGLU MLP of inner width `inner` under `prefix`.
 fn mlp(out: &mut Vec<ParamShape>, m: &ModelConfig, prefix: &str, inner: usize) {
     let h = m.hidden_size;
-    for (part, rows, cols) in [("gate_proj", inner, h), ("up_proj", inner, h), ("down_proj", h, inner)] {
+    for (part, rows, cols) in [
+        ("gate_proj", inner, h),
+        ("up_proj", inner, h),
+        ("down_proj", h, inner),
+    ] {
         linear(out, &format!("{prefix}.{part}"), rows, cols, m.mlp_bias);
     }
 }
@@ -542,7 +574,8 @@ fn layer_cost(m: &ModelConfig, i: usize, rows: f64, t: f64) -> LayerCost {
         Some(moe) if moe.sparse_layers[i] => {
             // Each token through its top-k experts and the shared expert, plus the router's
             // softmax (its `exp` and probabilities).
-            let per = moe.top_k * moe.expert_intermediate_size + moe.shared_expert_intermediate_size;
+            let per =
+                moe.top_k * moe.expert_intermediate_size + moe.shared_expert_intermediate_size;
             let mut cost = mlp_kept(per as f64, rows, t);
             cost.kept += 2.0 * moe.num_experts as f64 * tokens;
             cost
@@ -753,7 +786,11 @@ fn moments(
 ) -> Vec<Moment> {
     let dt = s.dtype.bytes() as f64;
     let bytes = |elements: f64| (elements * dt).ceil() as u64;
-    let (vocab, hidden, tokens) = (model.vocab_size as f64, model.hidden_size as f64, w.tokens());
+    let (vocab, hidden, tokens) = (
+        model.vocab_size as f64,
+        model.hidden_size as f64,
+        w.tokens(),
+    );
     // `Linear::forward` multiplies by `weight.transpose().unsqueeze_dim(0)`: the unsqueeze
     // is a reshape of a transposed view, which flex copies, and the matmul keeps that copy
     // for backward — every matmul weight is held a second time until its layer's backward.
@@ -781,11 +818,20 @@ fn moments(
     };
     // The log-softmax's `exp` is kept for backward (whole, without chunks); its backward
     // holds the gathered gradient, the broadcast sum's and `exp`'s: 4 × [tokens × vocab].
-    let logits_kept = if s.logits_chunk == 0 { tokens * vocab } else { 0.0 };
+    let logits_kept = if s.logits_chunk == 0 {
+        tokens * vocab
+    } else {
+        0.0
+    };
     let layers_kept: f64 = costs.iter().map(kept).sum();
     // The final norm keeps its input, normalised value and output; the head its weight's
     // transposed copy (the tied embedding's too).
-    let head_copy = copies(None) + if model.tie_word_embeddings { vocab * hidden } else { 0.0 };
+    let head_copy = copies(None)
+        + if model.tie_word_embeddings {
+            vocab * hidden
+        } else {
+            0.0
+        };
     let head_kept = layers_kept + 3.0 * hidden * tokens + head_copy;
     let mut out = vec![Moment {
         label: "the LM head's backward (log-softmax over the vocabulary)".into(),
@@ -957,7 +1003,9 @@ pub fn plan(model: &ModelConfig, s: &PlanSettings) -> Plan {
         name: "allocator headroom".into(),
         bytes: headroom,
         how: match s.target {
-            Target::Cpu => "none: peak RSS counts touched pages, and large frees go back to the OS".into(),
+            Target::Cpu => {
+                "none: peak RSS counts touched pages, and large frees go back to the OS".into()
+            }
             Target::Cuda => "assumed: 5 % for cubecl's memory pools".into(),
         },
     });
@@ -1127,8 +1175,16 @@ fn describe(s: &PlanSettings, seq_len: usize) -> String {
     format!(
         "{phase}; {}; {}; logits chunk {}; {}; reference {}; {} freeze/train_only glob(s)",
         s.dtype.name(),
-        if s.recompute { "recompute" } else { "no recompute" },
-        if s.logits_chunk == 0 { "whole".into() } else { s.logits_chunk.to_string() },
+        if s.recompute {
+            "recompute"
+        } else {
+            "no recompute"
+        },
+        if s.logits_chunk == 0 {
+            "whole".into()
+        } else {
+            s.logits_chunk.to_string()
+        },
         optimizer_name(&s.optimizer),
         match s.reference {
             ReferenceMode::Resident => "resident",

@@ -81,7 +81,10 @@ fn plans_the_27b_from_a_directory_with_only_config_json() {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }
     // The items sum to the total, and f32 weights alone (107.6 GB) leave no room.
-    let sum: u64 = items.iter().map(|i| i["bytes"].as_u64().expect("bytes")).sum();
+    let sum: u64 = items
+        .iter()
+        .map(|i| i["bytes"].as_u64().expect("bytes"))
+        .sum();
     assert_eq!(Some(sum), plain["total_bytes"].as_u64());
     assert_eq!(items[0]["bytes"].as_u64(), Some(params as u64 * 4));
     assert_eq!(plain["fits"], false);
@@ -110,10 +113,19 @@ fn plans_the_27b_from_a_directory_with_only_config_json() {
         ],
     );
     assert_eq!(what_if["fits"], true, "{what_if:#}");
-    let step = what_if["step_seconds"].as_f64().expect("a step time with --peak-tflops");
+    let step = what_if["step_seconds"]
+        .as_f64()
+        .expect("a step time with --peak-tflops");
     let flops = what_if["flops_per_step"].as_f64().unwrap();
-    assert!((step - flops / (0.4 * 989e12)).abs() < 1e-9 * step, "{step}");
-    assert_eq!(plain["step_seconds"], Value::Null, "no step time on cpu unless asked");
+    assert!(
+        (step - flops / (0.4 * 989e12)).abs() < 1e-9 * step,
+        "{step}"
+    );
+    assert_eq!(
+        plain["step_seconds"],
+        Value::Null,
+        "no step time on cpu unless asked"
+    );
 }
 
 #[test]
@@ -144,8 +156,10 @@ fn run_refuses_a_config_whose_plan_does_not_fit() {
     let dir = tempfile::tempdir().expect("tmp");
     let state = dir.path().join("state");
     let file = dir.path().join("small-device.toml");
-    let text = common::config_text(&state, &Overrides::default())
-        .replace("backend = \"cpu\"", "backend = \"cpu\"\ndevice_memory = \"1MB\"");
+    let text = common::config_text(&state, &Overrides::default()).replace(
+        "backend = \"cpu\"",
+        "backend = \"cpu\"\ndevice_memory = \"1MB\"",
+    );
     std::fs::write(&file, &text).expect("write");
     let err = refused(
         dreamloop()
@@ -173,5 +187,9 @@ fn run_refuses_a_config_whose_plan_does_not_fit() {
         .arg(&roomy)
         .output()
         .expect("runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
