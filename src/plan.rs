@@ -156,8 +156,9 @@ impl PlanSettings {
     /// The settings a `DreamConfig` describes.
     ///
     /// `device_bytes` is `[model] device_memory` when given, else
-    /// [`DEFAULT_CUDA_DEVICE_BYTES`] for CUDA and **0 for the CPU**: the host's memory, which
-    /// the caller reads (`dreamloop` parses `/proc/meminfo` with [`host_memory_bytes`]).
+    /// [`DEFAULT_CUDA_DEVICE_BYTES`] for CUDA and **0 for the CPU**: 0 means unknown, and the
+    /// caller puts the host's memory there (`dreamloop` parses `/proc/meminfo` with
+    /// [`host_memory_bytes`]).
     pub fn from_config(config: &DreamConfig) -> PlanSettings {
         let t = &config.train;
         let target = match config.model.backend {
@@ -165,9 +166,8 @@ impl PlanSettings {
             Backend::Cuda => Target::Cuda,
         };
         let device_bytes = match &config.model.device_memory {
-            Some(text) => {
-                parse_bytes(text).expect("device_memory is checked by DreamConfig::validate")
-            }
+            // A bad size is `DreamConfig::validate`'s error; here it counts as unknown.
+            Some(text) => parse_bytes(text).unwrap_or(0),
             None if target == Target::Cuda => DEFAULT_CUDA_DEVICE_BYTES,
             None => 0,
         };
@@ -1494,6 +1494,28 @@ mod tests {
         t.freeze = vec!["model.embed_tokens.*".into(), "lm_head.*".into()];
         t.reference = ReferenceMode::Streamed;
         assert!(plan(&m, &t).fits, "{}", plan(&m, &t).total_bytes);
+    }
+
+    /// Today's code: f32, no recompute, whole logits, a resident reference; the device is
+    /// `[model] device_memory`, else one H200 on cuda and the host (0, read by the caller) on
+    /// cpu.
+    #[test]
+    fn settings_from_a_config_plan_what_exists() {
+        let mut c = DreamConfig::tiny(std::path::Path::new("s"), std::path::Path::new("t"));
+        let s = PlanSettings::from_config(&c);
+        assert_eq!(
+            (s.dtype, s.recompute, s.logits_chunk, s.reference),
+            (Dtype::F32, false, 0, ReferenceMode::Resident)
+        );
+        assert_eq!((s.seq_len, s.batch, s.device_bytes), (1024, 2, 0));
+        assert_eq!(s.target, Target::Cpu);
+        c.model.backend = Backend::Cuda;
+        assert_eq!(
+            PlanSettings::from_config(&c).device_bytes,
+            DEFAULT_CUDA_DEVICE_BYTES
+        );
+        c.model.device_memory = Some("80GB".into());
+        assert_eq!(PlanSettings::from_config(&c).device_bytes, 80_000_000_000);
     }
 
     #[test]
