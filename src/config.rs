@@ -116,6 +116,10 @@ pub struct ModelSection {
     /// memory saved for one forward pass over the files per step.
     #[serde(default)]
     pub stream_reference: bool,
+    /// Memory of the device the step runs on (`141GB`, `24GiB`), for the start-up plan
+    /// (`dreamloop plan`); absent: the host's memory on `cpu`, 141 GB (one H200) on `cuda`.
+    #[serde(default)]
+    pub device_memory: Option<String>,
 }
 
 fn default_backend() -> Backend {
@@ -378,6 +382,11 @@ impl DreamConfig {
                 ),
             );
         }
+        if let Some(text) = &self.model.device_memory {
+            if let Err(e) = crate::plan::parse_bytes(text) {
+                bad("model.device_memory", e.to_string());
+            }
+        }
         if self.model.spec.trim().is_empty() {
             bad(
                 "model.spec",
@@ -617,6 +626,7 @@ impl DreamConfig {
                 backend: Backend::Cpu,
                 reference: None,
                 stream_reference: false,
+                device_memory: None,
             },
             train: TrainSection {
                 lr: 2e-5,

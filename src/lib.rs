@@ -14,6 +14,7 @@ pub mod label;
 pub mod metrics;
 pub mod mix;
 pub mod model;
+pub mod plan;
 pub mod rollback;
 pub mod scenario;
 pub mod train;

@@ -84,14 +84,17 @@ fn refuse(path: PathBuf, errors: Vec<FieldError>) -> ExitCode {
 }
 
 /// What this process cannot run although the file is valid: the backend (a CPU-only build,
-/// or no NVIDIA driver), as an error naming `model.backend`.
+/// or no NVIDIA driver), as an error naming `model.backend`; a step that `dreamloop plan`
+/// says does not fit the device, as an error naming `model.device_memory` and the settings
+/// that would make it fit.
 fn runtime_problems(config: &DreamConfig) -> Vec<FieldError> {
-    crate::trainer::backend_problem(config.model.backend)
-        .map(|reason| FieldError {
-            field: "model.backend".into(),
-            reason,
-        })
+    let backend = crate::trainer::backend_problem(config.model.backend).map(|reason| FieldError {
+        field: "model.backend".into(),
+        reason,
+    });
+    backend
         .into_iter()
+        .chain(crate::cmd_plan::problem(config))
         .collect()
 }
 

@@ -33,6 +33,7 @@ mod cmd_export;
 mod cmd_generate;
 mod cmd_import;
 mod cmd_logprobs;
+mod cmd_plan;
 mod cmd_train;
 mod generator;
 mod labeler;
@@ -84,6 +85,8 @@ enum Command {
     Stop(cmd_daemon::StateDirArgs),
     /// Step, phase, paused, lr, replay ratio, last evaluation and rollback (from status.json).
     Status(cmd_daemon::StatusArgs),
+    /// The memory budget and step time of a run, from the model's config.json alone.
+    Plan(cmd_plan::PlanArgs),
     /// Check a config file; exit 78 listing every error.
     ValidateConfig(cmd_daemon::ValidateArgs),
     /// The daemon's probe suite on a model or a checkpoint: accuracy, margins, perplexity, attention.
@@ -115,6 +118,7 @@ fn main() -> std::process::ExitCode {
         Command::Checkpoint(args) => cmd_daemon::signal(args, cmd_daemon::Signal::Checkpoint),
         Command::Stop(args) => cmd_daemon::signal(args, cmd_daemon::Signal::Stop),
         Command::Status(args) => cmd_daemon::status(args),
+        Command::Plan(args) => cmd_plan::run(args),
         Command::ValidateConfig(args) => Ok(cmd_daemon::validate(args)),
         Command::Eval(args) => cmd_eval::run(args),
     };

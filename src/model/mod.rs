@@ -201,6 +201,26 @@ impl Model {
         }
     }
 
+    /// Only the architecture of `spec` (a preset, a `.gguf` file or a directory), without
+    /// reading any weight: a directory needs nothing but its `config.json`, a GGUF file only
+    /// its header. What `dreamloop plan` and `run`'s start-up check read.
+    pub fn config_of(spec: &str) -> Result<ModelConfig, ModelError> {
+        let path = Path::new(spec);
+        if preset::PRESETS.contains(&spec) && !path.is_dir() {
+            let raw = preset::preset_config(spec)
+                .ok_or_else(|| ModelError::UnknownPreset(spec.into()))?;
+            Ok(ModelConfig::from_json(raw, &format!("preset `{spec}`"))?)
+        } else if path.is_file() || spec.to_ascii_lowercase().ends_with(".gguf") {
+            let source = gguf::GgufSource::open(path, &cpu())?;
+            Ok(ModelConfig::from_json(
+                source.params.hf_config(),
+                &format!("{} (GGUF metadata)", path.display()),
+            )?)
+        } else {
+            Ok(ModelConfig::from_file(&path.join("config.json"))?)
+        }
+    }
+
     /// Writes a Hugging Face directory: `config.json` (as read), `model.safetensors` with the
     /// checkpoint's names, shapes and dtypes, and the tokenizer files.
     pub fn save(&self, dir: &Path) -> Result<(), ModelError> {
