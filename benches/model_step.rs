@@ -20,6 +20,7 @@
 use std::process::Command;
 use std::time::Instant;
 
+use burn::module::Module;
 use burn::optim::GradientsParams;
 use dreamloop::model::config::ModelConfig;
 use dreamloop::model::logprobs::{logprobs, ScoredSeq};
