@@ -49,13 +49,16 @@ pub struct PlanArgs {
     /// What-if: f32 or bf16 weights, gradients and activations (today: f32).
     #[arg(long, value_parser = parse_dtype)]
     pub dtype: Option<Dtype>,
-    /// What-if: per-layer recompute (keep only each layer's input).
+    /// Per-layer recompute (keep only each layer's input) instead of the config's `[train]
+    /// recompute`.
     #[arg(long)]
     pub recompute: bool,
-    /// What-if: tokens per log-softmax chunk (0: the whole [tokens × vocab]).
+    /// Tokens per chunk of the LM head (0: the whole [tokens × vocab]) instead of the config's
+    /// `[train] logits_chunk`.
     #[arg(long)]
     pub logits_chunk: Option<usize>,
-    /// What-if: the DPO reference resident (today) or streamed.
+    /// The DPO reference resident or streamed instead of the config's `[model]
+    /// stream_reference`.
     #[arg(long, value_parser = parse_reference)]
     pub reference: Option<ReferenceMode>,
     /// The optimizer instead of the config's: adamw, apollo (r = 256) or apollo-mini.
