@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::general::GeneralConfig;
 use crate::label::Phase;
 use crate::mix::MixConfig;
+use crate::model::Precision;
 use crate::rollback::Policy;
 use crate::train::loss::DpoVariant;
 use crate::train::optim::{ApolloConfig, OptimizerConfig};
@@ -93,7 +94,7 @@ fn default_max_seq_len() -> usize {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    /// burn's flex CPU backend (f32).
+    /// burn's flex CPU backend.
     Cpu,
     /// burn's CUDA backend (needs a build with `--features cuda`).
     Cuda,
@@ -111,6 +112,9 @@ pub struct ModelSection {
     /// DPO reference weights (preset or directory); absent: a frozen copy of `spec`.
     #[serde(default)]
     pub reference: Option<String>,
+    /// `f32` or `bf16`: the dtype the weights (policy and reference) live in on the device.
+    #[serde(default)]
+    pub dtype: Precision,
 }
 
 fn default_backend() -> Backend {
@@ -589,6 +593,7 @@ impl DreamConfig {
                 spec: "tiny".into(),
                 backend: Backend::Cpu,
                 reference: None,
+                dtype: Precision::F32,
             },
             train: TrainSection {
                 lr: 2e-5,

@@ -1,5 +1,5 @@
-//! Models in bf16 (`Precision::Bf16`): loading, saving, and the forward pass against
-//! transformers run in bf16.
+//! Models in bf16 (`Precision::Bf16`): loading, the forward pass against transformers run in
+//! bf16, and training with f32 updates written back by stochastic rounding.
 //!
 //! References: `tests/fixtures/models/<name>/reference_bf16.json`, written by
 //! `tests/fixtures/gen_bf16.py` (transformers 5.23.0 / torch 2.15.0, eager attention, CPU). It
@@ -26,6 +26,11 @@ use burn::tensor::{DType, Tensor};
 use dreamloop::model::logprobs::logprobs;
 use dreamloop::model::weights::named_tensors;
 use dreamloop::model::{cpu, Model, Precision};
+use dreamloop::train::dataset::hash_ids;
+use dreamloop::train::loss::DpoVariant;
+use dreamloop::train::optim::{AdamWConfig, OptimizerConfig, Rounding};
+use dreamloop::train::schedule::LrSchedule;
+use dreamloop::train::trainer::{Batch, SftItem, Trainer, TrainerConfig};
 use model_common::{floats, ids_of, scored};
 use serde_json::Value;
 
@@ -172,4 +177,148 @@ fn bf16_save_writes_bf16_and_reloads_bit_for_bit() {
     // An f32 load of the bf16 file is exact too (bf16 ⊂ f32).
     let wide = Model::load(out.path(), &cpu()).unwrap();
     assert!(param_dtypes(&wide.lm).iter().all(|d| *d == DType::F32));
+}
+
+fn settings(lr: f64) -> TrainerConfig {
+    TrainerConfig {
+        optimizer: OptimizerConfig::Adamw(AdamWConfig {
+            weight_decay: 0.0,
+            ..AdamWConfig::default()
+        }),
+        schedule: LrSchedule::warmup_constant(lr, 0),
+        max_grad_norm: 1.0,
+        beta: 0.1,
+        dpo_variant: DpoVariant::Sigmoid,
+        freeze: Vec::new(),
+        train_only: Vec::new(),
+        pad_id: 0,
+        max_seq_len: 0,
+    }
+}
+
+/// Fixed SFT batches: prompt `<word>=`, completion `<word>` (bytes `a`..`h`), from an LCG.
+fn batches(count: usize) -> Vec<Batch> {
+    let mut state = 17u64;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        state >> 33
+    };
+    (0..count)
+        .map(|_| Batch {
+            sft: (0..4)
+                .map(|_| {
+                    let word: Vec<u32> =
+                        (0..6).map(|_| b'a' as u32 + (next() % 8) as u32).collect();
+                    let mut prompt = word.clone();
+                    prompt.push(b'=' as u32);
+                    SftItem {
+                        hash: hash_ids(&[&prompt, &word]),
+                        prompt,
+                        completion: word,
+                    }
+                })
+                .collect(),
+            dpo: Vec::new(),
+        })
+        .collect()
+}
+
+/// Every parameter value of `lm`, widened to f64, in module order.
+fn flat(lm: &dreamloop::model::CausalLm) -> Vec<f64> {
+    named_tensors(lm)
+        .iter()
+        .flat_map(|(_, d)| d.iter::<f32>().map(f64::from).collect::<Vec<_>>())
+        .collect()
+}
+
+fn train(model: Model, rounding: Rounding, data: &[Batch]) -> Vec<f64> {
+    let mut trainer = Trainer::new(model.config, model.lm, None, settings(1e-5))
+        .unwrap()
+        .with_rounding(rounding);
+    for batch in data {
+        trainer.step(batch).unwrap();
+    }
+    flat(&trainer.frozen())
+}
+
+/// ⟨a, b⟩ / |b|².
+fn projection(a: &[f64], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    dot / b.iter().map(|y| y * y).sum::<f64>()
+}
+
+#[test]
+fn stochastic_rounding_keeps_small_updates_that_nearest_loses() {
+    // The tiny preset: |w| ≈ 0.02 (initializer_range), where bf16's spacing is ~1.2e-4 and
+    // an Adam step at lr 1e-5 moves a weight by ~1e-5.
+    let device = cpu().autodiff();
+    let start = Model::preset_as("tiny", 7, &device, Precision::Bf16).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    start.save(dir.path()).unwrap();
+    let w0 = flat(&start.lm);
+    let data = batches(20);
+    // The f32 run starts from the same (bf16) values, widened.
+    let f32_run = train(
+        Model::load_as(dir.path(), &device, Precision::F32).unwrap(),
+        Rounding::default(),
+        &data,
+    );
+    let open = || Model::load_as(dir.path(), &device, Precision::Bf16).unwrap();
+    let stochastic = train(open(), Rounding::default(), &data);
+    let nearest = train(open(), Rounding::Nearest, &data);
+    let delta = |w: &[f64]| -> Vec<f64> { w.iter().zip(&w0).map(|(a, b)| a - b).collect() };
+    let (d32, dsr, drn) = (delta(&f32_run), delta(&stochastic), delta(&nearest));
+    let norm = d32.iter().map(|x| x * x).sum::<f64>().sqrt();
+    assert!(norm > 0.0, "the f32 run moved");
+    let p_sr = projection(&dsr, &d32);
+    let p_rn = projection(&drn, &d32);
+    eprintln!("|Δf32| = {norm:.4e}; projection: stochastic {p_sr:.4}, nearest {p_rn:.4}");
+    assert!(
+        (p_sr - 1.0).abs() <= 0.15,
+        "stochastic rounding: ⟨Δbf16, Δf32⟩/|Δf32|² = {p_sr}"
+    );
+    assert!(p_rn < 0.5, "round-to-nearest kept {p_rn} of the f32 change");
+}
+
+#[test]
+fn bf16_resumed_run_is_bit_identical() {
+    let data = batches(6);
+    let device = cpu().autodiff();
+    let fresh = || {
+        let model = Model::preset_as("tiny-hybrid", 7, &device, Precision::Bf16).unwrap();
+        Trainer::new(model.config, model.lm, None, settings(1e-4)).unwrap()
+    };
+    let mut straight = fresh();
+    for batch in &data {
+        straight.step(batch).unwrap();
+    }
+    let mut first = fresh();
+    for batch in &data[..3] {
+        first.step(batch).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    first.save(dir.path()).unwrap();
+    drop(first);
+    let reference = Model::preset_as("tiny-hybrid", 7, &cpu(), Precision::Bf16)
+        .unwrap()
+        .lm;
+    let mut resumed = Trainer::restore_as(dir.path(), reference, &device, Precision::Bf16).unwrap();
+    assert_eq!(
+        resumed.optimizer().rounding(),
+        (Rounding::default(), 3),
+        "the rounding counter is part of the state"
+    );
+    for batch in &data[3..] {
+        resumed.step(batch).unwrap();
+    }
+    for ((n1, a), (n2, b)) in named_tensors(straight.model())
+        .iter()
+        .zip(&named_tensors(resumed.model()))
+    {
+        assert_eq!(n1, n2);
+        assert_eq!(a.dtype(), DType::BF16, "{n1}");
+        assert_eq!(a.as_bytes(), b.as_bytes(), "{n1} differs after resume");
+    }
 }

@@ -52,7 +52,7 @@ pub struct EvalArgs {
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
-    /// `f32` or `bf16`: the dtype the weights live in (default: f32).
+    /// `f32` or `bf16`: the dtype the weights live in (default: `[model] dtype` of the config).
     #[arg(long)]
     pub dtype: Option<Precision>,
 }
@@ -110,7 +110,7 @@ fn evaluate(args: &EvalArgs) -> Result<(), Failure> {
     let device = crate::trainer::device(config.model.backend)
         .with_context(|| format!("[model] backend of {origin}"))
         .map_err(bad_config)?;
-    let precision = args.dtype.unwrap_or_default();
+    let precision = args.dtype.unwrap_or(config.model.dtype);
 
     let (what, lm, tokenizer, pad) = match (&args.model, args.checkpoint) {
         (Some(spec), _) => {

@@ -238,6 +238,8 @@ struct Worker {
     probes: ProbeSuite,
     /// Autodiff device of the policy weights.
     device: Device,
+    /// The dtype of the weights (`[model] dtype`), for restores.
+    precision: dreamloop::model::Precision,
     /// Step number at which to inject a panic (tests only).
     panic_at: Option<u64>,
     /// How many injected panics this process allows.
@@ -271,11 +273,12 @@ impl Worker {
         let plain = device(config.model.backend)?;
         let device = plain.clone().autodiff();
         let spec = &config.model.spec;
-        let model =
-            Model::open(spec, &device).with_context(|| format!("loading model `{spec}`"))?;
+        let precision = config.model.dtype;
+        let model = Model::open_as(spec, &device, precision)
+            .with_context(|| format!("loading model `{spec}` in {precision}"))?;
         let reference = match &config.model.reference {
             Some(r) => {
-                Model::open(r, &plain)
+                Model::open_as(r, &plain, precision)
                     .with_context(|| format!("loading reference `{r}`"))?
                     .lm
             }
@@ -297,7 +300,7 @@ impl Worker {
                 config.trainer_config(pad),
             )?
             .with_files(dtypes, tokenizer.as_ref()),
-            Start::Restore(dir) => Trainer::restore(dir, reference.clone(), &device)
+            Start::Restore(dir) => Trainer::restore_as(dir, reference.clone(), &device, precision)
                 .with_context(|| format!("restoring the trainer from {}", dir.display()))?,
         };
         let tokenizer = tokenizer.ok_or_else(|| anyhow!("model `{spec}` has no tokenizer.json"))?;
@@ -309,6 +312,7 @@ impl Worker {
             tokenizer,
             probes,
             device,
+            precision,
             panic_at: std::env::var("DREAMLOOP_FAULT_PANIC_AT_STEP")
                 .ok()
                 .and_then(|v| v.parse().ok()),
@@ -338,10 +342,11 @@ impl Worker {
             }
             Job::Restore(dir, reply) => {
                 let restored =
-                    Trainer::restore(&dir, self.reference.clone(), &self.device).map(|t| {
-                        self.trainer = t;
-                        self.trainer.step_count()
-                    });
+                    Trainer::restore_as(&dir, self.reference.clone(), &self.device, self.precision)
+                        .map(|t| {
+                            self.trainer = t;
+                            self.trainer.step_count()
+                        });
                 let _ = reply.send(restored.map_err(|e| format!("{}: {e}", dir.display())));
             }
             Job::ScaleLr(factor, reply) => {

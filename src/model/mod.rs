@@ -35,7 +35,7 @@ pub use llama::CausalLm;
 pub use tokenizer::{ChatMessage, Tokenizer, TokenizerError};
 pub use weights::{DiskDtype, WeightError};
 
-/// The dtype a model's weights live in on the device (`--dtype` of the model commands).
+/// The dtype a model's weights live in on the device (`[model] dtype`, `--dtype`).
 ///
 /// In bf16 the activations between layers are bf16 too, and the numerically sensitive
 /// parts run in f32 where transformers upcasts (RMSNorm, rotary tables, softmax, the Gated
