@@ -22,7 +22,8 @@ mod model_common;
 use std::path::{Path, PathBuf};
 
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use dreamloop::model::llama::KvCache;
 use dreamloop::model::logprobs::logprobs;
 use dreamloop::model::weights::named_tensors;
 use dreamloop::model::{cpu, Model, Precision};
@@ -84,10 +85,7 @@ fn check_against_transformers(name: &str) {
     let cases = reference["cases"].as_object().unwrap();
     // transformers' own bf16 error scale on this model: the largest spread of any case (a
     // 7-token case alone is too few samples to estimate it).
-    let spread = cases
-        .values()
-        .map(|c| c["spread_bf16_vs_f32"].as_f64().unwrap())
-        .fold(0.0, f64::max);
+    let spread = model_spread(&reference);
     let (mut ours_sum, mut theirs_sum, mut count, mut max) = (0.0, 0.0, 0usize, 0.0f64);
     for (case_name, case) in cases {
         let rows = ids_of(case);
@@ -153,6 +151,66 @@ fn hybrid_fixtures_match_transformers_in_bf16() {
 #[test]
 fn moe_fixture_matches_transformers_in_bf16() {
     check_against_transformers("qwen3_next_moe");
+}
+
+/// Largest bf16-vs-f32 spread over a reference's cases.
+fn model_spread(reference: &Value) -> f64 {
+    reference["cases"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|c| c["spread_bf16_vs_f32"].as_f64().unwrap())
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn cached_decoding_in_bf16_matches_transformers_bf16() {
+    // Pieces 5, 1, 1 and the rest of seq33: prefill, two single-token steps (the recurrent
+    // delta rule from a cached f32 state), and a chunked piece from a cached state.
+    for name in ["llama_tied", "qwen3", "qwen3_next", "qwen3_5"] {
+        let dir = models().join(name);
+        let reference = read_json(&dir.join("reference_bf16.json"));
+        let case = &reference["cases"]["seq33"];
+        let ids = ids_of(case).remove(0);
+        let model = Model::load_as(&dir, &cpu(), Precision::Bf16).unwrap();
+        let lm = model.frozen();
+        let mut cache = KvCache::default();
+        let mut logits: Vec<f32> = Vec::new();
+        let mut pos = 0;
+        for n in [5, 1, 1, ids.len() - 7] {
+            let piece: Vec<i64> = ids[pos..pos + n].iter().map(|&i| i64::from(i)).collect();
+            let input = Tensor::<2, Int>::from_data(TensorData::new(piece, [1, n]), &lm.device());
+            let out = lm.forward_cached(input, &mut cache);
+            assert_eq!(out.dtype(), DType::F32, "logits leave the model in f32");
+            logits.extend(out.into_data().try_to_vec::<f32>().unwrap());
+            pos += n;
+        }
+        let vocab = model.config.vocab_size;
+        let got: Vec<f64> = (0..ids.len() - 1)
+            .map(|t| {
+                let row: Vec<f64> = logits[t * vocab..(t + 1) * vocab]
+                    .iter()
+                    .map(|&v| f64::from(v))
+                    .collect();
+                let top = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let lse = top + row.iter().map(|v| (v - top).exp()).sum::<f64>().ln();
+                row[ids[t + 1] as usize] - lse
+            })
+            .collect();
+        let want = floats(&case["logprobs_bf16"]);
+        let max = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - f64::from(*b)).abs())
+            .fold(0.0, f64::max);
+        let spread = model_spread(&reference);
+        assert!(
+            max <= 2.0 * spread,
+            "{name}: cached bf16 decoding differs from transformers' bf16 run by {max}, \
+             2 × spread = {}",
+            2.0 * spread
+        );
+    }
 }
 
 #[test]
