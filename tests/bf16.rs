@@ -29,7 +29,7 @@ use dreamloop::model::weights::named_tensors;
 use dreamloop::model::{cpu, Model, Precision};
 use dreamloop::train::dataset::hash_ids;
 use dreamloop::train::loss::DpoVariant;
-use dreamloop::train::optim::{AdamWConfig, OptimizerConfig, Rounding};
+use dreamloop::train::optim::{AdamWConfig, ApolloConfig, OptimizerConfig, Rounding};
 use dreamloop::train::schedule::LrSchedule;
 use dreamloop::train::trainer::{Batch, SftItem, Trainer, TrainerConfig};
 use model_common::{floats, ids_of, scored};
@@ -237,12 +237,20 @@ fn bf16_save_writes_bf16_and_reloads_bit_for_bit() {
     assert!(param_dtypes(&wide.lm).iter().all(|d| *d == DType::F32));
 }
 
+fn adamw() -> OptimizerConfig {
+    OptimizerConfig::Adamw(AdamWConfig {
+        weight_decay: 0.0,
+        ..AdamWConfig::default()
+    })
+}
+
 fn settings(lr: f64) -> TrainerConfig {
+    settings_with(adamw(), lr)
+}
+
+fn settings_with(optimizer: OptimizerConfig, lr: f64) -> TrainerConfig {
     TrainerConfig {
-        optimizer: OptimizerConfig::Adamw(AdamWConfig {
-            weight_decay: 0.0,
-            ..AdamWConfig::default()
-        }),
+        optimizer,
         schedule: LrSchedule::warmup_constant(lr, 0),
         max_grad_norm: 1.0,
         beta: 0.1,
@@ -342,11 +350,23 @@ fn stochastic_rounding_keeps_small_updates_that_nearest_loses() {
 
 #[test]
 fn bf16_resumed_run_is_bit_identical() {
+    for optimizer in [adamw(), OptimizerConfig::Apollo(ApolloConfig::mini())] {
+        resume_bit_identical(optimizer);
+    }
+}
+
+fn resume_bit_identical(optimizer: OptimizerConfig) {
     let data = batches(6);
     let device = cpu().autodiff();
     let fresh = || {
         let model = Model::preset_as("tiny-hybrid", 7, &device, Precision::Bf16).unwrap();
-        Trainer::new(model.config, model.lm, None, settings(1e-4)).unwrap()
+        Trainer::new(
+            model.config,
+            model.lm,
+            None,
+            settings_with(optimizer.clone(), 1e-4),
+        )
+        .unwrap()
     };
     let mut straight = fresh();
     for batch in &data {
@@ -377,6 +397,11 @@ fn bf16_resumed_run_is_bit_identical() {
     {
         assert_eq!(n1, n2);
         assert_eq!(a.dtype(), DType::BF16, "{n1}");
-        assert_eq!(a.as_bytes(), b.as_bytes(), "{n1} differs after resume");
+        assert_eq!(
+            a.as_bytes(),
+            b.as_bytes(),
+            "{}: {n1} differs after resume",
+            optimizer.algorithm()
+        );
     }
 }

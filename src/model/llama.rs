@@ -10,6 +10,12 @@
 //! which leave [`CausalLm::logits_from_hidden`] as f32 (the bf16 head output widened, as the
 //! losses' `logits.float()` does). In f32 every cast is a no-op, so nothing changes there.
 //!
+//! Hazard: burn-flex compares the dtypes of a binary op's operands only in a `debug_assert`,
+//! and dependencies are built without debug assertions (`Cargo.toml`), so an f32 tensor made
+//! with `from_data(.., &device)` / `zeros(.., &device)` and combined with a bf16 activation is
+//! not caught. Tensors made during a forward pass take the model dtype
+//! (`(&device, lm.dtype())`), as the rotary tables and the padding mask of [`ForwardContext`] do.
+//!
 //! embeddings → layers of (RMSNorm → causal GQA attention with `rotate_half` RoPE → residual
 //! → RMSNorm → SwiGLU MLP → residual) → final norm → lm_head (or the tied embedding).
 //!
