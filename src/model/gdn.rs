@@ -14,8 +14,8 @@
 //! - [`recurrent_delta_rule`]: one step per position; decoding, and the test oracle.
 //!
 //! Precision follows transformers' bf16 path: projections, the convolution's output and the
-//! gated norm's input stay in the model dtype; the convolution accumulates in f32 (as torch's
-//! conv kernel does) and rounds once; the gates `g` (from `A_log.float()`, `a.float()`) and
+//! gated norm's input stay in the model dtype; the convolution's taps are summed in f32 and
+//! rounded once (one rounding per output, as `F.conv1d` returns one bf16 result); the gates `g` (from `A_log.float()`, `a.float()`) and
 //! everything of the delta rule (q, k, v, β, g, the l2 norms, cumulative decays, the chunk
 //! solve and the recurrent state) are f32, and the mixer's output is rounded back to the model
 //! dtype (`torch_chunk_gated_delta_rule` casts its inputs to float32 and its output to
