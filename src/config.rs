@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::general::GeneralConfig;
 use crate::label::Phase;
 use crate::mix::MixConfig;
+use crate::model::Precision;
 use crate::rollback::Policy;
 use crate::train::loss::DpoVariant;
 use crate::train::optim::{ApolloConfig, OptimizerConfig};
@@ -93,7 +94,7 @@ fn default_max_seq_len() -> usize {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    /// burn's flex CPU backend (f32).
+    /// burn's flex CPU backend.
     Cpu,
     /// burn's CUDA backend (needs a build with `--features cuda`).
     Cuda,
@@ -120,6 +121,9 @@ pub struct ModelSection {
     /// (`dreamloop plan`); absent: the host's memory on `cpu`, 141 GB (one H200) on `cuda`.
     #[serde(default)]
     pub device_memory: Option<String>,
+    /// `f32` or `bf16`: the dtype the weights (policy and reference) live in on the device.
+    #[serde(default)]
+    pub dtype: Precision,
 }
 
 fn default_backend() -> Backend {
@@ -627,6 +631,7 @@ impl DreamConfig {
                 reference: None,
                 stream_reference: false,
                 device_memory: None,
+                dtype: Precision::F32,
             },
             train: TrainSection {
                 lr: 2e-5,

@@ -24,7 +24,7 @@ use anyhow::{anyhow, Context};
 use dreamloop::checkpoint::{load_read_only, Select};
 use dreamloop::config::DreamConfig;
 use dreamloop::eval::{EvalReport, PreferenceScore, ProbeSuite, SuiteError};
-use dreamloop::model::{CausalLm, Model, ModelConfig, Tokenizer};
+use dreamloop::model::{CausalLm, Model, ModelConfig, Precision, Tokenizer};
 
 use crate::cmd_daemon::EXIT_CONFIG;
 
@@ -52,6 +52,9 @@ pub struct EvalArgs {
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// `f32` or `bf16`: the dtype the weights live in (default: `[model] dtype` of the config).
+    #[arg(long)]
+    pub dtype: Option<Precision>,
 }
 
 /// `STEP|good|latest`.
@@ -107,10 +110,11 @@ fn evaluate(args: &EvalArgs) -> Result<(), Failure> {
     let device = crate::trainer::device(config.model.backend)
         .with_context(|| format!("[model] backend of {origin}"))
         .map_err(bad_config)?;
+    let precision = args.dtype.unwrap_or(config.model.dtype);
 
     let (what, lm, tokenizer, pad) = match (&args.model, args.checkpoint) {
         (Some(spec), _) => {
-            let mut model = Model::open(spec, &device)
+            let mut model = Model::open_as(spec, &device, precision)
                 .with_context(|| format!("loading model `{spec}`"))
                 .map_err(input)?;
             let tokenizer = model
@@ -132,10 +136,10 @@ fn evaluate(args: &EvalArgs) -> Result<(), Failure> {
             let checkpoint =
                 load_read_only(state_dir, select).map_err(|e| input(anyhow!("{e}")))?;
             let spec = &config.model.spec;
-            let (base_config, tokenizer) = base_model(spec, &device)
+            let (base_config, tokenizer) = base_model(spec, &device, precision)
                 .with_context(|| format!("[model] spec of {origin}"))
                 .map_err(bad_config)?;
-            let weights = Model::load(&checkpoint.path, &device)
+            let weights = Model::load_as(&checkpoint.path, &device, precision)
                 .with_context(|| format!("loading the weights of {}", checkpoint.path.display()))
                 .map_err(input)?;
             if weights.config.raw != base_config.raw {
@@ -175,10 +179,12 @@ fn evaluate(args: &EvalArgs) -> Result<(), Failure> {
 fn base_model(
     spec: &str,
     device: &dreamloop::model::Device,
+    precision: Precision,
 ) -> anyhow::Result<(ModelConfig, Tokenizer)> {
     let Model {
         config, tokenizer, ..
-    } = Model::open(spec, device).with_context(|| format!("loading model `{spec}`"))?;
+    } = Model::open_as(spec, device, precision)
+        .with_context(|| format!("loading model `{spec}`"))?;
     let tokenizer = tokenizer.ok_or_else(|| anyhow!("model `{spec}` has no tokenizer.json"))?;
     Ok((config, tokenizer))
 }

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use dreamloop::model::generate::{chat, Sampling};
-use dreamloop::model::{default_device, ChatMessage, Model};
+use dreamloop::model::{default_device, ChatMessage, Model, Precision};
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
@@ -26,11 +26,14 @@ pub struct GenerateArgs {
     pub max_new_tokens: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// `f32` or `bf16`: the dtype the weights live in.
+    #[arg(long, default_value = "f32")]
+    pub dtype: Precision,
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     let device = default_device();
-    let model = Model::open(&args.model, &device)
+    let model = Model::open_as(&args.model, &device, args.dtype)
         .with_context(|| format!("loading model `{}`", args.model))?;
     let tok = model
         .tokenizer

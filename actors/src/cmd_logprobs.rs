@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use dreamloop::model::logprobs::{logprobs as batch_logprobs, ScoredSeq};
-use dreamloop::model::{default_device, ChatMessage, Model};
+use dreamloop::model::{default_device, ChatMessage, Model, Precision};
 use serde_json::{json, Value};
 
 #[derive(clap::Args)]
@@ -16,6 +16,9 @@ pub struct ScoreArgs {
     pub model: String,
     /// The text to score.
     pub text: String,
+    /// `f32` or `bf16`: the dtype the weights live in.
+    #[arg(long, default_value = "f32")]
+    pub dtype: Precision,
 }
 
 #[derive(clap::Args)]
@@ -29,11 +32,14 @@ pub struct LogprobsArgs {
     /// Lines scored together in one padded batch.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    /// `f32` or `bf16`: the dtype the weights live in.
+    #[arg(long, default_value = "f32")]
+    pub dtype: Precision,
 }
 
 pub fn score(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     let device = default_device();
-    let model = Model::open(&args.model, &device)
+    let model = Model::open_as(&args.model, &device, args.dtype)
         .with_context(|| format!("loading model `{}`", args.model))?;
     let ids = tokenize(&model, &json!({ "text": args.text }))?;
     let out = score_batch(&model, &[ids])?.remove(0);
@@ -43,7 +49,7 @@ pub fn score(args: ScoreArgs) -> anyhow::Result<ExitCode> {
 
 pub fn logprobs(args: LogprobsArgs) -> anyhow::Result<ExitCode> {
     let device = default_device();
-    let model = Model::open(&args.model, &device)
+    let model = Model::open_as(&args.model, &device, args.dtype)
         .with_context(|| format!("loading model `{}`", args.model))?;
     let file = std::fs::File::open(&args.input)
         .with_context(|| format!("opening {}", args.input.display()))?;

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use dreamloop::model::{default_device, Model};
+use dreamloop::model::{default_device, Model, Precision};
 use dreamloop::train::dataset::{parse_line, Item};
 use dreamloop::train::loss::DpoVariant;
 use dreamloop::train::optim::{AdamWConfig, ApolloConfig, OptimizerConfig};
@@ -82,15 +82,19 @@ pub struct TrainArgs {
     /// APOLLO rank (ignored by adamw and apollo-mini).
     #[arg(long, default_value_t = 128)]
     pub apollo_rank: usize,
+    /// `f32` or `bf16`: the dtype the weights (and the reference's) live in; bf16 updates
+    /// are computed in f32 and written back with stochastic rounding.
+    #[arg(long, default_value = "f32")]
+    pub dtype: Precision,
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let device = default_device().autodiff();
-    let model = Model::open(&args.model, &device)
+    let model = Model::open_as(&args.model, &device, args.dtype)
         .with_context(|| format!("loading model `{}`", args.model))?;
     let reference = match &args.ref_model {
         Some(spec) => Some(
-            Model::open(spec, &default_device())
+            Model::open_as(spec, &default_device(), args.dtype)
                 .with_context(|| format!("loading reference `{spec}`"))?
                 .lm,
         ),

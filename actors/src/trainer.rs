@@ -262,6 +262,8 @@ struct Worker {
     probes: ProbeSuite,
     /// Autodiff device of the policy weights.
     device: Device,
+    /// The dtype of the weights (`[model] dtype`), for restores.
+    precision: dreamloop::model::Precision,
     /// Step number at which to inject a panic (tests only).
     panic_at: Option<u64>,
     /// How many injected panics this process allows.
@@ -295,15 +297,16 @@ impl Worker {
         let plain = device(config.model.backend)?;
         let device = plain.clone().autodiff();
         let spec = &config.model.spec;
+        let precision = config.model.dtype;
         let open_reference = |spec: &str| -> anyhow::Result<Reference> {
             Ok(if config.model.stream_reference {
                 Reference::Streamed(
-                    StreamedReference::open(Path::new(spec), &plain)
+                    StreamedReference::open_as(Path::new(spec), &plain, precision)
                         .with_context(|| format!("opening the streamed reference `{spec}`"))?,
                 )
             } else {
                 Reference::Resident(
-                    Model::open(spec, &plain)
+                    Model::open_as(spec, &plain, precision)
                         .with_context(|| format!("loading reference `{spec}`"))?
                         .lm,
                 )
@@ -311,8 +314,8 @@ impl Worker {
         };
         let (trainer, reference, tokenizer) = match &args.start {
             Start::Fresh => {
-                let model = Model::open(spec, &device)
-                    .with_context(|| format!("loading model `{spec}`"))?;
+                let model = Model::open_as(spec, &device, precision)
+                    .with_context(|| format!("loading model `{spec}` in {precision}"))?;
                 let reference = match (&config.model.reference, config.model.stream_reference) {
                     (None, false) => Reference::Resident(model.frozen()),
                     (r, _) => open_reference(r.as_deref().unwrap_or(spec))?,
@@ -338,7 +341,7 @@ impl Worker {
                 // The policy comes from the checkpoint alone: the starting model is read
                 // again only as the reference (not at all when it is streamed).
                 let reference = open_reference(config.model.reference.as_deref().unwrap_or(spec))?;
-                let trainer = Trainer::restore(dir, reference.clone(), &device)
+                let trainer = Trainer::restore_as(dir, reference.clone(), &device, precision)
                     .with_context(|| format!("restoring the trainer from {}", dir.display()))?;
                 (trainer, reference, restored_tokenizer(spec, dir, &plain)?)
             }
@@ -353,6 +356,7 @@ impl Worker {
             tokenizer,
             probes,
             device,
+            precision,
             panic_at: std::env::var("DREAMLOOP_FAULT_PANIC_AT_STEP")
                 .ok()
                 .and_then(|v| v.parse().ok()),
@@ -382,10 +386,11 @@ impl Worker {
             }
             Job::Restore(dir, reply) => {
                 let restored =
-                    Trainer::restore(&dir, self.reference.clone(), &self.device).map(|t| {
-                        self.trainer = t;
-                        self.trainer.step_count()
-                    });
+                    Trainer::restore_as(&dir, self.reference.clone(), &self.device, self.precision)
+                        .map(|t| {
+                            self.trainer = t;
+                            self.trainer.step_count()
+                        });
                 let _ = reply.send(restored.map_err(|e| format!("{}: {e}", dir.display())));
             }
             Job::ScaleLr(factor, reply) => {

@@ -13,6 +13,14 @@
 //!   steps are sequential. Differentiable through burn's autodiff (plain tensor ops).
 //! - [`recurrent_delta_rule`]: one step per position; decoding, and the test oracle.
 //!
+//! Precision follows transformers' bf16 path: projections, the convolution's output and the
+//! gated norm's input stay in the model dtype; the convolution's taps are summed in f32 and
+//! rounded once (one rounding per output, as `F.conv1d` returns one bf16 result); the gates `g` (from `A_log.float()`, `a.float()`) and
+//! everything of the delta rule (q, k, v, β, g, the l2 norms, cumulative decays, the chunk
+//! solve and the recurrent state) are f32, and the mixer's output is rounded back to the model
+//! dtype (`torch_chunk_gated_delta_rule` casts its inputs to float32 and its output to
+//! `initial_dtype`). The gated norm multiplies by `silu(z.float())` in f32.
+//!
 //! Decays enter only as `exp` of a non-positive number: `g ≤ 0`, so cumulative sums only
 //! decrease within a chunk and every `exp(Gc[i] − Gc[j])` is taken for `j ≤ i` (the rest is
 //! masked before the `exp`, never after).
@@ -22,7 +30,7 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::{sigmoid, silu, softplus};
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
 use super::config::{LinearAttnConfig, ModelConfig};
 use super::llama::{Linear, RmsNorm};
@@ -111,7 +119,7 @@ pub struct GatedDeltaNet {
 pub struct GdnState {
     /// The last `kernel − 1` convolution inputs, `[batch, kernel − 1, channels]`.
     pub conv: Tensor<3>,
-    /// The delta-rule state, `[batch, value_heads, key_dim, value_dim]`.
+    /// The delta-rule state, `[batch, value_heads, key_dim, value_dim]`, always f32.
     pub recurrent: Tensor<4>,
 }
 
@@ -191,16 +199,24 @@ impl GatedDeltaNet {
         };
         let (qkv, z, b, a) = self.project(x);
         let device = qkv.device();
+        let dtype = qkv.dtype();
 
         // Causal depthwise convolution over the kernel − 1 previous inputs and these.
         let k = s.conv_kernel;
         let channels = s.conv_channels();
         let previous = match state.as_ref().and_then(|st| st.as_ref()) {
             Some(st) => st.conv.clone(),
-            None => Tensor::zeros([batch, k - 1, channels], &device),
+            None => Tensor::zeros([batch, k - 1, channels], (&device, dtype)),
         };
         let padded = Tensor::cat(vec![previous, qkv], 1);
-        let w = self.conv1d.weight.val().reshape([channels, k]);
+        let conv_tail = padded.clone().narrow(1, seq, k - 1);
+        let padded = padded.cast(DType::F32);
+        let w = self
+            .conv1d
+            .weight
+            .val()
+            .cast(DType::F32)
+            .reshape([channels, k]);
         let mut conv =
             padded.clone().narrow(1, 0, seq) * w.clone().narrow(1, 0, 1).reshape([1, 1, channels]);
         for tap in 1..k {
@@ -208,10 +224,11 @@ impl GatedDeltaNet {
                 + padded.clone().narrow(1, tap, seq)
                     * w.clone().narrow(1, tap, 1).reshape([1, 1, channels]);
         }
-        let conv_tail = padded.narrow(1, seq, k - 1);
-        let qkv = silu(conv);
+        let qkv = silu(conv.cast(dtype));
 
         let (kw, vw) = (s.key_width(), s.value_width());
+        // From here to the delta rule's output everything is f32.
+        let qkv = qkv.cast(DType::F32);
         let q = qkv
             .clone()
             .narrow(2, 0, kw)
@@ -224,9 +241,19 @@ impl GatedDeltaNet {
             .narrow(2, 2 * kw, vw)
             .reshape([batch, seq, s.value_heads, s.value_dim]);
 
-        let beta = sigmoid(b).swap_dims(1, 2);
-        let decay_rate = self.A_log.val().exp().reshape([1, 1, s.value_heads]);
-        let dt = softplus(a + self.dt_bias.val().reshape([1, 1, s.value_heads]), 1.0);
+        // `b.sigmoid()` in the model dtype, then widened; `g` from widened `A_log`, `a`, `dt_bias`.
+        let beta = sigmoid(b).cast(DType::F32).swap_dims(1, 2);
+        let decay_rate = self
+            .A_log
+            .val()
+            .cast(DType::F32)
+            .exp()
+            .reshape([1, 1, s.value_heads]);
+        let dt_bias = self.dt_bias.val().cast(DType::F32);
+        let dt = softplus(
+            a.cast(DType::F32) + dt_bias.reshape([1, 1, s.value_heads]),
+            1.0,
+        );
         let g = (decay_rate * dt).neg().swap_dims(1, 2);
 
         let q = l2norm(q) * (s.key_dim as f64).powf(-0.5);
@@ -263,10 +290,11 @@ impl GatedDeltaNet {
             None => chunked_delta_rule(q, kk, v, g, beta, None, CHUNK).0,
         };
 
-        // [batch, heads, seq, dv] → [batch, seq, heads, dv], gated RMSNorm per head.
-        let out = out.swap_dims(1, 2);
+        // [batch, heads, seq, dv] → [batch, seq, heads, dv] in the model dtype, gated RMSNorm
+        // per head: `(w · norm(o)).float() · silu(z.float())`, rounded back.
+        let out = out.swap_dims(1, 2).cast(dtype);
         let z = z.reshape([batch, seq, s.value_heads, s.value_dim]);
-        let out = self.norm.forward(out) * silu(z);
+        let out = (self.norm.forward(out).cast(DType::F32) * silu(z.cast(DType::F32))).cast(dtype);
         self.out_proj.forward(out.reshape([batch, seq, vw]))
     }
 

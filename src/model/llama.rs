@@ -1,5 +1,20 @@
 //! The llama-family decoder (llama, mistral, qwen2, qwen3) in burn 0.22, matching
-//! transformers' `modeling_llama.py` / `modeling_qwen2.py` / `modeling_qwen3.py` in float32.
+//! transformers' `modeling_llama.py` / `modeling_qwen2.py` / `modeling_qwen3.py` in float32
+//! or bfloat16.
+//!
+//! In bf16 the weights and the activations between blocks are bf16, and exactly where
+//! transformers upcasts this code computes in f32: RMSNorm statistics (llama's weight
+//! product after the cast back, qwen3_next's `(1 + w)` product before it), the rotary tables
+//! (computed in f32, then rounded to the model dtype, as `cos.to(x.dtype)`), the attention
+//! softmax (`softmax(.., dtype=float32).to(q.dtype)` of eager attention), and the logits,
+//! which leave [`CausalLm::logits_from_hidden`] as f32 (the bf16 head output widened, as the
+//! losses' `logits.float()` does). In f32 every cast is a no-op, so nothing changes there.
+//!
+//! Hazard: burn-flex compares the dtypes of a binary op's operands only in a `debug_assert`,
+//! and dependencies are built without debug assertions (`Cargo.toml`), so an f32 tensor made
+//! with `from_data(.., &device)` / `zeros(.., &device)` and combined with a bf16 activation is
+//! not caught. Tensors made during a forward pass take the model dtype
+//! (`(&device, lm.dtype())`), as the rotary tables and the padding mask of [`ForwardContext`] do.
 //!
 //! embeddings → layers of (RMSNorm → causal GQA attention with `rotate_half` RoPE → residual
 //! → RMSNorm → SwiGLU MLP → residual) → final norm → lm_head (or the tied embedding).
@@ -21,7 +36,7 @@ use std::sync::Arc;
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::{sigmoid, silu, softmax};
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
 use super::config::{LayerKind, ModelConfig};
 use super::gdn::{GatedDeltaNet, GdnState};
@@ -96,17 +111,22 @@ impl RmsNorm {
         })
     }
 
-    /// Normalises over the last dimension of a tensor of any rank.
+    /// Normalises over the last dimension of a tensor of any rank; the statistics are
+    /// always f32 and the result is in `x`'s dtype.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dtype = x.dtype();
+        let x = x.cast(DType::F32);
         let variance = x.clone().powi_scalar(2).mean_dim(D - 1);
         let normed = x * (variance + self.eps).sqrt().recip();
         let mut shape = [1usize; D];
         shape[D - 1] = self.weight.dims()[0];
         let w = self.weight.val().reshape(shape);
         if self.unit_offset {
-            normed * (w + 1.0)
+            // Qwen3NextRMSNorm: `(x · (1 + w.float())).type_as(x)`.
+            (normed * (w.cast(DType::F32) + 1.0)).cast(dtype)
         } else {
-            normed * w
+            // LlamaRMSNorm: `w · x.to(input_dtype)`.
+            normed.cast(dtype) * w
         }
     }
 }
@@ -172,7 +192,8 @@ pub struct Attention {
 
 /// What one forward pass shares across layers: RoPE tables and the attention mask.
 pub struct ForwardContext {
-    /// `[seq, head_dim]` cos and sin of `position · inv_freq`, duplicated halves (HF layout).
+    /// `[seq, head_dim]` cos and sin of `position · inv_freq`, duplicated halves (HF layout),
+    /// computed in f32 and stored in the model dtype.
     cos: Tensor<4>,
     sin: Tensor<4>,
     /// `[batch, 1, seq_q, seq_k]`, true where attention is forbidden (future, padding,
@@ -199,6 +220,7 @@ impl Attention {
             head_dim,
             ..
         } = self.shape;
+        let dtype = x.dtype();
         let split = |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, head_dim]).swap_dims(1, 2);
         let (q, gate) = self.query(x.clone());
         let mut q = q.swap_dims(1, 2);
@@ -217,7 +239,7 @@ impl Attention {
         // A large finite value rather than -inf: a fully masked row (left padding) then
         // gives a uniform row instead of NaN, and exp() of it is exactly 0 otherwise.
         let scores = scores.mask_fill(ctx.mask.clone().expand([batch, heads, seq, seq]), -1.0e30);
-        let probs = softmax(scores, 3);
+        let probs = softmax(scores.cast(DType::F32), 3).cast(dtype);
         let out = probs
             .clone()
             .matmul(v)
@@ -311,6 +333,7 @@ impl Attention {
             head_dim,
             ..
         } = self.shape;
+        let dtype = x.dtype();
         let split = |t: Tensor<3>, h: usize| t.reshape([batch, n, h, head_dim]).swap_dims(1, 2);
         let (q, gate) = self.query(x.clone());
         let mut q = q.swap_dims(1, 2);
@@ -332,11 +355,11 @@ impl Attention {
         let v = repeat_kv(v, heads / kv_heads);
         let scores = q.matmul(k.swap_dims(2, 3)) * (head_dim as f64).powf(-0.5);
         let scores = scores.mask_fill(ctx.mask.clone().expand([batch, heads, n, total]), -1.0e30);
-        let out =
-            softmax(scores, 3)
-                .matmul(v)
-                .swap_dims(1, 2)
-                .reshape([batch, n, heads * head_dim]);
+        let out = softmax(scores.cast(DType::F32), 3)
+            .cast(dtype)
+            .matmul(v)
+            .swap_dims(1, 2)
+            .reshape([batch, n, heads * head_dim]);
         let out = match gate {
             Some(gate) => out * sigmoid(gate),
             None => out,
@@ -590,6 +613,11 @@ impl CausalLm {
         self.model.embed_tokens.weight.val().device()
     }
 
+    /// The dtype the weights (and the activations between blocks) are in.
+    pub fn dtype(&self) -> DType {
+        self.model.embed_tokens.weight.val().dtype()
+    }
+
     /// Final hidden states (after the last norm).
     ///
     /// # Shapes
@@ -617,15 +645,18 @@ impl CausalLm {
         self.model.norm.forward(x)
     }
 
-    /// Projects hidden states to vocabulary logits with the head (or the tied embedding).
+    /// Projects hidden states to vocabulary logits with the head (or the tied embedding),
+    /// returned in f32: a bf16 model's bf16 head output widened, as transformers' losses do
+    /// (`logits.float()`) before their log-softmax.
     ///
     /// # Shapes
     /// `[batch, seq, hidden]` → `[batch, seq, vocab]`
     pub fn logits_from_hidden(&self, hidden: Tensor<3>) -> Tensor<3> {
-        match &self.lm_head {
+        let logits = match &self.lm_head {
             Some(head) => head.forward(hidden),
             None => tied_logits(hidden, self.model.embed_tokens.weight.val()),
-        }
+        };
+        logits.cast(DType::F32)
     }
 
     /// Logits for every position.
@@ -683,7 +714,7 @@ impl CausalLm {
 
     /// cos/sin tables for positions `start..start + n`.
     fn rope_tables(&self, start: usize, n: usize, device: &Device) -> (Tensor<4>, Tensor<4>) {
-        rope_tables(&self.inv_freq, start, n, device)
+        rope_tables(&self.inv_freq, start, n, (device, self.dtype()))
     }
 
     /// RoPE tables for positions `0..seq` and the combined attention mask.
@@ -701,7 +732,7 @@ impl CausalLm {
             has_gdn,
             (batch, seq),
             attention_mask,
-            device,
+            (device, self.dtype()),
         )
     }
 }
@@ -719,7 +750,7 @@ fn rope_tables(
     inv_freq: &[f32],
     start: usize,
     n: usize,
-    device: &Device,
+    (device, dtype): (&Device, DType),
 ) -> (Tensor<4>, Tensor<4>) {
     let half = inv_freq.len();
     let head_dim = 2 * half; // the rotary width
@@ -733,24 +764,26 @@ fn rope_tables(
             sin.extend(freqs.iter().map(|f| f.sin()));
         }
     }
-    let table =
-        |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, [1, 1, n, head_dim]), device);
+    // transformers: `cos.to(dtype=x.dtype)`, rounded to nearest from the f32 values.
+    let table = |v: Vec<f32>| {
+        Tensor::<4>::from_data(TensorData::new(v, [1, 1, n, head_dim]), (device, dtype))
+    };
     (table(cos), table(sin))
 }
 
 impl ForwardContext {
     /// RoPE tables of `inv_freq` for positions `0..seq` and the combined attention mask
     /// (future, padding, outside `sliding_window`); `has_gdn`: some layer is Gated DeltaNet,
-    /// which needs the token mask.
+    /// which needs the token mask. Float tables are in `dtype`, the model's.
     pub(crate) fn new(
         inv_freq: &[f32],
         sliding_window: Option<usize>,
         has_gdn: bool,
         (batch, seq): (usize, usize),
         attention_mask: Option<&[Vec<u8>]>,
-        device: &Device,
+        (device, dtype): (&Device, DType),
     ) -> ForwardContext {
-        let (cos, sin) = rope_tables(inv_freq, 0, seq, device);
+        let (cos, sin) = rope_tables(inv_freq, 0, seq, (device, dtype));
         let mut mask = Vec::with_capacity(batch * seq * seq);
         for b in 0..batch {
             for i in 0..seq {
@@ -772,7 +805,7 @@ impl ForwardContext {
                     .collect();
                 Some(Tensor::<3>::from_data(
                     TensorData::new(values, [batch, seq, 1]),
-                    device,
+                    (device, dtype),
                 ))
             }
             _ => None,

@@ -6,7 +6,8 @@
 //! dtype so that [`Model::save`] writes back exactly what was read.
 //!
 //! Devices: burn 0.22 picks the backend at run time from the [`Device`]. [`cpu`] is the
-//! flex backend (f32); [`Device::autodiff`] wraps any device for training. Forward-only
+//! flex backend; [`Precision`] says whether the weights live on it in f32 or bf16 (the `_as`
+//! constructors); [`Device::autodiff`] wraps any device for training. Forward-only
 //! passes (reference model, probes) must use weights *without* autodiff
 //! (`model.valid()`), or burn keeps the graph alive.
 
@@ -25,14 +26,66 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
+use burn::tensor::DType;
 pub use burn::tensor::Device;
+use serde::{Deserialize, Serialize};
 
 pub use config::{ConfigError, Family, ModelConfig, RopeScaling};
 pub use llama::CausalLm;
 pub use tokenizer::{ChatMessage, Tokenizer, TokenizerError};
 pub use weights::{DiskDtype, WeightError};
 
-/// The CPU device (burn's `flex` backend, f32).
+/// The dtype a model's weights live in on the device (`[model] dtype`, `--dtype`).
+///
+/// In bf16 the activations between layers are bf16 too, and the numerically sensitive
+/// parts run in f32 where transformers upcasts (RMSNorm, rotary tables, softmax, the Gated
+/// DeltaNet gates and delta rule, the router, the logits): see `llama.rs` and `gdn.rs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in f32 (bit-identical to the code before bf16 existed).
+    #[default]
+    F32,
+    /// Weights and activations in bf16, f32 where transformers upcasts.
+    Bf16,
+}
+
+impl Precision {
+    /// The burn dtype of the weights.
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+
+    /// The name used in configs and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(format!("unknown dtype `{other}` (known: f32, bf16)")),
+        }
+    }
+}
+
+/// The CPU device (burn's `flex` backend).
 pub fn cpu() -> Device {
     Device::flex()
 }
@@ -77,10 +130,16 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads a Hugging Face directory onto `device`.
+    /// Loads a Hugging Face directory onto `device` in f32.
     pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
+        Self::load_as(dir, device, Precision::F32)
+    }
+
+    /// Loads a Hugging Face directory onto `device` in `precision`, each tensor decoded from
+    /// the file's bytes straight into that dtype.
+    pub fn load_as(dir: &Path, device: &Device, precision: Precision) -> Result<Self, ModelError> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let mut source = weights::SafetensorsSource::open(dir, device)?;
+        let mut source = weights::SafetensorsSource::open_as(dir, device, precision.dtype())?;
         let mut text = weights::TextSource {
             inner: &mut source,
             layout: weights::CheckpointLayout {
@@ -111,8 +170,18 @@ impl Model {
         })
     }
 
-    /// An embedded preset (`tiny`), with weights drawn from `seed`.
+    /// An embedded preset (`tiny`), with weights drawn from `seed`, in f32.
     pub fn preset(name: &str, seed: u64, device: &Device) -> Result<Self, ModelError> {
+        Self::preset_as(name, seed, device, Precision::F32)
+    }
+
+    /// An embedded preset in `precision` (drawn in f32, rounded to nearest per tensor).
+    pub fn preset_as(
+        name: &str,
+        seed: u64,
+        device: &Device,
+        precision: Precision,
+    ) -> Result<Self, ModelError> {
         let raw =
             preset::preset_config(name).ok_or_else(|| ModelError::UnknownPreset(name.into()))?;
         let std = raw["initializer_range"].as_f64().unwrap_or(0.02);
@@ -123,7 +192,13 @@ impl Model {
             device: device.clone(),
             zero_centred_norms: config.norm_unit_offset,
         };
-        let lm = CausalLm::load(&config, &mut init)?;
+        let lm = CausalLm::load(
+            &config,
+            &mut weights::CastSource {
+                inner: &mut init,
+                dtype: precision.dtype(),
+            },
+        )?;
         let json = serde_json::to_vec_pretty(&preset::byte_tokenizer_json())
             .expect("a JSON value serialises");
         let mut tokenizer =
@@ -149,12 +224,27 @@ impl Model {
     /// same config, weights and tokenizer files as `dreamloop import-gguf` followed by
     /// [`Model::load`] of its output, without writing the directory.
     pub fn from_gguf(path: &Path, device: &Device) -> Result<Self, ModelError> {
+        Self::from_gguf_as(path, device, Precision::F32)
+    }
+
+    /// [`from_gguf`](Self::from_gguf) in `precision` (dequantised per tensor, then rounded).
+    pub fn from_gguf_as(
+        path: &Path,
+        device: &Device,
+        precision: Precision,
+    ) -> Result<Self, ModelError> {
         let mut source = gguf::GgufSource::open(path, device)?;
         let config = ModelConfig::from_json(
             source.params.hf_config(),
             &format!("{} (GGUF metadata)", path.display()),
         )?;
-        let lm = CausalLm::load(&config, &mut source)?;
+        let lm = CausalLm::load(
+            &config,
+            &mut weights::CastSource {
+                inner: &mut source,
+                dtype: precision.dtype(),
+            },
+        )?;
         let hf = &source.tokenizer;
         let json = serde_json::to_vec(&hf.tokenizer_json).expect("a JSON value serialises");
         let mut tokenizer = Tokenizer::from_json_bytes(&json, path)?;
@@ -189,15 +279,20 @@ impl Model {
         })
     }
 
-    /// Loads `spec`: a preset name (`tiny`), a `.gguf` file, or a directory path.
+    /// Loads `spec`: a preset name (`tiny`), a `.gguf` file, or a directory path, in f32.
     pub fn open(spec: &str, device: &Device) -> Result<Self, ModelError> {
+        Self::open_as(spec, device, Precision::F32)
+    }
+
+    /// Loads `spec` in `precision`.
+    pub fn open_as(spec: &str, device: &Device, precision: Precision) -> Result<Self, ModelError> {
         let path = Path::new(spec);
         if preset::PRESETS.contains(&spec) && !path.is_dir() {
-            Self::preset(spec, 0, device)
+            Self::preset_as(spec, 0, device, precision)
         } else if path.is_file() || spec.to_ascii_lowercase().ends_with(".gguf") {
-            Self::from_gguf(path, device)
+            Self::from_gguf_as(path, device, precision)
         } else {
-            Self::load(path, device)
+            Self::load_as(path, device, precision)
         }
     }
 

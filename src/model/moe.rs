@@ -7,7 +7,8 @@
 //! `sigmoid(shared_expert_gate(x))`. The choice of experts is made on the host (it is
 //! discrete, and reading the probabilities back is a CPU–GPU sync point per MoE layer); the
 //! routing weights stay on the graph, so the router trains as in PyTorch.
-//! Each expert runs only on the tokens routed to it.
+//! Each expert runs only on the tokens routed to it. In bf16 the router softmax and the
+//! renormalisation are f32 and the routing weights are then rounded to the model dtype.
 //!
 //! Cost note: burn's backward of `select` / `narrow` allocates a gradient the size of the whole
 //! source tensor, so each expert's slice of the routing weights costs O(tokens · experts) in
@@ -17,7 +18,7 @@
 
 use burn::module::Module;
 use burn::tensor::activation::{sigmoid, softmax};
-use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::config::ModelConfig;
 use super::llama::{swiglu, Linear, Mlp};
@@ -120,7 +121,11 @@ impl FeedForward {
         let tokens = batch * seq;
         let device = x.device();
         let router = self.gate.as_ref().expect("a sparse block has a router");
-        let probs = softmax(router.forward(x.clone()), 2).reshape([tokens, self.experts.len()]);
+        // The router's softmax and renormalisation are f32 (transformers: `softmax(..,
+        // dtype=torch.float)`), its weights then rounded to the model dtype.
+        let dtype = x.dtype();
+        let probs = softmax(router.forward(x.clone()).cast(DType::F32), 2)
+            .reshape([tokens, self.experts.len()]);
         let (top_k, renormalise) = self.routing;
         let experts = self.experts.len();
         let host: Vec<f32> = probs
@@ -146,8 +151,9 @@ impl FeedForward {
         if renormalise {
             weights = weights.clone() / weights.sum_dim(1);
         }
+        let weights = weights.cast(dtype);
         let flat = x.clone().reshape([tokens, hidden]);
-        let mut out = Tensor::<2>::zeros([tokens, hidden], &device);
+        let mut out = Tensor::<2>::zeros([tokens, hidden], (&device, dtype));
         for (e, idx) in routed.into_iter().enumerate() {
             if idx.is_empty() {
                 continue;

@@ -1,5 +1,9 @@
 //! Weight I/O in Hugging Face's format: `model.safetensors`, or shards listed in
-//! `model.safetensors.index.json`; bf16/f16/f32 on disk, f32 in memory.
+//! `model.safetensors.index.json`; bf16/f16/f32 on disk, f32 or bf16 in memory.
+//!
+//! A source decodes each tensor's bytes straight into the target dtype ([`TensorSource::dtype`]):
+//! a bf16 model never has an f32 copy of its weights, not even one tensor at a time from a
+//! bf16 file. Saving borrows a parameter's bytes when they already are the disk dtype.
 //!
 //! Loading goes through [`TensorSource`]: the model asks for each tensor by its checkpoint
 //! name and shape, so a missing tensor, a wrong shape, and (at [`TensorSource::finish`]) an
@@ -17,7 +21,9 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::tensor::{Device, Tensor, TensorData};
+use std::borrow::Cow;
+
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 
@@ -56,24 +62,51 @@ pub enum DiskDtype {
 
 /// Where the model gets its tensors from, by checkpoint name.
 pub trait TensorSource {
-    /// The tensor `name` with exactly `shape`, as f32 on the source's device.
+    /// The tensor `name` with exactly `shape`, on the host, preferably already in
+    /// [`dtype`](TensorSource::dtype) (any float dtype is converted when it becomes a tensor).
     fn take(&mut self, name: &str, shape: &[usize]) -> Result<TensorData, WeightError>;
     /// The device tensors are created on.
     fn device(&self) -> Device;
     /// Called after the model took everything it needs: unused tensors are an error.
     fn finish(&mut self) -> Result<(), WeightError>;
+    /// The dtype the weights live in on the device (f32 unless the source was opened for bf16).
+    fn dtype(&self) -> DType {
+        DType::F32
+    }
 
     fn take3(&mut self, name: &str, shape: [usize; 3]) -> Result<Tensor<3>, WeightError> {
         let data = self.take(name, &shape)?;
-        Ok(Tensor::from_data(data, &self.device()))
+        Ok(Tensor::from_data(data, (&self.device(), self.dtype())))
     }
     fn take1(&mut self, name: &str, len: usize) -> Result<Tensor<1>, WeightError> {
         let data = self.take(name, &[len])?;
-        Ok(Tensor::from_data(data, &self.device()))
+        Ok(Tensor::from_data(data, (&self.device(), self.dtype())))
     }
     fn take2(&mut self, name: &str, shape: [usize; 2]) -> Result<Tensor<2>, WeightError> {
         let data = self.take(name, &shape)?;
-        Ok(Tensor::from_data(data, &self.device()))
+        Ok(Tensor::from_data(data, (&self.device(), self.dtype())))
+    }
+}
+
+/// Any source with its tensors converted to `dtype` one at a time as they are taken (the
+/// seeded preset initialiser and GGUF dequantisation produce f32).
+pub struct CastSource<'a> {
+    pub inner: &'a mut dyn TensorSource,
+    pub dtype: DType,
+}
+
+impl TensorSource for CastSource<'_> {
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<TensorData, WeightError> {
+        self.inner.take(name, shape)
+    }
+    fn device(&self) -> Device {
+        self.inner.device()
+    }
+    fn finish(&mut self) -> Result<(), WeightError> {
+        self.inner.finish()
+    }
+    fn dtype(&self) -> DType {
+        self.dtype
     }
 }
 
@@ -126,6 +159,9 @@ impl TensorSource for TextSource<'_> {
     fn device(&self) -> Device {
         self.inner.device()
     }
+    fn dtype(&self) -> DType {
+        self.inner.dtype
+    }
     fn finish(&mut self) -> Result<(), WeightError> {
         self.layout.passthrough = self.inner.take_raw_with_prefixes(&PASSTHROUGH_PREFIXES)?;
         self.inner.finish()
@@ -147,11 +183,18 @@ pub struct SafetensorsSource {
     /// Disk dtype of every tensor taken, for saving back.
     pub dtypes: HashMap<String, DiskDtype>,
     device: Device,
+    /// What tensors are decoded into (f32 or bf16).
+    dtype: DType,
 }
 
 impl SafetensorsSource {
     /// Opens `dir/model.safetensors`, or every shard named by `dir/model.safetensors.index.json`.
     pub fn open(dir: &Path, device: &Device) -> Result<Self, WeightError> {
+        Self::open_as(dir, device, DType::F32)
+    }
+
+    /// [`open`](Self::open), decoding every tensor straight into `dtype` (f32 or bf16).
+    pub fn open_as(dir: &Path, device: &Device, dtype: DType) -> Result<Self, WeightError> {
         let single = dir.join("model.safetensors");
         let index_path = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if single.exists() {
@@ -208,6 +251,7 @@ impl SafetensorsSource {
             taken: Vec::new(),
             dtypes: HashMap::new(),
             device: device.clone(),
+            dtype,
         })
     }
 
@@ -266,14 +310,23 @@ impl TensorSource for SafetensorsSource {
                 found: view.shape().to_vec(),
             });
         }
-        let (values, dtype) = to_f32(name, &view)?;
+        let (data, dtype) = if self.dtype == DType::BF16 {
+            to_bf16(name, &view)?
+        } else {
+            let (values, dtype) = to_f32(name, &view)?;
+            (TensorData::new(values, shape.to_vec()), dtype)
+        };
         self.taken.push(name.to_string());
         self.dtypes.insert(name.to_string(), dtype);
-        Ok(TensorData::new(values, shape.to_vec()))
+        Ok(data)
     }
 
     fn device(&self) -> Device {
         self.device.clone()
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
     }
 
     fn finish(&mut self) -> Result<(), WeightError> {
@@ -323,6 +376,43 @@ fn to_f32(name: &str, view: &TensorView<'_>) -> Result<(Vec<f32>, DiskDtype), We
     }
 }
 
+/// Decodes a tensor's bytes (little-endian) to bf16 without an f32 buffer: bf16 bytes are
+/// copied as they are, f32 and f16 values are rounded to nearest one element at a time.
+fn to_bf16(name: &str, view: &TensorView<'_>) -> Result<(TensorData, DiskDtype), WeightError> {
+    let bytes = view.data();
+    let shape = view.shape().to_vec();
+    let (values, dtype): (Vec<half::bf16>, DiskDtype) = match view.dtype() {
+        Dtype::BF16 => (
+            bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
+                .collect(),
+            DiskDtype::Bf16,
+        ),
+        Dtype::F32 => (
+            bytes
+                .chunks_exact(4)
+                .map(|c| half::bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                .collect(),
+            DiskDtype::F32,
+        ),
+        Dtype::F16 => (
+            bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_f32(half::f16::from_le_bytes([c[0], c[1]]).to_f32()))
+                .collect(),
+            DiskDtype::F16,
+        ),
+        other => {
+            return Err(WeightError::Dtype {
+                name: name.into(),
+                dtype: format!("{other:?}"),
+            })
+        }
+    };
+    Ok((TensorData::new(values, shape), dtype))
+}
+
 /// Collects every float parameter with its dotted checkpoint path.
 struct NamedParams {
     path: Vec<String>,
@@ -352,8 +442,58 @@ pub fn named_tensors<M: Module>(module: &M) -> Vec<(String, TensorData)> {
     visitor.out
 }
 
-/// Writes `tensors` to a safetensors file at `path`, each in its recorded disk dtype
-/// (f32 when unknown), plus `raw` tensors byte for byte. Written to a temporary sibling and
+/// The dtype a parameter is written in: what it was loaded from, except that a bf16
+/// parameter loaded from f32 is written as the bf16 it is (widening it back adds nothing but
+/// an f32 copy); a parameter with no recorded dtype is written as it is in memory.
+fn save_dtype(recorded: Option<DiskDtype>, in_memory: DType) -> DiskDtype {
+    match (recorded, in_memory) {
+        (Some(DiskDtype::F32) | None, DType::BF16) => DiskDtype::Bf16,
+        (Some(d), _) => d,
+        (None, _) => DiskDtype::F32,
+    }
+}
+
+/// One tensor's little-endian bytes in `disk`: borrowed when memory already holds that
+/// dtype, converted element by element otherwise.
+fn encode<'a>(data: &'a TensorData, disk: DiskDtype) -> Result<(Dtype, Cow<'a, [u8]>), String> {
+    let same = matches!(
+        (disk, data.dtype()),
+        (DiskDtype::F32, DType::F32)
+            | (DiskDtype::Bf16, DType::BF16)
+            | (DiskDtype::F16, DType::F16)
+    );
+    let st_dtype = match disk {
+        DiskDtype::F32 => Dtype::F32,
+        DiskDtype::Bf16 => Dtype::BF16,
+        DiskDtype::F16 => Dtype::F16,
+    };
+    if same && cfg!(target_endian = "little") {
+        return Ok((st_dtype, Cow::Borrowed(data.as_bytes())));
+    }
+    if !matches!(
+        data.dtype(),
+        DType::F32 | DType::BF16 | DType::F16 | DType::F64
+    ) {
+        return Err(format!("unsupported in-memory dtype {:?}", data.dtype()));
+    }
+    let values = data.iter::<f32>();
+    let bytes: Vec<u8> = match disk {
+        DiskDtype::F32 => values.flat_map(|v| v.to_le_bytes()).collect(),
+        DiskDtype::Bf16 => values
+            .flat_map(|v| half::bf16::from_f32(v).to_le_bytes())
+            .collect(),
+        DiskDtype::F16 => values
+            .flat_map(|v| half::f16::from_f32(v).to_le_bytes())
+            .collect(),
+    };
+    Ok((st_dtype, Cow::Owned(bytes)))
+}
+
+/// A tensor ready to write: name, dtype, shape, little-endian bytes.
+type Encoded<'a> = (String, Dtype, Vec<usize>, Cow<'a, [u8]>);
+
+/// Writes `tensors` to a safetensors file at `path`, each in its recorded disk dtype (see
+/// [`save_dtype`]), plus `raw` tensors byte for byte. Written to a temporary sibling and
 /// renamed, so a crash never leaves a half-written file under the real name.
 pub fn write_safetensors(
     path: &Path,
@@ -361,43 +501,27 @@ pub fn write_safetensors(
     dtypes: &HashMap<String, DiskDtype>,
     raw: &[RawTensor],
 ) -> Result<(), WeightError> {
-    let mut encoded: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
+    let mut encoded: Vec<Encoded<'_>> = Vec::with_capacity(tensors.len() + raw.len());
     for (name, data) in tensors {
-        let values = data.try_to_vec::<f32>().map_err(|e| WeightError::Format {
+        let disk = save_dtype(dtypes.get(name).copied(), data.dtype());
+        let (st_dtype, bytes) = encode(data, disk).map_err(|reason| WeightError::Format {
             path: path.to_path_buf(),
-            reason: format!("tensor `{name}`: {e:?}"),
+            reason: format!("tensor `{name}`: {reason}"),
         })?;
-        let dtype = dtypes.get(name).copied().unwrap_or(DiskDtype::F32);
-        let (st_dtype, bytes) = match dtype {
-            DiskDtype::F32 => (
-                Dtype::F32,
-                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ),
-            DiskDtype::Bf16 => (
-                Dtype::BF16,
-                values
-                    .iter()
-                    .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-                    .collect(),
-            ),
-            DiskDtype::F16 => (
-                Dtype::F16,
-                values
-                    .iter()
-                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-                    .collect(),
-            ),
-        };
         encoded.push((name.clone(), st_dtype, data.shape().to_vec(), bytes));
     }
-    encoded.extend(
-        raw.iter()
-            .map(|t| (t.name.clone(), t.dtype, t.shape.clone(), t.bytes.clone())),
-    );
+    encoded.extend(raw.iter().map(|t| {
+        (
+            t.name.clone(),
+            t.dtype,
+            t.shape.clone(),
+            Cow::Borrowed(t.bytes.as_slice()),
+        )
+    }));
     let views: Vec<(String, TensorView<'_>)> = encoded
         .iter()
         .map(|(name, dtype, shape, bytes)| {
-            TensorView::new(*dtype, shape.clone(), bytes)
+            TensorView::new(*dtype, shape.clone(), bytes.as_ref())
                 .map(|v| (name.clone(), v))
                 .map_err(|e| WeightError::Format {
                     path: path.to_path_buf(),

@@ -15,7 +15,7 @@ use std::collections::HashSet;
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
-use burn::tensor::{Bool, Device, Tensor};
+use burn::tensor::{Bool, DType, Device, Tensor};
 
 /// ε of torch's clip coefficient `max_norm / (total + 1e-6)`.
 const CLIP_EPS: f64 = 1e-6;
@@ -90,6 +90,8 @@ impl ModuleVisitor for SquaredNorms<'_> {
         }
         if let Some(grad) = self.grads.get::<D>(param.id) {
             let device = self.device.get_or_insert_with(|| grad.device()).clone();
+            // f32 whatever the gradient's dtype (a bf16 model has bf16 gradients).
+            let grad = grad.cast(DType::F32);
             self.sums.push(grad.square().sum().to_device(&device));
         }
     }

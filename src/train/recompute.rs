@@ -29,7 +29,7 @@
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::{Gradients, Tensor};
+use burn::tensor::{DType, Gradients, Tensor};
 
 use crate::model::llama::ForwardContext;
 use crate::model::logprobs::{normed_rows_logprobs, token_logprobs, LogProbs, Padded, ScoredSeq};
@@ -144,7 +144,8 @@ impl Segmented {
             .convert::<f32>()
             .try_to_vec()
             .expect("f32 after convert"); // CPU–GPU sync point: [tokens] floats.
-        let device = last.device();
+                                          // Gradients of the hidden states come in their dtype (bf16 for a bf16 model).
+        let (device, dtype) = (last.device(), last.dtype());
         let rows = last.narrow(1, 0, width - 1).reshape([n, hidden]);
         let chunk = if self.logits_chunk == 0 {
             n
@@ -155,7 +156,7 @@ impl Segmented {
         for start in (0..n).step_by(chunk) {
             let len = chunk.min(n - start);
             if g_host[start..start + len].iter().all(|g| *g == 0.0) {
-                g_rows.push(Tensor::<2>::zeros([len, hidden], &device));
+                g_rows.push(Tensor::<2>::zeros([len, hidden], (&device, dtype)));
                 continue;
             }
             let x = rows.clone().narrow(0, start, len).detach().require_grad();
@@ -174,7 +175,7 @@ impl Segmented {
         let g_last = Tensor::cat(
             vec![
                 Tensor::cat(g_rows, 0).reshape([batch, width - 1, hidden]),
-                Tensor::zeros([batch, 1, hidden], &device),
+                Tensor::zeros([batch, 1, hidden], (&device, dtype)),
             ],
             1,
         );
@@ -250,8 +251,14 @@ impl ModuleVisitor for Accumulate<'_> {
         let Some(grad) = param.val().grad_remove(self.grads) else {
             return;
         };
+        // A second contribution (another head chunk, the tied embedding's other use, the
+        // other batch) is added in f32 and rounded to the gradient's dtype once per sum, as
+        // a matmul accumulating all positions would round its f32 sum once.
         let sum = match self.into.remove::<D>(param.id) {
-            Some(previous) => previous + grad,
+            Some(previous) => {
+                let dtype = grad.dtype();
+                (previous.cast(DType::F32) + grad.cast(DType::F32)).cast(dtype)
+            }
             None => grad,
         };
         self.into.register(param.id, sum);

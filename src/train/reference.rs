@@ -20,7 +20,7 @@ use crate::model::config::LayerKind;
 use crate::model::llama::{tied_logits, DecoderLayer, ForwardContext, Linear, RmsNorm};
 use crate::model::logprobs::{logprobs_chunked, token_logprobs, Padded, ScoredSeq};
 use crate::model::weights::{CheckpointLayout, SafetensorsSource, TensorSource, TextSource};
-use crate::model::{CausalLm, ModelConfig, ModelError, WeightError};
+use crate::model::{CausalLm, ModelConfig, ModelError, Precision, WeightError};
 
 /// Where the reference log-probs come from (see the module docs).
 #[derive(Clone)]
@@ -63,6 +63,9 @@ pub struct StreamedReference {
     config: ModelConfig,
     /// A device without autodiff: nothing here is trained.
     device: Device,
+    /// The dtype the weights are read into: the policy's, so that reference and policy
+    /// agree exactly at the start.
+    precision: Precision,
 }
 
 impl StreamedReference {
@@ -70,12 +73,19 @@ impl StreamedReference {
     /// onto `device` when used. The files' headers are checked now; a missing or misshapen
     /// tensor is reported by name at the first use.
     pub fn open(dir: &Path, device: &Device) -> Result<Self, ModelError> {
+        Self::open_as(dir, device, Precision::F32)
+    }
+
+    /// [`open`](Self::open) with the weights read in `precision` (a bf16 run's reference is
+    /// bf16, as its resident copy would be).
+    pub fn open_as(dir: &Path, device: &Device, precision: Precision) -> Result<Self, ModelError> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         SafetensorsSource::open(dir, device)?;
         Ok(StreamedReference {
             dir: dir.to_path_buf(),
             config,
             device: device.clone().inner(),
+            precision,
         })
     }
 
@@ -93,7 +103,8 @@ impl StreamedReference {
         chunk: usize,
     ) -> Result<Vec<f64>, WeightError> {
         let cfg = &self.config;
-        let mut files = SafetensorsSource::open(&self.dir, &self.device)?;
+        let mut files =
+            SafetensorsSource::open_as(&self.dir, &self.device, self.precision.dtype())?;
         let mut src = TextSource {
             inner: &mut files,
             layout: CheckpointLayout {
@@ -111,7 +122,7 @@ impl StreamedReference {
             has_gdn,
             (batch, width),
             Some(&padded.attention),
-            &self.device,
+            (&self.device, self.precision.dtype()),
         );
         let embedding = src.take2("model.embed_tokens.weight", [cfg.vocab_size, hidden])?;
         let mut x = burn::tensor::module::embedding(embedding.clone(), padded.input(&self.device));

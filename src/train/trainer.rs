@@ -28,12 +28,12 @@ use serde::{Deserialize, Serialize};
 
 use super::clip::{clip_grad_norm, grad_norm, grads_finite};
 use super::loss::{dpo_loss, sft_loss, DpoStats, DpoVariant};
-use super::optim::{ModelOptimizer, OptimError, OptimizerConfig};
+use super::optim::{ModelOptimizer, OptimError, OptimizerConfig, Rounding};
 use super::recompute::{Segmented, Tape};
 use super::reference::{Reference, StreamedReference};
 use super::schedule::LrSchedule;
 use crate::model::logprobs::{logprobs, LogProbs, ScoredSeq};
-use crate::model::{CausalLm, Device, DiskDtype, ModelConfig, ModelError, Tokenizer};
+use crate::model::{CausalLm, Device, DiskDtype, ModelConfig, ModelError, Precision, Tokenizer};
 
 /// A tokenized SFT example: the loss covers `completion` only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -234,6 +234,13 @@ impl Trainer {
     ) -> Self {
         self.dtypes = dtypes;
         self.tokenizer_files = tokenizer.map(|t| t.files.clone()).unwrap_or_default();
+        self
+    }
+
+    /// Writes the updates of bf16 parameters back with `rounding` (default: stochastic; a
+    /// restored trainer takes the rounding and its counter from the state file).
+    pub fn with_rounding(mut self, rounding: Rounding) -> Self {
+        self.optim = self.optim.with_rounding(rounding);
         self
     }
 
@@ -475,7 +482,18 @@ impl Trainer {
     /// Restores a trainer saved by [`Trainer::save`] onto `device` (autodiff for training).
     /// The DPO reference is `reference` (the run's starting model).
     pub fn restore(dir: &Path, reference: Reference, device: &Device) -> Result<Self, TrainError> {
-        let model = crate::model::Model::load(dir, device)?;
+        Self::restore_as(dir, reference, device, Precision::F32)
+    }
+
+    /// [`restore`](Self::restore) with the weights in `precision` (a bf16 run resumes in
+    /// bf16: its weights, saved as bf16, load back bit for bit).
+    pub fn restore_as(
+        dir: &Path,
+        reference: Reference,
+        device: &Device,
+        precision: Precision,
+    ) -> Result<Self, TrainError> {
+        let model = crate::model::Model::load_as(dir, device, precision)?;
         let state_path = dir.join("trainer_state.json");
         let bad = |reason: String| TrainError::State {
             path: state_path.clone(),

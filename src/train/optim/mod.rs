@@ -23,9 +23,19 @@
 //!   parameter's `require_grad` and checkpointing strategy) only to parameters that had it.
 //! - [`ModelOptimizer::load`] takes the device for the restored state; a later step moves state
 //!   to each gradient's device anyway.
+//!
+//! # bf16 parameters
+//!
+//! A bf16 parameter (a model loaded with `Precision::Bf16`) is updated in f32: the parameter
+//! and its bf16 gradient are widened, the per-tensor optimizer runs exactly as for an f32
+//! parameter (so its state — AdamW's moments, APOLLO's projected moments — is f32), and the new
+//! value is written back with stochastic rounding ([`rounding`]). The rounding's seed and step
+//! counter are saved with the state, so resuming is bit-identical. f32 parameters never touch
+//! any of this.
 
 pub mod adamw;
 pub mod apollo;
+pub mod rounding;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -33,7 +43,7 @@ use std::sync::Arc;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{DynState, GradientsParams, Optimizer, RecordState, StateSink, StateSource};
-use burn::tensor::{Bytes, Device, Tensor, TensorData};
+use burn::tensor::{Bytes, DType, Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 pub use adamw::{AdamWConfig, AdamWState, TorchAdamW};
@@ -41,6 +51,7 @@ pub use apollo::{
     gaussian_projection, name_seed, next_seed, ApolloConfig, ApolloState, ApolloTensor,
     ApolloTrace, DenseMoments, ProjectedState, ScaleType, WeightLayout,
 };
+pub use rounding::Rounding;
 
 /// Errors of the optimizers and their state files.
 #[derive(Debug, thiserror::Error)]
@@ -212,6 +223,10 @@ pub struct ModelOptimizer {
     slots: BTreeMap<String, Slot>,
     /// Projections injected per parameter name, one per draw (tests).
     injected: HashMap<String, Arc<Vec<TensorData>>>,
+    /// How f32 updates of bf16 parameters are written back.
+    rounding: Rounding,
+    /// Steps that rounded a bf16 parameter so far: the counter of the rounding noise.
+    rounding_steps: u64,
 }
 
 impl std::fmt::Debug for ModelOptimizer {
@@ -231,6 +246,16 @@ const CONFIG_KEY: &str = "dreamloop.optimizer.config";
 const RANK_LEAF: &str = "__rank";
 /// Per-parameter metadata leaf holding the JSON parameter shape.
 const DIMS_LEAF: &str = "__dims";
+/// Metadata key holding the JSON rounding mode and step counter (only once a bf16 parameter
+/// was stepped, so f32 runs write the same files as before).
+const ROUNDING_KEY: &str = "dreamloop.optimizer.rounding";
+
+/// What [`ROUNDING_KEY`] holds.
+#[derive(Serialize, Deserialize)]
+struct RoundingRecord {
+    rounding: Rounding,
+    steps: u64,
+}
 
 impl ModelOptimizer {
     /// A driver for `config`, with no state yet.
@@ -249,7 +274,21 @@ impl ModelOptimizer {
             names: HashMap::new(),
             slots: BTreeMap::new(),
             injected: HashMap::new(),
+            rounding: Rounding::default(),
+            rounding_steps: 0,
         })
+    }
+
+    /// Uses `rounding` to write updates back into bf16 parameters (default: stochastic,
+    /// [`rounding::DEFAULT_SEED`]). A state file loaded later brings its own.
+    pub fn with_rounding(mut self, rounding: Rounding) -> Self {
+        self.rounding = rounding;
+        self
+    }
+
+    /// The rounding of bf16 parameters and how many steps have used it.
+    pub fn rounding(&self) -> (Rounding, u64) {
+        (self.rounding, self.rounding_steps)
     }
 
     /// Uses `names[id]` instead of the module path as the name of parameter `id` (state key and
@@ -338,8 +377,13 @@ impl ModelOptimizer {
             grads: &mut grads,
             lr,
             path: Vec::new(),
+            rounded: false,
         };
-        Ok(module.map(&mut mapper))
+        let module = module.map(&mut mapper);
+        if mapper.rounded {
+            self.rounding_steps += 1;
+        }
+        Ok(module)
     }
 
     /// Name of parameter `id` found at module path `path`.
@@ -502,6 +546,14 @@ impl ModelOptimizer {
         for (key, value) in metadata {
             writer = writer.with_metadata(&key, &value);
         }
+        if self.rounding_steps > 0 {
+            let record = RoundingRecord {
+                rounding: self.rounding,
+                steps: self.rounding_steps,
+            };
+            let json = serde_json::to_string(&record).expect("a plain record serialises");
+            writer = writer.with_metadata(ROUNDING_KEY, &json);
+        }
         writer
     }
 
@@ -529,6 +581,15 @@ impl ModelOptimizer {
                 ),
             ));
         }
+        let (rounding, rounding_steps) = match metadata.get(ROUNDING_KEY) {
+            Some(json) => {
+                let record: RoundingRecord =
+                    serde_json::from_str(json).map_err(|e| corrupt(ROUNDING_KEY, e.to_string()))?;
+                (record.rounding, record.steps)
+            }
+            // Written before any bf16 step (or by an f32 run): keep this driver's rounding.
+            None => (self.rounding, 0),
+        };
         let scalars = reader.scalars().clone();
         let tensors = reader.into_tensors().map_err(|e| OptimError::Io {
             path: path.to_path_buf(),
@@ -574,6 +635,8 @@ impl ModelOptimizer {
             );
         }
         self.slots = slots;
+        self.rounding = rounding;
+        self.rounding_steps = rounding_steps;
         Ok(())
     }
 }
@@ -695,6 +758,8 @@ struct StepMapper<'a> {
     lr: f64,
     /// Current module path.
     path: Vec<String>,
+    /// Whether a bf16 parameter was rounded in this step (advances the noise counter).
+    rounded: bool,
 }
 
 impl ModuleMapper for StepMapper<'_> {
@@ -720,6 +785,13 @@ impl ModuleMapper for StepMapper<'_> {
             .gradient_checkpointing_strategy()
             .map(|strategy| (strategy, tensor.is_require_grad(), tensor.is_distributed()));
         let value = tensor.inner().to_device(&device);
+        // A bf16 parameter is stepped in f32 and rounded back below.
+        let low_precision = value.dtype() == DType::BF16;
+        let (value, grad) = if low_precision {
+            (value.cast(DType::F32), grad.cast(DType::F32))
+        } else {
+            (value, grad)
+        };
 
         let previous = self.optim.slots.remove(&name).map(|slot| slot.state);
         let (updated, state, bytes, projected) = match &self.optim.apollo {
@@ -743,7 +815,7 @@ impl ModuleMapper for StepMapper<'_> {
             }
         };
         self.optim.slots.insert(
-            name,
+            name.clone(),
             Slot {
                 state,
                 dims: dims.to_vec(),
@@ -752,7 +824,13 @@ impl ModuleMapper for StepMapper<'_> {
             },
         );
 
-        let mut updated = updated;
+        let mut updated = if low_precision {
+            self.rounded = true;
+            let step = self.optim.rounding_steps;
+            rounding::round_to_bf16(updated, self.optim.rounding, step, &name)
+        } else {
+            updated
+        };
         if let Some((strategy, require_grad, distributed)) = autodiff {
             updated = Tensor::from_inner(updated).with_gradient_checkpointing_strategy(strategy);
             if require_grad {
