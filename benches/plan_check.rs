@@ -1,9 +1,10 @@
 //! Is `dreamloop plan` right? Three scaled-down hybrids shaped like the operator's
 //! Qwen3.5-27B — layers as [GDN × 3, gated attention], 6 query heads per kv head, 3 GDN value
 //! heads per key head, value width 1.5 × hidden, SwiGLU 3.4 × hidden, a 32k vocabulary,
-//! untied — each trained for two SFT steps (f32, no recompute: what exists) through the real
-//! `Trainer` in its own child process; the child's peak RSS against `plan`'s prediction for
-//! the same settings (`Target::Cpu`).
+//! untied — each trained for two SFT steps through the real `Trainer` in its own child
+//! process; the child's peak RSS against `plan`'s prediction for the same settings
+//! (`Target::Cpu`). `PLAN_CHECK_MODE=plain` (default: f32, no recompute, whole logits) or
+//! `PLAN_CHECK_MODE=bf16` (bf16 weights, per-layer recompute, logits chunk 1024).
 //!
 //! Two steps, because from the second on the DPO reference that `Trainer::new` keeps is a
 //! second copy of the weights (the first update replaces the policy's tensors), which is the
@@ -17,7 +18,9 @@ use std::time::Instant;
 
 use dreamloop::label::Phase;
 use dreamloop::model::config::ModelConfig;
+use burn::tensor::DType;
 use dreamloop::model::preset::SeededInit;
+use dreamloop::model::weights::CastSource;
 use dreamloop::model::{cpu, CausalLm};
 use dreamloop::plan::{plan, Dtype, PlanSettings, ReferenceMode, Target};
 use dreamloop::train::loss::DpoVariant;
@@ -97,10 +100,11 @@ impl Shape {
     }
 
     fn settings(&self) -> PlanSettings {
+        let light = light_mode();
         PlanSettings {
-            dtype: Dtype::F32,
-            recompute: false,
-            logits_chunk: 0,
+            dtype: if light { Dtype::Bf16 } else { Dtype::F32 },
+            recompute: light,
+            logits_chunk: if light { 1024 } else { 0 },
             phase: Phase::Sft,
             seq_len: self.seq,
             batch: 1,
@@ -114,6 +118,11 @@ impl Shape {
             mfu: 0.4,
         }
     }
+}
+
+/// `PLAN_CHECK_MODE=bf16`: bf16 + recompute + chunked head, else f32 / plain.
+fn light_mode() -> bool {
+    std::env::var("PLAN_CHECK_MODE").as_deref() == Ok("bf16")
 }
 
 fn peak_rss_bytes() -> u64 {
@@ -157,7 +166,16 @@ fn run_one(shape: &Shape) {
         device: device.clone(),
         zero_centred_norms: cfg.norm_unit_offset,
     };
-    let model = CausalLm::load(&cfg, &mut init).expect("shape loads");
+    let light = light_mode();
+    let dtype = if light { DType::BF16 } else { DType::F32 };
+    let model = CausalLm::load(
+        &cfg,
+        &mut CastSource {
+            inner: &mut init,
+            dtype,
+        },
+    )
+    .expect("shape loads");
     let settings = TrainerConfig {
         optimizer: shape.optimizer(),
         schedule: LrSchedule::warmup_constant(1e-5, 0),
@@ -168,6 +186,8 @@ fn run_one(shape: &Shape) {
         train_only: Vec::new(),
         pad_id: 0,
         max_seq_len: 0,
+        recompute: light,
+        logits_chunk: if light { 1024 } else { 0 },
     };
     let mut trainer = Trainer::new(cfg.clone(), model, None, settings).expect("trainer");
     let mut ids = Ids(0x2545F4914F6CDD1D);
@@ -210,7 +230,14 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         cpu_model()
     );
-    println!("two SFT steps, f32, no recompute, batch 1, random weights; peak RSS of the child\n");
+    println!(
+        "two SFT steps, {}, batch 1, random weights; peak RSS of the child\n",
+        if light_mode() {
+            "bf16, recompute, logits chunk 1024"
+        } else {
+            "f32, no recompute"
+        }
+    );
     println!("| shape | parameters | tokens | optimizer | predicted peak (GB) | measured peak RSS (GB) | measured / predicted | peak at | baseline RSS (GB) | step 2 (s) |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for shape in &SHAPES {

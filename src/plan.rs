@@ -25,7 +25,7 @@
 //! Weights, the resident DPO reference (`Trainer::new`'s `model.valid()` shares the starting
 //! weights only until the first update replaces them; from the second step on it is a second
 //! copy) and the optimizer state are alive at every moment. The optimizer's state follows
-//! `train/optim/`: AdamW keeps two moments of each gradient's dtype (`zeros_like(grad)`),
+//! `train/optim/`: AdamW keeps two f32 moments of each gradient (f32 in bf16 runs too),
 //! APOLLO projects the tensors [`ApolloConfig::projects`] names (a projection `r × min(m, n)`
 //! and moments `r × max(m, n)`) and keeps AdamW moments for the rest.
 //!
@@ -35,10 +35,9 @@
 //! reference's forward for DPO; the `(I + A)⁻¹` solve inside each chunk (under 5 % of the GDN
 //! work) is left out.
 //!
-//! Per-layer recompute, the chunked head and the streamed reference are read from the
-//! configuration ([`PlanSettings::from_config`]); bf16 weights do not exist in this tree yet
-//! and are planned as the settings describe them (`--dtype bf16`), so that `dreamloop plan`
-//! can answer "would it fit if…".
+//! The dtype, per-layer recompute, the chunked head and the streamed reference are read from
+//! the configuration ([`PlanSettings::from_config`]); the `dreamloop plan` flags override
+//! them, so that it can answer "would it fit if…".
 
 use serde::{Deserialize, Serialize};
 
@@ -120,7 +119,7 @@ pub enum Target {
 /// Everything about a run that the budget depends on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlanSettings {
-    /// Weights, gradients, optimizer moments and activations (`[model] dtype`, coming).
+    /// Weights, gradients and activations (`[model] dtype`).
     pub dtype: Dtype,
     /// Keep only each decoder layer's input and recompute its forward in backward
     /// (`[train] recompute`).
@@ -171,8 +170,11 @@ impl PlanSettings {
             None if target == Target::Cuda => DEFAULT_CUDA_DEVICE_BYTES,
             None => 0,
         };
-        // `[model] dtype` does not exist yet: every weight is f32 today.
-        let (dtype, recompute, logits_chunk) = (Dtype::F32, t.recompute, t.logits_chunk);
+        let dtype = match config.model.dtype {
+            crate::model::Precision::F32 => Dtype::F32,
+            crate::model::Precision::Bf16 => Dtype::Bf16,
+        };
+        let (recompute, logits_chunk) = (t.recompute, t.logits_chunk);
         PlanSettings {
             dtype,
             recompute,
@@ -708,8 +710,9 @@ impl Tally {
                 }
                 None => t.grad_embed += n * dt,
             }
+            // Optimizer state is f32 in either dtype (bf16 steps widen to f32 and round back).
             let (elements, is_projected) = state_elements(p, &s.optimizer);
-            let bytes = elements * dt;
+            let bytes = elements * Dtype::F32.bytes();
             if p.is_embedding() {
                 t.embeddings += bytes;
             } else if is_projected {
@@ -1221,7 +1224,7 @@ pub fn fixes(model: &ModelConfig, s: &PlanSettings) -> Vec<Fix> {
     let mut changes: Vec<Change> = Vec::new();
     if s.dtype != Dtype::Bf16 {
         changes.push((
-            "model.dtype = \"bf16\" (what-if: --dtype bf16)".into(),
+            "[model] dtype = \"bf16\"".into(),
             Box::new(|s| s.dtype = Dtype::Bf16),
         ));
     }

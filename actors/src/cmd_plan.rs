@@ -46,7 +46,7 @@ pub struct PlanArgs {
     /// sft, dpo or mixed (default: the config's phase).
     #[arg(long)]
     pub phase: Option<Phase>,
-    /// What-if: f32 or bf16 weights, gradients and activations (today: f32).
+    /// f32 or bf16 weights, gradients and activations instead of the config's `[model] dtype`.
     #[arg(long, value_parser = parse_dtype)]
     pub dtype: Option<Dtype>,
     /// Per-layer recompute (keep only each layer's input) instead of the config's `[train]
