@@ -16,9 +16,9 @@
 use std::process::Command;
 use std::time::Instant;
 
+use burn::tensor::DType;
 use dreamloop::label::Phase;
 use dreamloop::model::config::ModelConfig;
-use burn::tensor::DType;
 use dreamloop::model::preset::SeededInit;
 use dreamloop::model::weights::CastSource;
 use dreamloop::model::{cpu, CausalLm};
