@@ -164,9 +164,10 @@ pub struct TrainSection {
     #[serde(default = "default_max_seq_len")]
     pub max_seq_len: usize,
     /// Keep only each decoder layer's input and recompute the layer during backward: one
-    /// layer's activations instead of all of them, for one more forward pass.
+    /// layer's activations instead of all of them, for one more forward pass. Absent: on
+    /// for `[model] dtype = "bf16"` (the large-model setting), off for f32.
     #[serde(default)]
-    pub recompute: bool,
+    pub recompute: Option<bool>,
     /// Target positions per chunk of the LM head's logits, forward and backward (0: all at
     /// once); bounds the `[tokens × vocab]` logits to `[logits_chunk × vocab]`.
     #[serde(default)]
@@ -543,6 +544,13 @@ impl DreamConfig {
         }
     }
 
+    /// Whether layers are recomputed: `[train] recompute`, by default on in bf16.
+    pub fn recompute(&self) -> bool {
+        self.train
+            .recompute
+            .unwrap_or(self.model.dtype == crate::model::Precision::Bf16)
+    }
+
     /// The trainer's settings; `pad_id` comes from the model.
     pub fn trainer_config(&self, pad_id: u32) -> TrainerConfig {
         let t = &self.train;
@@ -556,7 +564,7 @@ impl DreamConfig {
             train_only: t.train_only.clone(),
             pad_id,
             max_seq_len: t.max_seq_len,
-            recompute: t.recompute,
+            recompute: self.recompute(),
             logits_chunk: t.logits_chunk,
         }
     }
@@ -642,7 +650,7 @@ impl DreamConfig {
                 batch_size: 2,
                 max_grad_norm: 1.0,
                 max_seq_len: 1024,
-                recompute: false,
+                recompute: None,
                 logits_chunk: 0,
                 beta: 0.01,
                 dpo_variant: DpoVariant::Sigmoid,
@@ -748,6 +756,17 @@ mod tests {
             }
             other => panic!("expected a parse error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn recompute_defaults_on_for_bf16_only() {
+        let mut c = DreamConfig::tiny(Path::new("scenarios"), Path::new("state"));
+        assert!(!c.recompute());
+        c.model.dtype = crate::model::Precision::Bf16;
+        assert!(c.recompute());
+        assert!(c.trainer_config(0).recompute);
+        c.train.recompute = Some(false);
+        assert!(!c.recompute());
     }
 
     #[test]

@@ -174,7 +174,7 @@ impl PlanSettings {
             crate::model::Precision::F32 => Dtype::F32,
             crate::model::Precision::Bf16 => Dtype::Bf16,
         };
-        let (recompute, logits_chunk) = (t.recompute, t.logits_chunk);
+        let (recompute, logits_chunk) = (config.recompute(), t.logits_chunk);
         PlanSettings {
             dtype,
             recompute,
