@@ -1,8 +1,8 @@
 //! The whole loop end to end on the tiny model: N steps, checkpoints, a baseline that
 //! becomes GOOD, no example trained twice, status.json and `dreamloop status` agree; and on
 //! the hybrid Gated-DeltaNet preset: steps, a loadable hybrid checkpoint, a resume; and the
-//! memory settings (per-layer recompute, a chunked head, a streamed DPO reference) through a
-//! whole mixed SFT + DPO run and its resume.
+//! memory settings (bf16, per-layer recompute, a chunked head, a streamed DPO reference)
+//! through a whole mixed SFT + DPO run and its resume.
 
 mod common;
 
@@ -268,9 +268,10 @@ fn memory_settings_train_checkpoint_and_resume_a_mixed_run() {
         .unwrap();
     let mut d = Daemon::new(&Overrides {
         model: model_dir.path().display().to_string(),
-        model_extra: "stream_reference = true".into(),
+        // The 27B's settings: bf16 weights (recompute on by default), a streamed reference.
+        model_extra: "stream_reference = true\ndtype = \"bf16\"".into(),
         phase: "mixed".into(),
-        train: "recompute = true\nlogits_chunk = 16".into(),
+        train: "logits_chunk = 16".into(),
         ..Overrides::default()
     });
     d.start(&["--max-steps", "4"], &[]);
