@@ -299,5 +299,17 @@ fn memory_settings_train_checkpoint_and_resume_a_mixed_run() {
         pairs > 0,
         "a mixed run trains DPO pairs against the streamed reference"
     );
+    let saved = dreamloop::model::Model::load(
+        &latest_dir(&d.state()).expect("LATEST"),
+        &dreamloop::model::cpu(),
+    )
+    .unwrap();
+    assert!(
+        saved
+            .dtypes
+            .values()
+            .all(|t| *t == dreamloop::model::DiskDtype::Bf16),
+        "the run trained and saved bf16 weights"
+    );
     assert!(d.events().iter().any(|e| e["event"] == "mark_good"));
 }
