@@ -791,6 +791,11 @@ fn moments(
 ) -> Vec<Moment> {
     let dt = s.dtype.bytes() as f64;
     let bytes = |elements: f64| (elements * dt).ceil() as u64;
+    // What runs in f32 in either dtype: a layer's working tensors (a bf16 model upcasts in
+    // RMSNorm, softmax and the whole Gated DeltaNet rule), the logits and their log-softmax,
+    // the optimizer's widened parameter and gradient. Counting these at 2 B in bf16 put the
+    // plan 46 % under a measured bf16 + recompute step (BENCHMARKS.md).
+    let wide = |elements: f64| (elements * Dtype::F32.bytes() as f64).ceil() as u64;
     let (vocab, hidden, tokens) = (
         model.vocab_size as f64,
         model.hidden_size as f64,
@@ -842,7 +847,7 @@ fn moments(
         label: "the LM head's backward (log-softmax over the vocabulary)".into(),
         gradients: tally.grad_head,
         kept: bytes(head_kept),
-        logits: bytes(4.0 * chunk(tokens) * vocab),
+        logits: wide(4.0 * chunk(tokens) * vocab),
         ..Moment::default()
     }];
     let mut grads_above = tally.grad_head;
@@ -855,8 +860,8 @@ fn moments(
             label: format!("layer {i}'s backward"),
             gradients: grads_above,
             kept: bytes(kept_below + own),
-            recompute: if s.recompute { bytes(c.kept) } else { 0 },
-            layer_backward: bytes(c.backward),
+            recompute: if s.recompute { wide(c.kept) } else { 0 },
+            layer_backward: wide(c.backward),
             ..Moment::default()
         });
     }
@@ -868,7 +873,7 @@ fn moments(
         out.push(Moment {
             label: "the DPO reference's forward".into(),
             kept: bytes(head_kept + logits_kept),
-            reference_forward: bytes(layer_peak.max(3.0 * chunk(sequences * w.t) * vocab)),
+            reference_forward: wide(layer_peak.max(3.0 * chunk(sequences * w.t) * vocab)),
             ..Moment::default()
         });
     }
@@ -878,7 +883,7 @@ fn moments(
     out.push(Moment {
         label: "the optimizer update".into(),
         gradients: tally.grads(),
-        update: bytes(4.0 * tally.largest as f64),
+        update: wide(4.0 * tally.largest as f64),
         ..Moment::default()
     });
     out
