@@ -1330,24 +1330,9 @@ mod tests {
 
     /// The operator's Qwen3.5-27B as its published config.json describes it.
     fn qwen3_5_27b() -> ModelConfig {
-        let v = serde_json::json!({
-            "model_type": "qwen3_5", "tie_word_embeddings": false,
-            "eos_token_id": 248046, "pad_token_id": 248044,
-            "text_config": {
-                "model_type": "qwen3_5_text", "attention_bias": false, "attn_output_gate": true,
-                "eos_token_id": 248044, "full_attention_interval": 4, "head_dim": 256,
-                "hidden_act": "silu", "hidden_size": 5120, "intermediate_size": 17408,
-                "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128,
-                "linear_num_key_heads": 16, "linear_num_value_heads": 48,
-                "linear_value_head_dim": 128, "max_position_embeddings": 262144,
-                "num_attention_heads": 24, "num_hidden_layers": 64, "num_key_value_heads": 4,
-                "partial_rotary_factor": 0.25, "rms_norm_eps": 1e-6,
-                "rope_parameters": {"partial_rotary_factor": 0.25, "rope_theta": 10000000,
-                    "rope_type": "default"},
-                "vocab_size": 248320
-            }
-        });
-        ModelConfig::from_json(v, "27B").expect("the published config parses")
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/qwen3_5_27b/config.json");
+        ModelConfig::from_file(&path).expect("the published config parses")
     }
 
     fn settings(optimizer: OptimizerConfig) -> PlanSettings {

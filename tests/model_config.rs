@@ -358,27 +358,10 @@ fn hybrid_missing_tensor_is_named() {
 /// keys dreamloop does not use such as `mamba_ssm_dtype` and `mtp_num_hidden_layers`).
 #[test]
 fn qwen3_5_27b_config_parses() {
-    let v = json!({
-        "architectures": ["Qwen3_5ForConditionalGeneration"],
-        "model_type": "qwen3_5", "image_token_id": 248056, "video_token_id": 248057,
-        "vision_start_token_id": 248053, "vision_end_token_id": 248054,
-        "tie_word_embeddings": false, "eos_token_id": 248046, "pad_token_id": 248044,
-        "text_config": {
-            "model_type": "qwen3_5_text", "attention_bias": false, "attn_output_gate": true,
-            "eos_token_id": 248044, "full_attention_interval": 4, "head_dim": 256,
-            "hidden_act": "silu", "hidden_size": 5120, "intermediate_size": 17408,
-            "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_num_key_heads": 16,
-            "linear_num_value_heads": 48, "linear_value_head_dim": 128,
-            "mamba_ssm_dtype": "float32", "max_position_embeddings": 262144,
-            "mlp_only_layers": [], "mtp_num_hidden_layers": 1, "num_attention_heads": 24,
-            "num_hidden_layers": 64, "num_key_value_heads": 4, "partial_rotary_factor": 0.25,
-            "rms_norm_eps": 1e-6,
-            "rope_parameters": {"mrope_interleaved": true, "mrope_section": [11, 11, 10],
-                "partial_rotary_factor": 0.25, "rope_theta": 10000000, "rope_type": "default"},
-            "tie_word_embeddings": false, "vocab_size": 248320
-        },
-        "vision_config": {"depth": 27, "hidden_size": 1152, "model_type": "qwen3_5"}
-    });
+    // tests/fixtures/qwen3_5_27b/config.json: the published file, weights not included.
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/qwen3_5_27b/config.json");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let c = parse(v).unwrap();
     assert_eq!(c.family, Family::Qwen35);
     assert_eq!(c.text_prefix, "model.language_model.");

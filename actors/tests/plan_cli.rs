@@ -12,26 +12,10 @@ use serde_json::Value;
 
 /// The operator's Qwen3.5-27B `config.json` as published (multimodal wrapper, text decoder
 /// nested), with none of its 54 GB of weights.
-const QWEN3_5_27B: &str = r#"{
-  "architectures": ["Qwen3_5ForConditionalGeneration"],
-  "model_type": "qwen3_5", "tie_word_embeddings": false,
-  "eos_token_id": 248046, "pad_token_id": 248044,
-  "text_config": {
-    "model_type": "qwen3_5_text", "attention_bias": false, "attn_output_gate": true,
-    "eos_token_id": 248044, "full_attention_interval": 4, "head_dim": 256,
-    "hidden_act": "silu", "hidden_size": 5120, "intermediate_size": 17408,
-    "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_num_key_heads": 16,
-    "linear_num_value_heads": 48, "linear_value_head_dim": 128,
-    "mamba_ssm_dtype": "float32", "max_position_embeddings": 262144,
-    "mlp_only_layers": [], "mtp_num_hidden_layers": 1, "num_attention_heads": 24,
-    "num_hidden_layers": 64, "num_key_value_heads": 4, "partial_rotary_factor": 0.25,
-    "rms_norm_eps": 1e-6,
-    "rope_parameters": {"mrope_interleaved": true, "mrope_section": [11, 11, 10],
-      "partial_rotary_factor": 0.25, "rope_theta": 10000000, "rope_type": "default"},
-    "tie_word_embeddings": false, "vocab_size": 248320
-  },
-  "vision_config": {"depth": 27, "hidden_size": 1152, "model_type": "qwen3_5"}
-}"#;
+fn qwen3_5_27b_config() -> Vec<u8> {
+    std::fs::read(common::repo().join("tests/fixtures/qwen3_5_27b/config.json"))
+        .expect("tests/fixtures/qwen3_5_27b/config.json")
+}
 
 fn dreamloop() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_dreamloop"));
@@ -42,7 +26,8 @@ fn dreamloop() -> Command {
 
 fn model_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tmp");
-    std::fs::write(dir.path().join("config.json"), QWEN3_5_27B).expect("write config.json");
+    std::fs::write(dir.path().join("config.json"), qwen3_5_27b_config())
+        .expect("write config.json");
     dir
 }
 
