@@ -87,7 +87,7 @@ fn parse_dtype(s: &str) -> Result<Dtype, String> {
     }
 }
 
-fn parse_backend(s: &str) -> Result<Backend, String> {
+pub fn parse_backend(s: &str) -> Result<Backend, String> {
     match s {
         "cpu" => Ok(Backend::Cpu),
         "cuda" => Ok(Backend::Cuda),
@@ -109,6 +109,15 @@ fn host_memory() -> Option<u64> {
         .ok()
         .as_deref()
         .and_then(host_memory_bytes)
+}
+
+/// The memory of `target` when nothing names it: the host's on CPU (0 if unknown), one
+/// H200 on CUDA.
+pub fn default_device_bytes(target: Target) -> u64 {
+    match target {
+        Target::Cpu => host_memory().unwrap_or(0),
+        Target::Cuda => dreamloop::plan::DEFAULT_CUDA_DEVICE_BYTES,
+    }
 }
 
 /// The plan settings of `config`, with the host's memory filled in on CPU.

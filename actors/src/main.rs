@@ -28,6 +28,7 @@
 
 mod checkpointer;
 mod cmd_daemon;
+mod cmd_device_check;
 mod cmd_eval;
 mod cmd_export;
 mod cmd_generate;
@@ -87,6 +88,8 @@ enum Command {
     Status(cmd_daemon::StatusArgs),
     /// The memory budget and step time of a run, from the model's config.json alone.
     Plan(cmd_plan::PlanArgs),
+    /// This build on its device: fixture models against transformers, a 27B-shaped training step.
+    DeviceCheck(cmd_device_check::DeviceCheckArgs),
     /// Check a config file; exit 78 listing every error.
     ValidateConfig(cmd_daemon::ValidateArgs),
     /// The daemon's probe suite on a model or a checkpoint: accuracy, margins, perplexity, attention.
@@ -121,6 +124,7 @@ fn main() -> std::process::ExitCode {
         Command::Plan(args) => cmd_plan::run(args),
         Command::ValidateConfig(args) => Ok(cmd_daemon::validate(args)),
         Command::Eval(args) => cmd_eval::run(args),
+        Command::DeviceCheck(args) => cmd_device_check::run(args),
     };
     match result {
         Ok(code) => code,

@@ -13,7 +13,7 @@
 
 use serde_json::json;
 
-use burn::tensor::{Device, TensorData};
+use burn::tensor::{DType, Device, Distribution, Tensor, TensorData};
 
 use super::weights::{TensorSource, WeightError};
 
@@ -227,5 +227,58 @@ impl TensorSource for SeededInit {
 
     fn finish(&mut self) -> Result<(), WeightError> {
         Ok(())
+    }
+}
+
+/// Random weights drawn on the device itself in `dtype`: every matrix ~ N(0, std²) from the
+/// device's own generator, the vectors (norms, biases, `A_log`, `dt_bias`) and the GDN conv
+/// kernels as [`SeededInit`] makes them. For shape-only work on a GPU (`dreamloop
+/// device-check step` on a 27B-shaped model): drawing 27 billion normals on the host and
+/// copying them over would take minutes. Not reproducible across backends, so nothing that
+/// compares numbers uses it.
+pub struct DeviceInit {
+    pub std: f64,
+    pub device: Device,
+    pub dtype: DType,
+    /// As [`SeededInit::zero_centred_norms`].
+    pub zero_centred_norms: bool,
+}
+
+impl DeviceInit {
+    fn host(&self) -> SeededInit {
+        SeededInit {
+            seed: 0,
+            std: self.std,
+            device: self.device.clone(),
+            zero_centred_norms: self.zero_centred_norms,
+        }
+    }
+}
+
+impl TensorSource for DeviceInit {
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<TensorData, WeightError> {
+        self.host().take(name, shape)
+    }
+
+    fn take2(&mut self, _name: &str, shape: [usize; 2]) -> Result<Tensor<2>, WeightError> {
+        // Only matrices come through here (embeddings, projections, the head), and SeededInit
+        // draws every matrix from N(0, std²) too.
+        Ok(Tensor::random(
+            shape,
+            Distribution::Normal(0.0, self.std),
+            (&self.device, self.dtype),
+        ))
+    }
+
+    fn device(&self) -> Device {
+        self.device.clone()
+    }
+
+    fn finish(&mut self) -> Result<(), WeightError> {
+        Ok(())
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
     }
 }

@@ -50,6 +50,9 @@ pub enum WeightError {
     Dtype { name: String, dtype: String },
     #[error("the checkpoint has tensors the model does not use: {names:?}")]
     Extra { names: Vec<String> },
+    /// DPO log-probs asked of a trainer made without a reference (SFT only).
+    #[error("no DPO reference: this trainer was made for SFT only")]
+    NoReference,
 }
 
 /// Storage dtype of a tensor on disk; kept so a save writes what was loaded.

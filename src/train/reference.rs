@@ -9,6 +9,8 @@
 //!   for a whole dataset before training; online, the trainer computes them for the batch it
 //!   is about to train on, all of its pairs in one pass over the files.
 //!
+//! - [`Reference::Absent`]: no reference at all, for SFT-only training.
+//!
 //! Both give the same numbers: the same tensors from the same files through the same layer
 //! code, in the same order.
 
@@ -29,6 +31,10 @@ pub enum Reference {
     Resident(CausalLm),
     /// The starting model's files, read layer by layer.
     Streamed(StreamedReference),
+    /// None: SFT only (`dreamloop train --phase sft`, `dreamloop device-check step`), where a
+    /// resident copy would be a second model's worth of memory that nothing reads. A DPO
+    /// pair is refused ([`WeightError::NoReference`]).
+    Absent,
 }
 
 impl Reference {
@@ -43,6 +49,7 @@ impl Reference {
         let per_token = match self {
             Reference::Resident(lm) => logprobs_chunked(lm, seqs, pad_id, chunk).scored_host(),
             Reference::Streamed(s) => return s.sums(seqs, pad_id, chunk),
+            Reference::Absent => return Err(WeightError::NoReference),
         };
         Ok(sum_rows(&per_token))
     }
