@@ -23,7 +23,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader, Seek, SeekFrom, Write};
+use std::io::{self, BufRead, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -222,24 +222,19 @@ impl ConvoReader {
         Ok(poll)
     }
 
-    /// Persists the cursor atomically (temporary sibling, fsync, rename). Call it after
-    /// the polled conversations have been handed on.
+    /// Persists the cursor atomically (temporary sibling, fsync, rename, directory fsync;
+    /// mode 0600). Call it after the polled conversations are durable elsewhere (the
+    /// labeler's pending queue), or a crash loses them.
     pub fn save_cursor(&self) -> Result<(), ConvoError> {
         let Some(path) = &self.cursor_path else {
             return Ok(());
         };
-        let tmp = path.with_extension("tmp");
         let json =
             serde_json::to_vec_pretty(&self.cursor).map_err(|source| ConvoError::Cursor {
                 path: path.clone(),
                 source,
             })?;
-        {
-            let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-            f.write_all(&json).map_err(io_err(&tmp))?;
-            f.sync_all().map_err(io_err(&tmp))?;
-        }
-        fs::rename(&tmp, path).map_err(io_err(path))
+        crate::durable::write_atomic(path, &json).map_err(io_err(path))
     }
 
     fn read_file(
