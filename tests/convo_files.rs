@@ -151,3 +151,52 @@ fn symbolic_links_in_the_log_directory_are_not_followed() {
     assert_eq!(read(&poll), expected(2, "real"));
     assert!(!reader.cursor().files.contains_key("link.jsonl"));
 }
+
+/// Issue 15 #12: one ShareGPT line of 6,000 labelled turn pairs (under the 1 MiB line cap)
+/// used to yield ~3.9 GB of examples, each repeating everything before it. The examples of
+/// one line are now bounded in bytes, the first ones are exactly what they were, and the
+/// rest of the line is reported as not labeled.
+#[test]
+fn a_very_long_conversation_costs_a_bounded_amount() {
+    use dreamloop::example::Target;
+    use dreamloop::label::{LabelConfig, Labeler, MAX_CONVERSATION_EXAMPLE_BYTES};
+    let turns: Vec<String> = (0..6000)
+        .map(|i| {
+            format!(
+                r#"{{"from":"human","value":"q{i}"}},{{"from":"gpt","value":"a{i}","label":"good"}}"#
+            )
+        })
+        .collect();
+    let text = format!(r#"{{"conversations":[{}]}}"#, turns.join(","));
+    assert!(text.len() < 1 << 20);
+    let c = dreamloop::convo::parse_line(&text, "long.jsonl:1".into()).unwrap();
+    let labeled = Labeler::new(&LabelConfig::default()).conversation(&c);
+    let bytes: usize = labeled
+        .examples
+        .iter()
+        .map(|e| {
+            let prompt: usize = e.prompt.iter().map(|m| m.role.len() + m.content.len()).sum();
+            let target = match &e.target {
+                Target::Sft { completion } => completion.len(),
+                Target::Dpo { chosen, rejected } => chosen.len() + rejected.len(),
+            };
+            prompt + target
+        })
+        .sum();
+    assert!(bytes <= MAX_CONVERSATION_EXAMPLE_BYTES, "{bytes}");
+    let n = labeled.examples.len();
+    assert!(n > 100 && n < 6000, "{n} examples");
+    // Example k answers turn pair k with the whole conversation before it.
+    for (k, e) in labeled.examples.iter().enumerate().step_by(97) {
+        assert_eq!(e.prompt.len(), 2 * k + 1);
+        assert_eq!(e.prompt[2 * k].content, format!("q{k}"));
+        assert_eq!(
+            e.target,
+            Target::Sft {
+                completion: format!("a{k}")
+            }
+        );
+    }
+    assert_eq!(labeled.skipped.len(), 1, "{:?}", labeled.skipped);
+    assert!(labeled.skipped[0].contains("long.jsonl:1"), "{}", labeled.skipped[0]);
+}
