@@ -175,7 +175,11 @@ fn a_very_long_conversation_costs_a_bounded_amount() {
         .examples
         .iter()
         .map(|e| {
-            let prompt: usize = e.prompt.iter().map(|m| m.role.len() + m.content.len()).sum();
+            let prompt: usize = e
+                .prompt
+                .iter()
+                .map(|m| m.role.len() + m.content.len())
+                .sum();
             let target = match &e.target {
                 Target::Sft { completion } => completion.len(),
                 Target::Dpo { chosen, rejected } => chosen.len() + rejected.len(),
@@ -198,5 +202,9 @@ fn a_very_long_conversation_costs_a_bounded_amount() {
         );
     }
     assert_eq!(labeled.skipped.len(), 1, "{:?}", labeled.skipped);
-    assert!(labeled.skipped[0].contains("long.jsonl:1"), "{}", labeled.skipped[0]);
+    assert!(
+        labeled.skipped[0].contains("long.jsonl:1"),
+        "{}",
+        labeled.skipped[0]
+    );
 }
