@@ -294,6 +294,10 @@ pub struct DreamConfig {
     pub state_dir: PathBuf,
     /// The Prometheus listener (`--metrics-addr` overrides); loopback by default.
     pub metrics_addr: String,
+    /// Allows a `metrics_addr` that is not loopback. /metrics has no authentication, so
+    /// serving it beyond this machine must be a written decision, not a typo.
+    #[serde(default)]
+    pub metrics_public: bool,
     /// `sft`, `dpo` or `mixed` (hot-reloadable).
     pub phase: Phase,
     /// `[model]`.
@@ -378,14 +382,24 @@ impl DreamConfig {
         if self.state_dir.as_os_str().is_empty() {
             bad("state_dir", "must not be empty".into());
         }
-        if self.metrics_addr.parse::<std::net::SocketAddr>().is_err() {
-            bad(
+        match self.metrics_addr.parse::<std::net::SocketAddr>() {
+            Err(_) => bad(
                 "metrics_addr",
                 format!(
                     "`{}` is not an address:port such as 127.0.0.1:9464",
                     self.metrics_addr
                 ),
-            );
+            ),
+            Ok(addr) if !addr.ip().is_loopback() && !self.metrics_public => bad(
+                "metrics_addr",
+                format!(
+                    "`{}` is not a loopback address and /metrics has no authentication; \
+                     use 127.0.0.1 or [::1], or set `metrics_public = true` to serve it \
+                     beyond this machine",
+                    self.metrics_addr
+                ),
+            ),
+            Ok(_) => {}
         }
         if let Some(text) = &self.model.device_memory {
             if let Err(e) = crate::plan::parse_bytes(text) {
@@ -597,6 +611,18 @@ impl DreamConfig {
         }
     }
 
+    /// The warning to log when /metrics is served beyond loopback (allowed by
+    /// `metrics_public = true`); `None` for a loopback or unparsable address.
+    pub fn public_metrics_warning(&self) -> Option<String> {
+        let addr = self.metrics_addr.parse::<std::net::SocketAddr>().ok()?;
+        (!addr.ip().is_loopback()).then(|| {
+            format!(
+                "metrics_addr {addr} is not loopback (metrics_public = true): /metrics is \
+                 served without authentication to anyone who can reach it"
+            )
+        })
+    }
+
     /// TOML paths of settings that differ from `other` but need a restart to apply.
     pub fn cold_differences(&self, other: &DreamConfig) -> Vec<&'static str> {
         let mut a = self.clone();
@@ -611,6 +637,7 @@ impl DreamConfig {
         for (name, differs) in [
             ("state_dir", a.state_dir != b.state_dir),
             ("metrics_addr", a.metrics_addr != b.metrics_addr),
+            ("metrics_public", a.metrics_public != b.metrics_public),
             ("model", a.model != b.model),
             ("train", a.train != b.train),
             ("data", a.data != b.data),
@@ -632,6 +659,7 @@ impl DreamConfig {
         DreamConfig {
             state_dir: state_dir.to_path_buf(),
             metrics_addr: "127.0.0.1:0".into(),
+            metrics_public: false,
             phase: Phase::Sft,
             model: ModelSection {
                 spec: "tiny".into(),

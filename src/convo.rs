@@ -16,14 +16,23 @@
 //! keeps, per file, the byte offset just past its last complete line (a last line
 //! without its newline is not consumed: the writer may still be writing it; finished
 //! files can opt in with `take_unterminated_last_line`) and the line count, so after
-//! [`ConvoReader::save_cursor`] a restart neither skips nor re-reads. A bad line (invalid JSON or UTF-8, a line over the size cap, a message with
-//! no role) is reported as `file:line` and skipped; it never stops the reader. Huge lines
-//! are skipped without being held in memory.
+//! [`ConvoReader::save_cursor`] a restart neither skips nor re-reads. A bad line (invalid
+//! JSON or UTF-8, a line over the size cap, a message with no role) is reported as
+//! `file:line` and skipped; it never stops the reader. Huge lines are skipped without being
+//! held in memory, and an unterminated tail already scanned past the cap is not read again.
+//!
+//! A file is known by its identity, not only its name: the cursor keeps its device and
+//! inode and fingerprints of its first bytes and of the bytes before the read position, so
+//! a file rotated, truncated or rewritten in place is read again from line 1 (with right
+//! line numbers) instead of resuming at a stale offset. One poll reads at most
+//! `max_poll_bytes` of each file. Symbolic links in the directory are refused with a
+//! warning: they could point the reader at any file the daemon can read.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader, Seek, SeekFrom, Write};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -68,6 +77,9 @@ pub struct ConvoConfig {
     /// writer may be mid-line); on for finished files (a corpus, a one-off import),
     /// where such a line is simply the file's last. Only for files no longer written.
     pub take_unterminated_last_line: bool,
+    /// Bytes read from one file in one poll (default 64 MiB); the rest waits for the next
+    /// poll, so a huge file or an endless line costs a bounded time per step.
+    pub max_poll_bytes: u64,
 }
 
 impl Default for ConvoConfig {
@@ -75,6 +87,7 @@ impl Default for ConvoConfig {
         ConvoConfig {
             max_line_bytes: 1 << 20,
             take_unterminated_last_line: false,
+            max_poll_bytes: 64 << 20,
         }
     }
 }
@@ -131,14 +144,37 @@ pub struct Poll {
     pub malformed: Vec<Malformed>,
 }
 
-/// Where reading stopped in one file.
+/// Where reading stopped in one file, and what the file looked like there (so a file
+/// replaced or rewritten under the same name is read again from its start).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FilePos {
     /// Byte offset just past the last complete line consumed.
     pub offset: u64,
     /// Complete lines consumed (so line numbers stay right after a restart).
     pub line: u64,
+    /// Bytes after `offset` already scanned without finding a newline (an unterminated
+    /// tail). Once over the line cap they are not read again: the line is skipped anyway.
+    #[serde(default)]
+    pub scanned: u64,
+    /// Device and inode of the file read (0: not known yet, a cursor of an older version).
+    #[serde(default)]
+    pub dev: u64,
+    /// See `dev`.
+    #[serde(default)]
+    pub ino: u64,
+    /// Fingerprint of the file's first `head_len` bytes.
+    #[serde(default)]
+    pub head: u64,
+    /// How many leading bytes `head` covers (up to [`FINGERPRINT_BYTES`], never past `offset`).
+    #[serde(default)]
+    pub head_len: u64,
+    /// Fingerprint of the [`FINGERPRINT_BYTES`] (or fewer) bytes just before `offset`.
+    #[serde(default)]
+    pub tail: u64,
 }
+
+/// Bytes each fingerprint of [`FilePos`] covers.
+pub const FINGERPRINT_BYTES: u64 = 1024;
 
 /// The persisted cursor: a position per file name (relative to the log directory).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,6 +194,8 @@ pub struct ConvoReader {
     cursor: Cursor,
     /// Settings.
     config: ConvoConfig,
+    /// Symbolic links already warned about (once each, not every poll).
+    refused_links: std::collections::BTreeSet<PathBuf>,
 }
 
 impl ConvoReader {
@@ -182,6 +220,7 @@ impl ConvoReader {
             cursor_path: cursor_path.map(Path::to_path_buf),
             cursor,
             config,
+            refused_links: Default::default(),
         })
     }
 
@@ -197,7 +236,19 @@ impl ConvoReader {
         for entry in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
             let entry = entry.map_err(io_err(&self.dir))?;
             let path = entry.path();
-            if path.is_file() && path.extension().is_some_and(|e| e == "jsonl") {
+            if path.extension().is_none_or(|e| e != "jsonl") {
+                continue;
+            }
+            // `file_type` does not follow links: a link could lead the reader to any file
+            // this process can read (and train on it), so it is refused.
+            let kind = entry.file_type().map_err(io_err(&path))?;
+            if kind.is_symlink() {
+                if self.refused_links.insert(path.clone()) {
+                    tracing::warn!(path = %path.display(), "Skipped a symbolic link in the conversation log directory; only regular files are read.");
+                }
+                continue;
+            }
+            if kind.is_file() {
                 if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
                     names.push(name.to_string());
                 }
@@ -222,24 +273,19 @@ impl ConvoReader {
         Ok(poll)
     }
 
-    /// Persists the cursor atomically (temporary sibling, fsync, rename). Call it after
-    /// the polled conversations have been handed on.
+    /// Persists the cursor atomically (temporary sibling, fsync, rename, directory fsync;
+    /// mode 0600). Call it after the polled conversations are durable elsewhere (the
+    /// labeler's pending queue), or a crash loses them.
     pub fn save_cursor(&self) -> Result<(), ConvoError> {
         let Some(path) = &self.cursor_path else {
             return Ok(());
         };
-        let tmp = path.with_extension("tmp");
         let json =
             serde_json::to_vec_pretty(&self.cursor).map_err(|source| ConvoError::Cursor {
                 path: path.clone(),
                 source,
             })?;
-        {
-            let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-            f.write_all(&json).map_err(io_err(&tmp))?;
-            f.sync_all().map_err(io_err(&tmp))?;
-        }
-        fs::rename(&tmp, path).map_err(io_err(path))
+        crate::durable::write_atomic(path, &json).map_err(io_err(path))
     }
 
     fn read_file(
@@ -249,40 +295,53 @@ impl ConvoReader {
         poll: &mut Poll,
     ) -> Result<FilePos, ConvoError> {
         let mut file = File::open(path).map_err(io_err(path))?;
-        let len = file.metadata().map_err(io_err(path))?.len();
-        if len < pos.offset {
-            tracing::warn!(path = %path.display(), offset = pos.offset, len, "Conversation log shrank (truncated or replaced); reading it again from the start.");
+        let meta = file.metadata().map_err(io_err(path))?;
+        if let Some(why) = replaced(&mut file, &meta, &pos).map_err(io_err(path))? {
+            tracing::warn!(path = %path.display(), offset = pos.offset, line = pos.line, why, "Conversation log replaced or rewritten; reading it again from the start.");
             pos = FilePos::default();
         }
-        file.seek(SeekFrom::Start(pos.offset))
+        pos.dev = meta.dev();
+        pos.ino = meta.ino();
+        let cap = self.config.max_line_bytes;
+        // An unterminated tail already known to be over the cap is skipped, not re-read.
+        let mut line_bytes: u64 = if pos.scanned > cap as u64 {
+            pos.scanned
+        } else {
+            0
+        };
+        file.seek(SeekFrom::Start(pos.offset + line_bytes))
             .map_err(io_err(path))?;
         let mut reader = BufReader::with_capacity(64 * 1024, file);
-        let cap = self.config.max_line_bytes;
         let mut line: Vec<u8> = Vec::new();
-        let mut line_bytes: u64 = 0;
+        let mut read: u64 = 0;
         loop {
+            if read >= self.config.max_poll_bytes {
+                // This poll's share is spent; the next one goes on from here.
+                break;
+            }
             let buf = reader.fill_buf().map_err(io_err(path))?;
             let at_end = buf.is_empty();
             if at_end && (line_bytes == 0 || !self.config.take_unterminated_last_line) {
                 // End of file: a partial last line stays unconsumed for the next poll.
-                return Ok(pos);
+                break;
             }
             let (chunk, complete) = match buf.iter().position(|&b| b == b'\n') {
                 Some(i) => (&buf[..i], true),
                 None => (buf, at_end),
             };
-            if line.len() <= cap {
+            if line_bytes <= cap as u64 {
                 let room = (cap + 1).saturating_sub(line.len());
                 line.extend_from_slice(&chunk[..chunk.len().min(room)]);
             }
             line_bytes += chunk.len() as u64;
             let used = chunk.len() + usize::from(complete && !at_end);
+            read += used as u64;
             reader.consume(used);
             if complete {
                 pos.offset += line_bytes + u64::from(!at_end);
                 pos.line += 1;
                 let source_line = pos.line;
-                if line_bytes as usize > cap {
+                if line_bytes > cap as u64 {
                     poll.malformed.push(Malformed {
                         file: path.to_path_buf(),
                         line: source_line,
@@ -295,6 +354,9 @@ impl ConvoReader {
                 line_bytes = 0;
             }
         }
+        pos.scanned = line_bytes;
+        fingerprint(reader.get_mut(), &mut pos).map_err(io_err(path))?;
+        Ok(pos)
     }
 
     fn take_line(&self, path: &Path, line_no: u64, bytes: &[u8], poll: &mut Poll) {
@@ -318,6 +380,67 @@ impl ConvoReader {
             }
         }
     }
+}
+
+/// 64 bits of SHA-256 over `bytes`.
+fn digest(bytes: &[u8]) -> u64 {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(bytes);
+    u64::from_le_bytes(d[..8].try_into().expect("a SHA-256 digest has 32 bytes"))
+}
+
+/// `len` bytes of `file` from `start` (fewer at its end).
+fn read_at(file: &mut File, start: u64, len: u64) -> io::Result<Vec<u8>> {
+    file.seek(SeekFrom::Start(start))?;
+    let mut out = Vec::with_capacity(len as usize);
+    file.by_ref().take(len).read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// Why the file under this name is no longer the one `pos` describes, if it is not: another
+/// inode (rotated by rename), shorter than the offset (truncated), or other bytes at its
+/// head or just before the offset (rewritten in place, as an editor saves).
+fn replaced(
+    file: &mut File,
+    meta: &fs::Metadata,
+    pos: &FilePos,
+) -> io::Result<Option<&'static str>> {
+    if pos.offset == 0 && pos.scanned == 0 {
+        return Ok(None);
+    }
+    if pos.ino != 0 && (pos.dev, pos.ino) != (meta.dev(), meta.ino()) {
+        return Ok(Some("another file under the same name"));
+    }
+    if meta.len() < pos.offset + pos.scanned {
+        return Ok(Some("shorter than the part already read"));
+    }
+    if pos.head_len > 0 && digest(&read_at(file, 0, pos.head_len)?) != pos.head {
+        return Ok(Some("its first bytes changed"));
+    }
+    let tail_len = pos.offset.min(FINGERPRINT_BYTES);
+    if pos.ino != 0
+        && tail_len > 0
+        && digest(&read_at(file, pos.offset - tail_len, tail_len)?) != pos.tail
+    {
+        return Ok(Some("the bytes before the read position changed"));
+    }
+    Ok(None)
+}
+
+/// Records in `pos` the fingerprints of the bytes up to its offset.
+fn fingerprint(file: &mut File, pos: &mut FilePos) -> io::Result<()> {
+    let head_len = pos.offset.min(FINGERPRINT_BYTES);
+    if head_len != pos.head_len {
+        pos.head = digest(&read_at(file, 0, head_len)?);
+        pos.head_len = head_len;
+    }
+    let tail_len = pos.offset.min(FINGERPRINT_BYTES);
+    pos.tail = if tail_len > 0 {
+        digest(&read_at(file, pos.offset - tail_len, tail_len)?)
+    } else {
+        0
+    };
+    Ok(())
 }
 
 /// Parses one log line (OpenAI chat or ShareGPT); the error says what is wrong.

@@ -93,6 +93,11 @@ impl Default for LabelConfig {
     }
 }
 
+/// Bytes of examples one conversation line may yield (prompts and targets together). Far
+/// above any real exchange; it bounds the memory and time one hostile or pathological line
+/// costs (signals past it are skipped and reported).
+pub const MAX_CONVERSATION_EXAMPLE_BYTES: usize = 16 << 20;
+
 /// What labeling one conversation produced.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Labeled {
@@ -176,12 +181,55 @@ impl Labeler {
         let mut out = Labeled::default();
         let kind = c.kind.unwrap_or(Kind::ClearDirection);
         let m = &c.messages;
+        // Each example repeats the conversation before its turn, so a line's examples grow
+        // with the square of its turns (3,000 labelled pairs were ~1 GB). `before[i]` is the
+        // size of the prompt before turn `i`; labeling stops once the budget is spent.
+        let mut before = Vec::with_capacity(m.len() + 1);
+        before.push(0usize);
+        for msg in m {
+            let last = *before.last().expect("starts with 0");
+            before.push(last + msg.role.len() + msg.content.len());
+        }
+        let mut spent = 0usize;
+        // Adds the bytes of turn `turn`'s examples; past the budget, reports the rest of the
+        // line as skipped and answers true.
+        let mut over_budget = |turn: usize, cost: usize, out: &mut Labeled| -> bool {
+            spent += cost;
+            let over = spent > MAX_CONVERSATION_EXAMPLE_BYTES;
+            if over {
+                out.skipped.push(format!(
+                    "{}: turns from {turn} on not labeled: this line's examples reached \
+                     {MAX_CONVERSATION_EXAMPLE_BYTES} bytes (each repeats the conversation before it)",
+                    c.source
+                ));
+            }
+            over
+        };
 
         for i in 0..m.len() {
             if m[i].role != "assistant" {
                 continue;
             }
-            if m[i].label.as_deref() == Some("good") {
+            let good = m[i].label.as_deref() == Some("good");
+            let corrected = i + 2 < m.len()
+                && m[i + 1].role == "user"
+                && m[i + 2].role == "assistant"
+                && self.is_correction(&m[i + 1].content);
+            if good || corrected {
+                let cost = if good {
+                    before[i] + m[i].content.len()
+                } else {
+                    0
+                } + if corrected {
+                    before[i] + m[i].content.len() + m[i + 2].content.len()
+                } else {
+                    0
+                };
+                if over_budget(i, cost, &mut out) {
+                    return out;
+                }
+            }
+            if good {
                 match prompt_before(m, i) {
                     Some(prompt) => out.examples.push(Example {
                         kind,
@@ -198,10 +246,6 @@ impl Labeler {
                     )),
                 }
             }
-            let corrected = i + 2 < m.len()
-                && m[i + 1].role == "user"
-                && m[i + 2].role == "assistant"
-                && self.is_correction(&m[i + 1].content);
             if corrected {
                 match prompt_before(m, i) {
                     Some(prompt) => out.examples.push(self.pair(
@@ -221,6 +265,10 @@ impl Labeler {
         }
 
         if let (Some(preferred), Some(rejected)) = (&c.preferred, &c.rejected) {
+            let cost = before[m.len()] + preferred.len() + rejected.len();
+            if over_budget(m.len(), cost, &mut out) {
+                return out;
+            }
             // The annotation answers the last user turn; a reply logged after it (the
             // one the reviewer judged) is not part of the prompt.
             match m.iter().rposition(|msg| msg.role == "user") {

@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod convo;
+pub mod durable;
 pub mod eval;
 pub mod events;
 pub mod example;
@@ -14,6 +15,7 @@ pub mod label;
 pub mod metrics;
 pub mod mix;
 pub mod model;
+pub mod pending;
 pub mod plan;
 pub mod rollback;
 pub mod scenario;

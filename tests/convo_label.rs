@@ -28,6 +28,7 @@ fn scratch_copy() -> tempfile::TempDir {
 const CAP: ConvoConfig = ConvoConfig {
     max_line_bytes: 4096,
     take_unterminated_last_line: false,
+    max_poll_bytes: 64 << 20,
 };
 
 fn dpo() -> Labeler {

@@ -227,6 +227,49 @@ fn weight_errors_name_the_tensor() {
     );
 }
 
+/// Issue 15 #14: a hostile `config.json` is an error naming the file and the field, never an
+/// allocation that aborts the process; shapes are bounded by the weight files before the
+/// model is allocated.
+#[test]
+fn hostile_sizes_are_refused_before_allocating() {
+    for (field, value) in [
+        ("num_hidden_layers", json!(100_000_000_000u64)),
+        ("hidden_size", json!(1u64 << 40)),
+        ("vocab_size", json!(1u64 << 40)),
+    ] {
+        let mut v = base();
+        v[field] = value;
+        let e = parse(v).unwrap_err().to_string();
+        assert!(e.contains("config.json") && e.contains(field), "{e}");
+    }
+
+    let dir = fixture_copy();
+    let path = dir.path().join("config.json");
+    let mut config: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    config["num_hidden_layers"] = json!(100_000_000_000u64);
+    std::fs::write(&path, config.to_string()).unwrap();
+    let e = Model::load(dir.path(), &cpu()).err().unwrap().to_string();
+    assert!(
+        e.contains("config.json") && e.contains("num_hidden_layers"),
+        "{e}"
+    );
+
+    // Within the sanity bound, but more layers than the checkpoint holds.
+    config["num_hidden_layers"] = json!(1000);
+    std::fs::write(&path, config.to_string()).unwrap();
+    let e = Model::load(dir.path(), &cpu()).err().unwrap().to_string();
+    assert!(
+        e.contains("config.json") && e.contains("num_hidden_layers") && e.contains("hold 2"),
+        "{e}"
+    );
+
+    config["num_hidden_layers"] = json!(2);
+    config["vocab_size"] = json!(1_000_000);
+    std::fs::write(&path, config.to_string()).unwrap();
+    let e = Model::load(dir.path(), &cpu()).err().unwrap().to_string();
+    assert!(e.contains("config.json") && e.contains("vocab_size"), "{e}");
+}
+
 fn hybrid_base() -> Value {
     json!({
         "model_type": "qwen3_5_text", "vocab_size": 256, "hidden_size": 64,

@@ -12,7 +12,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use dreamloop::config::{ConfigError, DreamConfig, FieldError};
 
-use crate::status::{Status, PID_FILE};
+use crate::pidfile::Owner;
+use crate::status::{Status, PID_FILE, STATUS_FILE};
 use crate::supervisor::{self, RunOptions};
 
 /// EX_CONFIG (sysexits.h): the configuration is wrong.
@@ -106,6 +107,9 @@ pub fn validate(args: ValidateArgs) -> ExitCode {
             if !errors.is_empty() {
                 return refuse(args.file, errors);
             }
+            if let Some(warning) = config.public_metrics_warning() {
+                eprintln!("warning: {warning}");
+            }
             println!("{}: valid", args.file.display());
             ExitCode::SUCCESS
         }
@@ -152,6 +156,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if !errors.is_empty() {
         return Ok(refuse(path.unwrap_or_default(), errors));
     }
+    if config.public_metrics_warning().is_some() {
+        tracing::warn!(
+            addr = %config.metrics_addr,
+            "Serving /metrics beyond loopback without authentication (metrics_public = true)."
+        );
+    }
+    // The state holds conversation text: every file the daemon creates is 0600 and every
+    // directory 0700, whichever code creates it.
+    // SAFETY: umask(2) only sets this process's file-creation mask.
+    unsafe { libc::umask(0o077) };
     let opts = RunOptions {
         config_path: path,
         paused: args.paused,
@@ -172,39 +186,30 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(code))
 }
 
-/// Whether a process with this pid exists (kill(pid, 0)).
-pub fn alive(pid: i32) -> bool {
-    // SAFETY: kill with signal 0 only checks for existence and permission.
-    let r = unsafe { libc::kill(pid, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-}
-
-/// `dreamloop pause|resume|checkpoint|stop`: signals the daemon of `--state-dir`.
+/// `dreamloop pause|resume|checkpoint|stop`: signals the daemon of `--state-dir`, only
+/// when its pid file is locked by a live dreamloop (`pidfile.rs`): a stale pid names a
+/// stranger, and pid 0 would signal our own process group.
 pub fn signal(args: StateDirArgs, which: Signal) -> anyhow::Result<ExitCode> {
     let path = args.state_dir.join(PID_FILE);
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "reading {} (is a daemon running on this state directory?)",
+    let pid = match crate::pidfile::owner(&args.state_dir)? {
+        Owner::Running(pid) => pid,
+        Owner::None => bail!(
+            "{}: no pid file (is a daemon running on this state directory?)",
             path.display()
-        )
-    })?;
-    let pid: i32 = text
-        .trim()
-        .parse()
-        .with_context(|| format!("{}: `{}` is not a pid", path.display(), text.trim()))?;
-    if !alive(pid) {
-        bail!(
-            "{}: stale pid file: no process {pid} (the daemon is not running)",
-            path.display()
-        );
-    }
+        ),
+        Owner::Stale(pid) => bail!(
+            "{}: stale pid file{}: no dreamloop holds it (the daemon is not running); nothing was signalled",
+            path.display(),
+            pid.map_or_else(|| " (no valid pid)".to_string(), |p| format!(" naming pid {p}"))
+        ),
+    };
     let (sig, name) = match which {
         Signal::Pause => (libc::SIGTSTP, "pause"),
         Signal::Resume => (libc::SIGCONT, "resume"),
         Signal::Checkpoint => (libc::SIGUSR1, "checkpoint"),
         Signal::Stop => (libc::SIGTERM, "stop"),
     };
-    // SAFETY: plain kill(2) on a pid read from our own pid file.
+    // SAFETY: plain kill(2) on a positive pid that holds our pid file's lock.
     if unsafe { libc::kill(pid, sig) } != 0 {
         bail!(
             "sending {name} to pid {pid}: {}",
@@ -217,12 +222,18 @@ pub fn signal(args: StateDirArgs, which: Signal) -> anyhow::Result<ExitCode> {
 
 /// `dreamloop status`.
 pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    if !args.state_dir.join(STATUS_FILE).exists() {
+        return status_before_first_write(&args);
+    }
     let status = Status::read(&args.state_dir)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let running = status.state != "stopped" && status.state != "failed" && alive(status.pid as i32);
+    let holder = crate::pidfile::owner(&args.state_dir)?;
+    let running = status.state != "stopped"
+        && status.state != "failed"
+        && matches!(holder, Owner::Running(pid) if pid as u32 == status.pid);
     println!(
         "state       {}{}",
         status.state,
@@ -276,5 +287,51 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         "restarts    {}   skipped steps {}   updated {}",
         status.restarts, status.skipped_steps, status.updated
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `dreamloop status` when there is no status.json yet (a daemon still loading its model,
+/// or none ever ran here): what the state directory and the pid file say.
+fn status_before_first_write(args: &StatusArgs) -> anyhow::Result<ExitCode> {
+    let dir = &args.state_dir;
+    if !dir.is_dir() {
+        bail!(
+            "{}: no such state directory (no daemon has run with --state-dir {})",
+            dir.display(),
+            dir.display()
+        );
+    }
+    let owner = crate::pidfile::owner(dir)?;
+    let (state, pid, note) = match owner {
+        Owner::Running(pid) => (
+            "starting",
+            Some(pid),
+            "the daemon is starting; status.json appears after start-up".to_string(),
+        ),
+        Owner::Stale(pid) => (
+            "not running",
+            None,
+            format!(
+                "stale pid file{}; no daemon holds it and none wrote a status",
+                pid.map_or_else(String::new, |p| format!(" (pid {p})"))
+            ),
+        ),
+        Owner::None => (
+            "not running",
+            None,
+            "no daemon has written a status here yet".to_string(),
+        ),
+    };
+    if args.json {
+        let value = serde_json::json!({ "state": state, "pid": pid, "note": note });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("state       {state}");
+    if let Some(pid) = pid {
+        println!("pid         {pid}");
+    }
+    println!("state dir   {}", dir.display());
+    println!("note        {note}");
     Ok(ExitCode::SUCCESS)
 }

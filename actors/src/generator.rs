@@ -31,6 +31,9 @@ pub enum GeneratorMsg {
     Replay(usize, RpcReplyPort<Result<Vec<Example>, String>>),
     /// Records each hash in the ledger; answers, per hash, whether it was new.
     Admit(Vec<u64>, RpcReplyPort<Result<Vec<bool>, String>>),
+    /// Answers, per hash, whether the ledger holds it (records nothing): the labeler
+    /// queues log examples durably between this check and [`GeneratorMsg::Admit`].
+    Known(Vec<u64>, RpcReplyPort<Vec<bool>>),
     /// fsync the ledger (before a checkpoint); answers its position.
     Sync(RpcReplyPort<Result<u64, String>>),
 }
@@ -127,6 +130,14 @@ impl Actor for GeneratorActor {
                     .map(|h| ledger.insert(dreamloop::example::ExampleHash(h)))
                     .collect();
                 let _ = reply.send(admitted.map_err(|e| e.to_string()));
+            }
+            GeneratorMsg::Known(hashes, reply) => {
+                let ledger = state.generator.ledger();
+                let known = hashes
+                    .into_iter()
+                    .map(|h| ledger.contains(dreamloop::example::ExampleHash(h)))
+                    .collect();
+                let _ = reply.send(known);
             }
             GeneratorMsg::Sync(reply) => {
                 let ledger = state.generator.ledger_mut();

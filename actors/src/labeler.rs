@@ -1,30 +1,44 @@
 //! The labeler actor: scenarios and conversation logs → training examples.
 //!
-//! Wraps [`dreamloop::label::Labeler`] and [`dreamloop::convo::ConvoReader`]. On each
-//! [`LabelerMsg::Fill`] it first polls the log directory (new files and appended lines; the
-//! cursor lives in `<state_dir>/convo-cursor.json` and is saved at every checkpoint), labels
-//! what it found, admits the examples through the generator's ledger (so a log line is
-//! never trained twice, even after a restart re-reads it), and keeps them in a bounded
-//! queue. Then it answers the mixer's request, class by class, from that queue first and
-//! from freshly drawn scenarios (or general replay) for the rest.
+//! Wraps [`dreamloop::label::Labeler`], [`dreamloop::convo::ConvoReader`] and
+//! [`dreamloop::pending::PendingQueue`]. On each [`LabelerMsg::Fill`] it first polls the log
+//! directory (new files and appended lines), labels what it found, and keeps the examples
+//! that neither the ledger nor the queue holds in the pending queue. The order is what
+//! makes a log line trained once, never lost: the queue is written to
+//! `<state_dir>/convo-pending.json` first, then the cursor to `<state_dir>/convo-cursor.json`,
+//! then the hashes are admitted to the generator's ledger (see `src/pending.rs`). Then it
+//! answers the mixer's request, class by class, from that queue first and from freshly
+//! drawn scenarios (or general replay) for the rest.
+//!
+//! At start-up the queue comes back from disk, the examples of the batch that was in
+//! flight are re-queued unless `trained.jsonl` shows them trained, and every queued hash is
+//! admitted to the ledger again (idempotent) before the first batch.
 //!
 //! General examples are half general-kind scenarios, half replay (corpus text, arithmetic,
 //! code, reasoning), so both sources of `[data]` are used.
 
-use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::collections::HashSet;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use dreamloop::config::DreamConfig;
 use dreamloop::convo::{ConvoConfig, ConvoReader};
-use dreamloop::example::{Example, Kind};
+use dreamloop::example::{Example, Kind, Target};
 use dreamloop::label::{LabelConfig, Labeler, Phase};
+use dreamloop::metrics::names;
 use dreamloop::mix::BatchPlan;
+use dreamloop::pending::PendingQueue;
 use ractor::{call_t, Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::generator::GeneratorMsg;
+use crate::status::{TrainedStep, TRAINED_FILE};
+use crate::telemetry;
+
+/// The pending queue's file name, beside the cursor.
+pub const PENDING_FILE: &str = "convo-pending.json";
 
 /// Registered name of the generator actor (looked up on every request, so a restarted
 /// generator is found).
@@ -44,7 +58,8 @@ pub enum LabelerMsg {
 pub struct LabelerArgs {
     /// `phase`, `[data] logs_dir`, `[queues] examples` are read.
     pub config: Arc<DreamConfig>,
-    /// `<state_dir>/convo-cursor.json`.
+    /// `<state_dir>/convo-cursor.json`; the pending queue and `trained.jsonl` are read
+    /// beside it.
     pub cursor_path: PathBuf,
     /// Timeout of calls to the generator.
     pub call_timeout: Duration,
@@ -55,8 +70,12 @@ pub struct LabelerState {
     labeler: Labeler,
     /// `None` when `[data] logs_dir` is not set.
     reader: Option<ConvoReader>,
-    /// Labeled log examples waiting for a batch (bounded by `[queues] examples`).
-    from_logs: VecDeque<Example>,
+    /// Labeled log examples waiting for a batch, durable (polling stops while it holds
+    /// `[queues] examples` or more).
+    from_logs: PendingQueue,
+    /// Whether the queue's hashes still have to be (re)admitted to the ledger: true after
+    /// start-up, when the previous process may have died between queueing and admitting.
+    readmit: bool,
     capacity: usize,
     call_timeout: Duration,
 }
@@ -81,6 +100,31 @@ impl Actor for LabelerActor {
             ),
             None => None,
         };
+        let dir = args.cursor_path.parent().unwrap_or(Path::new("."));
+        let pending_path = dir.join(PENDING_FILE);
+        let (mut from_logs, in_flight) = PendingQueue::open(&pending_path)?;
+        if !in_flight.is_empty() {
+            let trained = trained_among(&dir.join(TRAINED_FILE), &in_flight)?;
+            let untrained: Vec<Example> = in_flight
+                .into_iter()
+                .filter(|e| !trained.contains(&e.hash().0))
+                .collect();
+            let n = from_logs.requeue(untrained);
+            if n > 0 {
+                tracing::info!(
+                    examples = n,
+                    "Log examples of a batch that was not trained before the restart are queued again."
+                );
+            }
+        }
+        from_logs.save()?;
+        if !from_logs.is_empty() {
+            tracing::info!(
+                examples = from_logs.len(),
+                path = %pending_path.display(),
+                "Pending conversation-log examples restored."
+            );
+        }
         crate::telemetry::set_queue_capacity("examples", args.config.queues.examples);
         Ok(LabelerState {
             labeler: Labeler::new(&LabelConfig {
@@ -88,7 +132,8 @@ impl Actor for LabelerActor {
                 ..LabelConfig::default()
             }),
             reader,
-            from_logs: VecDeque::new(),
+            from_logs,
+            readmit: true,
             capacity: args.config.queues.examples,
             call_timeout: args.call_timeout,
         })
@@ -107,8 +152,13 @@ impl Actor for LabelerActor {
             }
             LabelerMsg::SetPhase(phase) => state.labeler.set_phase(phase),
             LabelerMsg::SaveCursor(reply) => {
+                // The queue first, for the same reason as in `poll_logs`.
                 let saved = match &state.reader {
-                    Some(r) => r.save_cursor().map_err(|e| e.to_string()),
+                    Some(r) => state
+                        .from_logs
+                        .save()
+                        .map_err(|e| e.to_string())
+                        .and_then(|()| r.save_cursor().map_err(|e| e.to_string())),
                     None => Ok(()),
                 };
                 let _ = reply.send(saved);
@@ -128,6 +178,55 @@ fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
 
+/// Which of `examples` `trained.jsonl` shows trained (read line by line; only the hashes
+/// asked about are kept). A missing file shows none.
+fn trained_among(path: &Path, examples: &[Example]) -> anyhow::Result<HashSet<u64>> {
+    let wanted: HashSet<u64> = examples.iter().map(|e| e.hash().0).collect();
+    let mut found = HashSet::new();
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line.with_context(|| format!("reading {}", path.display()))?;
+        // A torn last line (a crash mid-append) is not a record: skip it.
+        let Ok(record) = serde_json::from_str::<TrainedStep>(&line) else {
+            continue;
+        };
+        for e in &record.examples {
+            let h = e.hash().0;
+            if wanted.contains(&h) {
+                found.insert(h);
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The `kind` label of `labeler_examples_total`.
+fn format_label(e: &Example) -> &'static str {
+    match e.target {
+        Target::Sft { .. } => "sft",
+        Target::Dpo { .. } => "dpo",
+    }
+}
+
+/// Admits every queued hash to the ledger once after start-up: the previous process may
+/// have queued them (durably) and died before admitting them.
+async fn readmit(state: &mut LabelerState) -> anyhow::Result<()> {
+    if !state.readmit {
+        return Ok(());
+    }
+    let hashes: Vec<u64> = state.from_logs.hashes().collect();
+    if !hashes.is_empty() {
+        let timeout = ms(state.call_timeout);
+        call_t!(generator()?, GeneratorMsg::Admit, timeout, hashes)?.map_err(|e| anyhow!(e))?;
+    }
+    state.readmit = false;
+    Ok(())
+}
+
 /// Polls the logs into the queue while it has room.
 async fn poll_logs(state: &mut LabelerState) -> anyhow::Result<()> {
     let Some(reader) = state.reader.as_mut() else {
@@ -137,64 +236,110 @@ async fn poll_logs(state: &mut LabelerState) -> anyhow::Result<()> {
         return Ok(());
     }
     let poll = reader.poll()?;
+    telemetry::counter(names::CONVO_LINES_READ_TOTAL, &[])
+        .increment((poll.conversations.len() + poll.malformed.len()) as u64);
+    telemetry::counter(names::CONVO_LINES_MALFORMED_TOTAL, &[])
+        .increment(poll.malformed.len() as u64);
     for bad in &poll.malformed {
         tracing::warn!(%bad, "Conversation log line skipped.");
     }
     let mut examples = Vec::new();
+    let mut seen = HashSet::new();
     for conversation in &poll.conversations {
         let labeled = state.labeler.conversation(conversation);
         for skipped in &labeled.skipped {
             tracing::info!(%skipped, "Conversation signal not used.");
         }
-        examples.extend(labeled.examples);
+        for e in labeled.examples {
+            telemetry::counter(names::LABELER_EXAMPLES_TOTAL, &[("kind", format_label(&e))])
+                .increment(1);
+            let h = e.hash().0;
+            if seen.insert(h) && !state.from_logs.contains(h) {
+                examples.push(e);
+            }
+        }
     }
-    if examples.is_empty() {
+    let timeout = ms(state.call_timeout);
+    let fresh = if examples.is_empty() {
+        Vec::new()
+    } else {
+        let hashes = examples.iter().map(|e| e.hash().0).collect();
+        let known = call_t!(generator()?, GeneratorMsg::Known, timeout, hashes)?;
+        examples
+            .into_iter()
+            .zip(known)
+            .filter_map(|(e, known)| (!known).then_some(e))
+            .collect()
+    };
+    let hashes: Vec<u64> = fresh.iter().map(|e| e.hash().0).collect();
+    let queued = state.from_logs.requeue(fresh);
+    // Durable before the cursor moves past these lines and before the ledger learns their
+    // hashes: a crash in between re-reads the lines and finds them queued, never lost.
+    state.from_logs.save()?;
+    reader.save_cursor()?;
+    if hashes.is_empty() {
         return Ok(());
     }
-    let hashes = examples.iter().map(|e| e.hash().0).collect();
-    let timeout = ms(state.call_timeout);
-    let fresh =
-        call_t!(generator()?, GeneratorMsg::Admit, timeout, hashes)?.map_err(|e| anyhow!(e))?;
-    for (example, new) in examples.into_iter().zip(fresh) {
-        if new {
-            state.from_logs.push_back(example);
-            crate::telemetry::queue_pushed("examples");
-        }
+    let admitted = call_t!(generator()?, GeneratorMsg::Admit, timeout, hashes.clone())?
+        .map_err(|e| anyhow!(e))?;
+    // Only a scenario drawn since the check can have taken a hash; that copy wins.
+    let taken: HashSet<u64> = hashes
+        .iter()
+        .zip(admitted)
+        .filter_map(|(&h, new)| (!new).then_some(h))
+        .collect();
+    if !taken.is_empty() {
+        state.from_logs.remove(&taken);
+        state.from_logs.save()?;
+    }
+    for _ in 0..queued - taken.len() {
+        telemetry::queue_pushed("examples");
     }
     Ok(())
 }
 
-/// Takes up to `n` queued log examples of `kind`.
-fn take_logged(queue: &mut VecDeque<Example>, kind: Kind, n: usize) -> Vec<Example> {
-    let mut out = Vec::new();
-    let mut rest = VecDeque::with_capacity(queue.len());
-    while let Some(e) = queue.pop_front() {
-        if out.len() < n && e.kind == kind {
-            out.push(e);
-        } else {
-            rest.push_back(e);
-        }
-    }
-    *queue = rest;
-    out
-}
-
 async fn fill(state: &mut LabelerState, plan: BatchPlan) -> anyhow::Result<Vec<Example>> {
+    readmit(state).await?;
     poll_logs(state).await?;
-    let timeout = ms(state.call_timeout);
-    let gen = generator()?;
-    let mut out = Vec::with_capacity(plan.general + plan.accept + plan.push_back);
-    for (kind, n) in [
+    let wanted = [
         (Kind::ClearDirection, plan.accept),
         (Kind::FlawedDirection, plan.push_back),
         (Kind::General, plan.general),
-    ] {
-        let logged = take_logged(&mut state.from_logs, kind, n);
-        for _ in &logged {
-            crate::telemetry::queue_popped("examples");
+    ];
+    // The previous batch was trained (or abandoned) before this request: the loop asks
+    // for one batch at a time. These become the in-flight batch on disk.
+    let logged = state.from_logs.take(&wanted);
+    state.from_logs.save()?;
+    match fill_rest(state, &wanted, &logged).await {
+        Ok(out) => {
+            for _ in logged.iter().flatten() {
+                telemetry::queue_popped("examples");
+            }
+            Ok(out)
         }
+        Err(e) => {
+            // Not handed on: back to the queue, so the next request takes them again.
+            state
+                .from_logs
+                .requeue(logged.into_iter().flatten().collect());
+            state.from_logs.save()?;
+            Err(e)
+        }
+    }
+}
+
+/// The batch: the log examples taken, topped up with scenarios and replay per class.
+async fn fill_rest(
+    state: &mut LabelerState,
+    wanted: &[(Kind, usize)],
+    logged: &[Vec<Example>],
+) -> anyhow::Result<Vec<Example>> {
+    let timeout = ms(state.call_timeout);
+    let gen = generator()?;
+    let mut out = Vec::with_capacity(wanted.iter().map(|&(_, n)| n).sum());
+    for (&(kind, n), logged) in wanted.iter().zip(logged) {
         let mut missing = n - logged.len();
-        out.extend(logged);
+        out.extend(logged.iter().cloned());
         if kind == Kind::General {
             let replayed = missing - missing / 2;
             if replayed > 0 {

@@ -40,6 +40,7 @@ mod generator;
 mod labeler;
 mod mixer;
 mod monitor;
+mod pidfile;
 mod signals;
 mod status;
 mod supervisor;

@@ -11,7 +11,6 @@
 //! - `state.json` inside each checkpoint: the [`RunState`] the loop resumes with.
 //! - `dreamloop.pid`: the running daemon's pid, for `dreamloop pause|resume|checkpoint|stop`.
 
-use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
@@ -128,15 +127,10 @@ pub struct Status {
     pub updated: String,
 }
 
-/// Writes `bytes` to `path` atomically: temporary sibling, fsync, rename.
+/// Writes `bytes` to `path` atomically and durably, mode 0600 (see
+/// [`dreamloop::durable::write_atomic`]: the rename is followed by a directory fsync).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
+    dreamloop::durable::write_atomic(path, bytes)
 }
 
 impl Status {

@@ -41,7 +41,7 @@ use crate::labeler::{LabelerActor, LabelerArgs, LabelerMsg, GENERATOR};
 use crate::mixer::{MixerActor, MixerArgs, MixerMsg, LABELER};
 use crate::monitor::{Evaluation, MonitorActor, MonitorArgs, MonitorMsg, TRAINER};
 use crate::status::{
-    LastEval, LastRollback, RunState, Status, TrainedLog, TrainedStep, PID_FILE, RUN_STATE_FILE,
+    LastEval, LastRollback, RunState, Status, TrainedLog, TrainedStep, RUN_STATE_FILE,
 };
 use crate::trainer::{Start, StepOutcome, TrainerActor, TrainerArgs, TrainerMsg};
 use crate::{systemd, telemetry};
@@ -124,7 +124,7 @@ async fn run_inner(
     let state_dir = config.state_dir.clone();
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
-    let _pid = PidFile::create(&state_dir)?;
+    let _pid = crate::pidfile::PidLock::acquire(&state_dir)?;
     let events = Arc::new(Mutex::new(EventLog::open(&state_dir)?));
     let addr: std::net::SocketAddr = config
         .metrics_addr
@@ -229,35 +229,6 @@ async fn run_inner(
     supervisor.stop(Some("daemon stopping".into()));
     let _ = handle.await;
     Ok(code)
-}
-
-/// `<state_dir>/dreamloop.pid`, removed when dropped. A pid file naming a live process
-/// means another daemon owns the state directory: refuse to start.
-struct PidFile(PathBuf);
-
-impl PidFile {
-    fn create(state_dir: &Path) -> anyhow::Result<PidFile> {
-        let path = state_dir.join(PID_FILE);
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            if let Ok(pid) = text.trim().parse::<i32>() {
-                if pid != std::process::id() as i32 && crate::cmd_daemon::alive(pid) {
-                    anyhow::bail!(
-                        "{}: another dreamloop (pid {pid}) is running on this state directory",
-                        path.display()
-                    );
-                }
-            }
-        }
-        crate::status::write_atomic(&path, format!("{}\n", std::process::id()).as_bytes())
-            .with_context(|| format!("writing {}", path.display()))?;
-        Ok(PidFile(path))
-    }
-}
-
-impl Drop for PidFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 /// A failed call to an actor: either the actor answered with an error, or the call itself

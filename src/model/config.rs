@@ -50,6 +50,23 @@ pub enum ConfigError {
     UnsupportedModelType { path: String, model_type: String },
 }
 
+/// Upper bounds on a `config.json`'s sizes, checked before any of them sizes an allocation.
+/// Each is far above every released model (Llama-3.1-405B: 126 layers, hidden 16384,
+/// 128 heads, vocab 128256; DeepSeek-V3: 256 experts), so they only catch nonsense; the
+/// weight files then bound the real shapes ([`crate::model::Model::load_as`]).
+pub const MAX_LAYERS: usize = 1024;
+/// Bound on `hidden_size`, `head_dim` and the other per-channel widths
+/// (`intermediate_size` gets 8× this).
+pub const MAX_WIDTH: usize = 1 << 16;
+/// Bound on attention and key/value heads.
+pub const MAX_HEADS: usize = 1024;
+/// Bound on `vocab_size`.
+pub const MAX_VOCAB: usize = 1 << 22;
+/// Bound on `max_position_embeddings`.
+pub const MAX_POSITIONS: usize = 1 << 24;
+/// Bound on `num_experts`.
+pub const MAX_EXPERTS: usize = 4096;
+
 /// Which family's conventions apply (bias placement, q/k norm).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -287,9 +304,31 @@ impl ModelConfig {
                 ));
             }
         }
-        let hidden_size = f.usize("hidden_size")?;
-        let num_hidden_layers = f.usize("num_hidden_layers")?;
-        let num_attention_heads = f.usize("num_attention_heads")?;
+        // Every size is bounded before anything is sized by it: a hostile or mistyped
+        // `num_hidden_layers: 100000000000` is an error naming the field, not a
+        // 100 GB allocation that aborts the process.
+        let hidden_size = f.bounded("hidden_size", MAX_WIDTH)?;
+        let num_hidden_layers = f.bounded("num_hidden_layers", MAX_LAYERS)?;
+        let num_attention_heads = f.bounded("num_attention_heads", MAX_HEADS)?;
+        for (field, max) in [
+            ("num_key_value_heads", MAX_HEADS),
+            ("head_dim", MAX_WIDTH),
+            ("vocab_size", MAX_VOCAB),
+            ("intermediate_size", MAX_WIDTH * 8),
+            ("max_position_embeddings", MAX_POSITIONS),
+            ("linear_num_key_heads", MAX_HEADS),
+            ("linear_num_value_heads", MAX_HEADS),
+            ("linear_key_head_dim", MAX_WIDTH),
+            ("linear_value_head_dim", MAX_WIDTH),
+            ("linear_conv_kernel_dim", MAX_WIDTH),
+            ("num_experts", MAX_EXPERTS),
+            ("moe_intermediate_size", MAX_WIDTH * 8),
+            ("shared_expert_intermediate_size", MAX_WIDTH * 8),
+        ] {
+            if f.get(field).is_some() {
+                f.bounded(field, max)?;
+            }
+        }
         let num_key_value_heads = f
             .opt_usize("num_key_value_heads")?
             .unwrap_or(num_attention_heads);
@@ -658,6 +697,18 @@ impl Fields<'_> {
             Some(v) => Err(self.invalid(field, format!("expected a string, found {v}"))),
         }
     }
+    /// A required size no larger than `max` (see the `MAX_*` bounds).
+    fn bounded(&self, field: &str, max: usize) -> Result<usize, ConfigError> {
+        let n = self.usize(field)?;
+        if n > max {
+            return Err(self.invalid(
+                field,
+                format!("{n} is over the bound of {max} (no released model comes near it)"),
+            ));
+        }
+        Ok(n)
+    }
+
     fn usize(&self, field: &str) -> Result<usize, ConfigError> {
         self.opt_usize(field)?.ok_or_else(|| self.missing(field))
     }

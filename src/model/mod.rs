@@ -117,6 +117,57 @@ pub enum ModelError {
     UnknownPreset(String),
 }
 
+/// Refuses a `config.json` whose layer count or embedding shape the weight files do not
+/// hold, before the model is allocated from it (a config claiming 64 layers over a 2-layer
+/// checkpoint would otherwise allocate all 64 and only then miss a tensor).
+fn check_shapes_against_weights(
+    config: &ModelConfig,
+    config_path: &Path,
+    source: &weights::SafetensorsSource,
+) -> Result<(), ConfigError> {
+    let invalid = |field: &str, reason: String| ConfigError::Invalid {
+        path: config_path.display().to_string(),
+        field: field.into(),
+        reason,
+    };
+    let layers_prefix = format!("{}layers.", config.text_prefix);
+    let present = source
+        .names()
+        .filter_map(|n| {
+            n.strip_prefix(&layers_prefix)?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |last| last + 1);
+    // More layers than the files hold is the allocation hazard; fewer is reported by the
+    // load itself, naming the first unused tensor.
+    if config.num_hidden_layers > present {
+        return Err(invalid(
+            "num_hidden_layers",
+            format!(
+                "{} layers, but the weight files hold {present} ({layers_prefix}0..)",
+                config.num_hidden_layers
+            ),
+        ));
+    }
+    let embed = format!("{}embed_tokens.weight", config.text_prefix);
+    if let Some(shape) = source.shape(&embed) {
+        if shape != [config.vocab_size, config.hidden_size] {
+            return Err(invalid(
+                "vocab_size",
+                format!(
+                    "vocab_size {} × hidden_size {}, but {embed} is {shape:?} in the weight files",
+                    config.vocab_size, config.hidden_size
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A loaded checkpoint: config, weights, tokenizer.
 pub struct Model {
     pub config: ModelConfig,
@@ -138,8 +189,10 @@ impl Model {
     /// Loads a Hugging Face directory onto `device` in `precision`, each tensor decoded from
     /// the file's bytes straight into that dtype.
     pub fn load_as(dir: &Path, device: &Device, precision: Precision) -> Result<Self, ModelError> {
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let config_path = dir.join("config.json");
+        let config = ModelConfig::from_file(&config_path)?;
         let mut source = weights::SafetensorsSource::open_as(dir, device, precision.dtype())?;
+        check_shapes_against_weights(&config, &config_path, &source)?;
         let mut text = weights::TextSource {
             inner: &mut source,
             layout: weights::CheckpointLayout {

@@ -258,6 +258,18 @@ impl SafetensorsSource {
         })
     }
 
+    /// Names of every tensor in the files.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    /// The shape the files give `name` (from the header only; nothing is decoded).
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        let shard = &self.shards[*self.index.get(name)?];
+        let parsed = SafeTensors::deserialize(&shard.map).ok()?;
+        parsed.tensor(name).ok().map(|t| t.shape().to_vec())
+    }
+
     /// Takes every not-yet-taken tensor whose name starts with one of `prefixes`, as raw bytes.
     pub fn take_raw_with_prefixes(
         &mut self,
