@@ -12,13 +12,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context};
+use anyhow::Context;
 use dreamloop::checkpoint::{
     step_dir_name, CheckpointStore, FaultHook, FileSource, FsOp, Quarantine, RetentionPolicy,
 };
 use dreamloop::config::DreamConfig;
-use ractor::{call_t, Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
+use crate::call::{self, ReplyError};
 use crate::monitor::TRAINER;
 use crate::status::{RunState, TrainedStep, RUN_STATE_FILE};
 use crate::trainer::TrainerMsg;
@@ -32,20 +33,21 @@ pub struct SaveInfo {
     pub seconds: f64,
 }
 
-/// Messages of the checkpointer actor.
+/// Messages of the checkpointer actor. Errors are persistent (the store or the disk
+/// refused), except a failed call to the trainer, which keeps its severity.
 pub enum CheckpointerMsg {
     /// Checkpoint the trainer's current weights (at `RunState::step`).
-    Save(Box<RunState>, RpcReplyPort<Result<SaveInfo, String>>),
+    Save(Box<RunState>, RpcReplyPort<Result<SaveInfo, ReplyError>>),
     /// Make `step` the rollback target.
-    MarkGood(u64, RpcReplyPort<Result<(), String>>),
+    MarkGood(u64, RpcReplyPort<Result<(), ReplyError>>),
     /// Restore the timeline to `step`: answers the checkpoint directory and its run state.
-    RollbackTo(u64, RpcReplyPort<Result<(PathBuf, RunState), String>>),
+    RollbackTo(u64, RpcReplyPort<Result<(PathBuf, RunState), ReplyError>>),
     /// Quarantines these steps' examples (rolled back from `from` to `to`).
     Quarantine(
         Vec<TrainedStep>,
         u64,
         u64,
-        RpcReplyPort<Result<usize, String>>,
+        RpcReplyPort<Result<usize, ReplyError>>,
     ),
 }
 
@@ -107,8 +109,7 @@ impl Actor for CheckpointerActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             CheckpointerMsg::Save(run, reply) => {
-                let saved = save(state, &run).await;
-                let _ = reply.send(saved.map_err(|e| format!("{e:#}")));
+                let _ = reply.send(save(state, &run).await);
             }
             CheckpointerMsg::MarkGood(step, reply) => {
                 let marked = state.store.mark_good(step).map(|warnings| {
@@ -116,10 +117,10 @@ impl Actor for CheckpointerActor {
                         tracing::warn!(?w, "Marking GOOD: warning.");
                     }
                 });
-                let _ = reply.send(marked.map_err(|e| e.to_string()));
+                let _ = reply.send(marked.map_err(ReplyError::persistent));
             }
             CheckpointerMsg::RollbackTo(step, reply) => {
-                let _ = reply.send(roll_back(state, step).map_err(|e| format!("{e:#}")));
+                let _ = reply.send(roll_back(state, step).map_err(ReplyError::persistent));
             }
             CheckpointerMsg::Quarantine(steps, from, to, reply) => {
                 let mut count = 0;
@@ -127,7 +128,7 @@ impl Actor for CheckpointerActor {
                 'outer: for s in steps {
                     for example in s.examples {
                         if let Err(e) = state.quarantine.append(s.step, from, to, example) {
-                            result = Err(e.to_string());
+                            result = Err(ReplyError::persistent(e));
                             break 'outer;
                         }
                         count += 1;
@@ -140,22 +141,27 @@ impl Actor for CheckpointerActor {
     }
 }
 
-async fn save(state: &mut CheckpointerState, run: &RunState) -> anyhow::Result<SaveInfo> {
+async fn save(state: &mut CheckpointerState, run: &RunState) -> Result<SaveInfo, ReplyError> {
     let started = Instant::now();
     if state.staging.exists() {
         std::fs::remove_dir_all(&state.staging)
-            .with_context(|| format!("clearing {}", state.staging.display()))?;
+            .map_err(|e| ReplyError::persistent(format!("clearing {}: {e}", state.staging.display())))?;
     }
-    let trainer: ActorRef<TrainerMsg> = ractor::registry::where_is(TRAINER)
-        .map(ActorRef::from)
-        .ok_or_else(|| anyhow!("the trainer is not running"))?;
-    call_t!(
-        trainer,
-        TrainerMsg::SaveTo,
-        state.call_timeout.as_millis() as u64,
-        state.staging.clone()
-    )?
-    .map_err(|e| anyhow!(e))?;
+    let staging = state.staging.clone();
+    call::try_call(TRAINER, state.call_timeout, |reply| {
+        TrainerMsg::SaveTo(staging, reply)
+    })
+    .await
+    .map_err(ReplyError::from_call)?;
+    write_staged(state, run, started).map_err(ReplyError::persistent)
+}
+
+/// The store's part of a save, once the trainer has written its files into staging.
+fn write_staged(
+    state: &mut CheckpointerState,
+    run: &RunState,
+    started: Instant,
+) -> anyhow::Result<SaveInfo> {
     let mut names: Vec<String> = std::fs::read_dir(&state.staging)
         .with_context(|| format!("listing {}", state.staging.display()))?
         .filter_map(|e| e.ok())
