@@ -144,8 +144,9 @@ impl Actor for CheckpointerActor {
 async fn save(state: &mut CheckpointerState, run: &RunState) -> Result<SaveInfo, ReplyError> {
     let started = Instant::now();
     if state.staging.exists() {
-        std::fs::remove_dir_all(&state.staging)
-            .map_err(|e| ReplyError::persistent(format!("clearing {}: {e}", state.staging.display())))?;
+        std::fs::remove_dir_all(&state.staging).map_err(|e| {
+            ReplyError::persistent(format!("clearing {}: {e}", state.staging.display()))
+        })?;
     }
     let staging = state.staging.clone();
     call::try_call(TRAINER, state.call_timeout, |reply| {

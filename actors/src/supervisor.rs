@@ -531,9 +531,7 @@ impl Driver {
             }
             match tokio::time::timeout_at(deadline, self.news.changed()).await {
                 Ok(Ok(())) => {}
-                Ok(Err(_)) => {
-                    return Err(StepError::Local(anyhow!("the supervisor has stopped")))
-                }
+                Ok(Err(_)) => return Err(StepError::Local(anyhow!("the supervisor has stopped"))),
                 Err(_) => {
                     return Err(StepError::Local(anyhow!(
                         "no actor was restarted within {:?} of a failed step",
@@ -548,10 +546,12 @@ impl Driver {
     /// the budget is spent (the supervisor has then sent `BudgetSpent`).
     async fn count_failure(&self, actor: &'static str, reason: &str) -> bool {
         let reason = reason.to_string();
-        call::call(SUPERVISOR, self.timeout, |reply| SupervisorMsg::CountFailure {
-            actor,
-            reason,
-            reply,
+        call::call(SUPERVISOR, self.timeout, |reply| {
+            SupervisorMsg::CountFailure {
+                actor,
+                reason,
+                reply,
+            }
         })
         .await
         .unwrap_or(false)
@@ -598,7 +598,11 @@ impl Driver {
                 Woke::Slice => {
                     waited += self.timeout;
                     let reason = format!("no answer within {waited:?}");
-                    tracing::warn!(actor, ?waited, "A call is slow; counted against the restart budget, still waiting.");
+                    tracing::warn!(
+                        actor,
+                        ?waited,
+                        "A call is slow; counted against the restart budget, still waiting."
+                    );
                     if !self.count_failure(actor, &reason).await {
                         return Err(CallError::Timeout {
                             actor,
@@ -1011,8 +1015,7 @@ impl Driver {
             let (restored, _) =
                 dreamloop::checkpoint::hash_file(&scratch.join("model.safetensors"))?;
             let _ = std::fs::remove_dir_all(&scratch);
-            let (good, _) =
-                dreamloop::checkpoint::hash_file(&good_dir.join("model.safetensors"))?;
+            let (good, _) = dreamloop::checkpoint::hash_file(&good_dir.join("model.safetensors"))?;
             if restored != good {
                 anyhow::bail!(
                     "restored weights differ from the GOOD checkpoint {} (sha256 {restored} ≠ {good})",

@@ -415,9 +415,11 @@ impl Worker {
                             self.trainer = t;
                             self.trainer.step_count()
                         });
-                let _ = reply.send(
-                    restored.map_err(|e| ReplyError::persistent(format!("{}: {e}", dir.display()))),
-                );
+                let _ =
+                    reply
+                        .send(restored.map_err(|e| {
+                            ReplyError::persistent(format!("{}: {e}", dir.display()))
+                        }));
             }
             Job::ScaleLr(factor, reply) => {
                 self.trainer.scale_lr(factor);
