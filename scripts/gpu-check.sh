@@ -177,6 +177,14 @@ echo "== GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format
 total_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 | tr -d ' ')
 [[ "$total_mib" =~ ^[0-9]+$ ]] || { echo "nvidia-smi gives no memory.total ('$total_mib')" >&2; exit 1; }
 
+# cubecl's LLVM path links exp/log/tanh... from libdevice.10.bc, a CUDA-toolkit file (not the
+# driver's), looked up under these prefixes; without it kernels using them fail to compile.
+libdevice=""
+for p in "${CUDA_PATH:-}" /usr/local/cuda /opt/cuda /usr/lib/cuda /usr; do
+    [[ -n "$p" && -f "$p/nvvm/libdevice/libdevice.10.bc" ]] && { libdevice="$p/nvvm/libdevice/libdevice.10.bc"; break; }
+done
+echo "libdevice: ${libdevice:-NOT FOUND (set CUDA_PATH to a CUDA toolkit or a copy of its nvvm/libdevice)}"
+
 # (a)
 started=$SECONDS
 if timeout 120 "$bin" device-check fixtures --backend cuda --dir tests/fixtures/models > "$out/fixtures-cuda.jsonl" 2>&1; then
