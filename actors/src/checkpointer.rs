@@ -12,14 +12,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{anyhow, Context};
 use dreamloop::checkpoint::{
     step_dir_name, CheckpointStore, FaultHook, FileSource, FsOp, Quarantine, RetentionPolicy,
 };
 use dreamloop::config::DreamConfig;
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{call_t, Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use crate::call::{self, ReplyError};
 use crate::monitor::TRAINER;
 use crate::status::{RunState, TrainedStep, RUN_STATE_FILE};
 use crate::trainer::TrainerMsg;
@@ -33,21 +32,20 @@ pub struct SaveInfo {
     pub seconds: f64,
 }
 
-/// Messages of the checkpointer actor. Errors are persistent (the store or the disk
-/// refused), except a failed call to the trainer, which keeps its severity.
+/// Messages of the checkpointer actor.
 pub enum CheckpointerMsg {
     /// Checkpoint the trainer's current weights (at `RunState::step`).
-    Save(Box<RunState>, RpcReplyPort<Result<SaveInfo, ReplyError>>),
+    Save(Box<RunState>, RpcReplyPort<Result<SaveInfo, String>>),
     /// Make `step` the rollback target.
-    MarkGood(u64, RpcReplyPort<Result<(), ReplyError>>),
+    MarkGood(u64, RpcReplyPort<Result<(), String>>),
     /// Restore the timeline to `step`: answers the checkpoint directory and its run state.
-    RollbackTo(u64, RpcReplyPort<Result<(PathBuf, RunState), ReplyError>>),
+    RollbackTo(u64, RpcReplyPort<Result<(PathBuf, RunState), String>>),
     /// Quarantines these steps' examples (rolled back from `from` to `to`).
     Quarantine(
         Vec<TrainedStep>,
         u64,
         u64,
-        RpcReplyPort<Result<usize, ReplyError>>,
+        RpcReplyPort<Result<usize, String>>,
     ),
 }
 
@@ -109,7 +107,8 @@ impl Actor for CheckpointerActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             CheckpointerMsg::Save(run, reply) => {
-                let _ = reply.send(save(state, &run).await);
+                let saved = save(state, &run).await;
+                let _ = reply.send(saved.map_err(|e| format!("{e:#}")));
             }
             CheckpointerMsg::MarkGood(step, reply) => {
                 let marked = state.store.mark_good(step).map(|warnings| {
@@ -117,10 +116,10 @@ impl Actor for CheckpointerActor {
                         tracing::warn!(?w, "Marking GOOD: warning.");
                     }
                 });
-                let _ = reply.send(marked.map_err(ReplyError::persistent));
+                let _ = reply.send(marked.map_err(|e| e.to_string()));
             }
             CheckpointerMsg::RollbackTo(step, reply) => {
-                let _ = reply.send(roll_back(state, step).map_err(ReplyError::persistent));
+                let _ = reply.send(roll_back(state, step).map_err(|e| format!("{e:#}")));
             }
             CheckpointerMsg::Quarantine(steps, from, to, reply) => {
                 let mut count = 0;
@@ -128,7 +127,7 @@ impl Actor for CheckpointerActor {
                 'outer: for s in steps {
                     for example in s.examples {
                         if let Err(e) = state.quarantine.append(s.step, from, to, example) {
-                            result = Err(ReplyError::persistent(e));
+                            result = Err(e.to_string());
                             break 'outer;
                         }
                         count += 1;
@@ -141,28 +140,22 @@ impl Actor for CheckpointerActor {
     }
 }
 
-async fn save(state: &mut CheckpointerState, run: &RunState) -> Result<SaveInfo, ReplyError> {
+async fn save(state: &mut CheckpointerState, run: &RunState) -> anyhow::Result<SaveInfo> {
     let started = Instant::now();
     if state.staging.exists() {
-        std::fs::remove_dir_all(&state.staging).map_err(|e| {
-            ReplyError::persistent(format!("clearing {}: {e}", state.staging.display()))
-        })?;
+        std::fs::remove_dir_all(&state.staging)
+            .with_context(|| format!("clearing {}", state.staging.display()))?;
     }
-    let staging = state.staging.clone();
-    call::try_call(TRAINER, state.call_timeout, |reply| {
-        TrainerMsg::SaveTo(staging, reply)
-    })
-    .await
-    .map_err(ReplyError::from_call)?;
-    write_staged(state, run, started).map_err(ReplyError::persistent)
-}
-
-/// The store's part of a save, once the trainer has written its files into staging.
-fn write_staged(
-    state: &mut CheckpointerState,
-    run: &RunState,
-    started: Instant,
-) -> anyhow::Result<SaveInfo> {
+    let trainer: ActorRef<TrainerMsg> = ractor::registry::where_is(TRAINER)
+        .map(ActorRef::from)
+        .ok_or_else(|| anyhow!("the trainer is not running"))?;
+    call_t!(
+        trainer,
+        TrainerMsg::SaveTo,
+        state.call_timeout.as_millis() as u64,
+        state.staging.clone()
+    )?
+    .map_err(|e| anyhow!(e))?;
     let mut names: Vec<String> = std::fs::read_dir(&state.staging)
         .with_context(|| format!("listing {}", state.staging.display()))?
         .filter_map(|e| e.ok())

@@ -26,7 +26,6 @@
 //! Actors find each other by registered name (`ractor::registry::where_is`), so a restarted
 //! actor is found without re-wiring; every call is `call_t!` with a timeout.
 
-mod call;
 mod checkpointer;
 mod cmd_daemon;
 mod cmd_device_check;
