@@ -50,7 +50,10 @@
 //! `keep_last` GOODs. A mirror failure is a [`Warning`], never an error.
 //!
 //! The store knows nothing about what the files contain (burn records, safetensors,
-//! tokenizer JSON): the trainer hands it named byte sources and gets named files back.
+//! tokenizer JSON): a writer either hands [`CheckpointStore::save`] named byte sources, or
+//! fills a [`PendingCheckpoint`] from [`CheckpointStore::begin`] through the
+//! [`FileSink`] interface (the trainer streams its weights tensor by tensor into it, and
+//! hard-links unchanged weight files), and [`CheckpointStore::commit`] finishes it.
 //! Filesystem mutations go through [`FaultHook`] so tests can inject errors and crashes.
 
 use std::collections::BTreeSet;
@@ -65,6 +68,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::events::{read_jsonl, rfc3339_utc, EventError, JsonlWriter, LineWarning};
+use crate::sink::{FileSink, Produce};
 
 /// Folder of the checkpoints inside the state directory.
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
@@ -303,6 +307,8 @@ pub enum FsOp {
     Rename,
     /// Deleting a directory tree.
     RemoveDir,
+    /// A hard link (the path is the new name).
+    Link,
 }
 
 /// Called before every filesystem mutation the store makes. Returning an error makes that
@@ -508,6 +514,126 @@ impl fmt::Debug for FileSource<'_> {
     }
 }
 
+/// A checkpoint being written (from [`CheckpointStore::begin`]): each file goes straight
+/// into its temporary directory and is hashed on its way to disk ([`FileSink`]), so a
+/// 54 GB model is neither staged elsewhere nor read back. Owned and `Send`: the trainer's
+/// thread fills it while the store stays with its owner, who then calls
+/// [`CheckpointStore::commit`]. Dropped without a commit, its temporary directory is debris
+/// that the next `begin` of the step, or [`CheckpointStore::open`], removes.
+pub struct PendingCheckpoint {
+    /// The step it will be.
+    step: u64,
+    /// `.tmp-step-…`, where the files go.
+    tmp: PathBuf,
+    /// The manifest entries of the files written so far, in order.
+    entries: Vec<ManifestEntry>,
+    /// Filesystem access (with the store's test hook).
+    fs: Fs,
+}
+
+impl fmt::Debug for PendingCheckpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PendingCheckpoint")
+            .field("step", &self.step)
+            .field("tmp", &self.tmp)
+            .field("files", &self.entries.len())
+            .finish()
+    }
+}
+
+impl PendingCheckpoint {
+    /// The step this checkpoint will be.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Writes the file `name` from `source`, hashing it. Names follow [`CheckpointStore::save`].
+    pub fn add(&mut self, name: &str, source: FileSource<'_>) -> Result<()> {
+        self.check_name(name)?;
+        let entry = self.fs.write_file(&self.tmp.join(name), source)?;
+        self.entries.push(entry);
+        Ok(())
+    }
+
+    /// Adds the existing file `from` as `name` by a hard link (no byte copied; it is read
+    /// once to hash it), or by a streamed copy where the filesystem refuses the link.
+    pub fn add_existing(&mut self, name: &str, from: &Path) -> Result<()> {
+        self.check_name(name)?;
+        let dest = self.tmp.join(name);
+        let linked = self
+            .fs
+            .check(FsOp::Link, &dest)
+            .and_then(|_| fs::hard_link(from, &dest));
+        let entry = match linked {
+            Ok(()) => {
+                let (sha256, size) = hash_file(&dest)?;
+                ManifestEntry {
+                    name: name.to_string(),
+                    size,
+                    sha256,
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, from = %from.display(), "No hard link; copying.");
+                self.fs.write_file(&dest, FileSource::Copy(from))?
+            }
+        };
+        self.entries.push(entry);
+        Ok(())
+    }
+
+    fn check_name(&self, name: &str) -> Result<()> {
+        validate_names(
+            self.entries
+                .iter()
+                .map(|e| e.name.as_str())
+                .chain(std::iter::once(name)),
+        )
+    }
+
+    /// Step 2 of the protocol: the manifest (last), then the directory fsync.
+    fn finish(self) -> Result<Manifest> {
+        let manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            step: self.step,
+            created: rfc3339_utc(SystemTime::now()),
+            files: self.entries,
+        };
+        let manifest_path = self.tmp.join(MANIFEST_FILE);
+        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| CheckpointError::Io {
+            op: "serialise",
+            path: manifest_path.clone(),
+            source: e.into(),
+        })?;
+        // Written last: its presence is what makes the directory a checkpoint.
+        self.fs
+            .write_file(&manifest_path, FileSource::Bytes(&json))?;
+        self.fs.sync_dir(&self.tmp)?;
+        Ok(manifest)
+    }
+}
+
+/// The store's errors as I/O errors (kind kept), for writers that only know [`FileSink`].
+fn as_io(e: CheckpointError) -> io::Error {
+    let kind = match &e {
+        CheckpointError::Io { source, .. } => source.kind(),
+        CheckpointError::InvalidFileName { .. } => io::ErrorKind::InvalidInput,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, e.to_string())
+}
+
+impl FileSink for PendingCheckpoint {
+    fn put(&mut self, name: &str, produce: Produce<'_>) -> io::Result<()> {
+        self.add(name, FileSource::Writer(Box::new(move |w: &mut dyn Write| produce(w))))
+            .map_err(as_io)
+    }
+
+    fn put_existing(&mut self, name: &str, from: &Path) -> io::Result<()> {
+        self.add_existing(name, from).map_err(as_io)
+    }
+}
+
 /// `MANIFEST.json`: what a complete checkpoint directory contains.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -670,13 +796,46 @@ impl CheckpointStore {
     /// File names must be plain names, unique, and not `MANIFEST.json`.
     pub fn save(&mut self, step: u64, files: Vec<(&str, FileSource<'_>)>) -> Result<Saved> {
         validate_names(files.iter().map(|(name, _)| *name))?;
-        let name = step_dir_name(step);
-        let tmp = self.dir.join(format!("{TMP_PREFIX}{name}"));
-        let target = self.dir.join(&name);
+        let mut pending = self.begin(step)?;
+        for (name, source) in files {
+            if let Err(e) = pending.add(name, source) {
+                self.abandon(pending);
+                return Err(e);
+            }
+        }
+        self.commit(pending)
+    }
+
+    /// Starts the checkpoint of `step` (step 1 of the protocol): its temporary directory,
+    /// which the returned [`PendingCheckpoint`] fills file by file, straight from the
+    /// writer (no staging copy). A leftover temporary directory of the same step is removed
+    /// first. Finish with [`commit`](Self::commit), or [`abandon`](Self::abandon) it.
+    pub fn begin(&self, step: u64) -> Result<PendingCheckpoint> {
+        let tmp = self.dir.join(format!("{TMP_PREFIX}{}", step_dir_name(step)));
         if tmp.exists() {
             self.fs.remove_dir_all(&tmp)?;
         }
-        let manifest = match self.write_tmp(&tmp, step, files) {
+        self.fs.create_dir(&tmp)?;
+        Ok(PendingCheckpoint {
+            step,
+            tmp,
+            entries: Vec::new(),
+            fs: self.fs.clone(),
+        })
+    }
+
+    /// Removes what `pending` wrote; the store is as it was before [`begin`](Self::begin).
+    pub fn abandon(&self, pending: PendingCheckpoint) {
+        let _ = fs::remove_dir_all(&pending.tmp);
+    }
+
+    /// Finishes `pending` (steps 2–4 of the protocol: the manifest, the rename, LATEST) and
+    /// applies retention. On an error before the LATEST rename nothing new is left behind.
+    pub fn commit(&mut self, pending: PendingCheckpoint) -> Result<Saved> {
+        let step = pending.step;
+        let tmp = pending.tmp.clone();
+        let target = self.dir.join(step_dir_name(step));
+        let manifest = match pending.finish() {
             Ok(manifest) => manifest,
             Err(e) => {
                 let _ = fs::remove_dir_all(&tmp);
@@ -699,37 +858,6 @@ impl CheckpointStore {
             },
             warnings,
         })
-    }
-
-    /// Steps 1–2 of the protocol: every file, then the manifest, then the directory fsync.
-    fn write_tmp(
-        &self,
-        tmp: &Path,
-        step: u64,
-        files: Vec<(&str, FileSource<'_>)>,
-    ) -> Result<Manifest> {
-        self.fs.create_dir(tmp)?;
-        let mut entries = Vec::with_capacity(files.len());
-        for (name, source) in files {
-            entries.push(self.fs.write_file(&tmp.join(name), source)?);
-        }
-        let manifest = Manifest {
-            format_version: FORMAT_VERSION,
-            step,
-            created: rfc3339_utc(SystemTime::now()),
-            files: entries,
-        };
-        let manifest_path = tmp.join(MANIFEST_FILE);
-        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| CheckpointError::Io {
-            op: "serialise",
-            path: manifest_path.clone(),
-            source: e.into(),
-        })?;
-        // Written last: its presence is what makes the directory a checkpoint.
-        self.fs
-            .write_file(&manifest_path, FileSource::Bytes(&json))?;
-        self.fs.sync_dir(tmp)?;
-        Ok(manifest)
     }
 
     /// Step 3: renames the finished `tmp` to `target` (moving an existing `target` aside

@@ -20,4 +20,5 @@ pub mod plan;
 pub mod rollback;
 pub mod scenario;
 pub mod selfcheck;
+pub mod sink;
 pub mod train;

@@ -1,11 +1,12 @@
 //! The checkpointer actor: owns the [`CheckpointStore`] and the [`Quarantine`].
 //!
-//! A save asks the trainer thread to write its files (weights in HF names, `optimizer.bpk`,
-//! `trainer_state.json`, `seen.bin`) into a staging directory, adds the loop's
-//! [`RunState`] as `state.json`, and hands everything to the store, whose protocol (files
-//! fsynced, `MANIFEST.json` last, rename, `LATEST` replaced atomically) makes a checkpoint
-//! either complete or invisible. The staging directory is the store's business no longer
-//! once `save` returns; it is removed.
+//! A save starts a checkpoint in the store ([`CheckpointStore::begin`]) and hands it to the
+//! trainer thread, which writes its files straight into it (weights in HF names streamed
+//! tensor by tensor or linked while unchanged, `optimizer.bpk`, `trainer_state.json`,
+//! `seen.bin`; each hashed on its way to disk, none staged or copied). The checkpointer adds
+//! the loop's [`RunState`] as `state.json` and commits: the store's protocol (files fsynced,
+//! `MANIFEST.json` last, rename, `LATEST` replaced atomically) makes a checkpoint either
+//! complete or invisible.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,7 +29,7 @@ use crate::trainer::TrainerMsg;
 pub struct SaveInfo {
     /// Bytes of all files.
     pub bytes: u64,
-    /// Seconds it took, staging included.
+    /// Seconds it took, from the first file to the commit.
     pub seconds: f64,
 }
 
@@ -61,8 +62,6 @@ pub struct CheckpointerArgs {
 pub struct CheckpointerState {
     store: CheckpointStore,
     quarantine: Quarantine,
-    /// `<state_dir>/.staging`, where the trainer writes before the store copies.
-    staging: PathBuf,
     call_timeout: Duration,
 }
 
@@ -91,10 +90,15 @@ impl Actor for CheckpointerActor {
         for w in warnings {
             tracing::warn!(?w, "Checkpoint store: recovered from an interrupted write.");
         }
+        // Earlier versions staged each save here before the store copied it.
+        let staging = state_dir.join(".staging");
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging)
+                .with_context(|| format!("removing the old {}", staging.display()))?;
+        }
         Ok(CheckpointerState {
             store,
             quarantine: Quarantine::open(state_dir)?,
-            staging: state_dir.join(".staging"),
             call_timeout: args.call_timeout,
         })
     }
@@ -142,42 +146,33 @@ impl Actor for CheckpointerActor {
 
 async fn save(state: &mut CheckpointerState, run: &RunState) -> anyhow::Result<SaveInfo> {
     let started = Instant::now();
-    if state.staging.exists() {
-        std::fs::remove_dir_all(&state.staging)
-            .with_context(|| format!("clearing {}", state.staging.display()))?;
-    }
     let trainer: ActorRef<TrainerMsg> = ractor::registry::where_is(TRAINER)
         .map(ActorRef::from)
         .ok_or_else(|| anyhow!("the trainer is not running"))?;
-    call_t!(
+    let pending = state.store.begin(run.step)?;
+    // The trainer thread owns the pending checkpoint while it writes, and hands it back
+    // with its verdict either way, so a failed save leaves no temporary directory behind.
+    // If the call itself fails (timeout, trainer gone), the directory is debris that the
+    // next save of this step, or the next start, removes.
+    let (mut pending, written) = call_t!(
         trainer,
-        TrainerMsg::SaveTo,
+        TrainerMsg::SaveInto,
         state.call_timeout.as_millis() as u64,
-        state.staging.clone()
-    )?
-    .map_err(|e| anyhow!(e))?;
-    let mut names: Vec<String> = std::fs::read_dir(&state.staging)
-        .with_context(|| format!("listing {}", state.staging.display()))?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().is_file())
-        .filter_map(|e| e.file_name().to_str().map(str::to_string))
-        .collect();
-    names.sort();
-    let paths: Vec<PathBuf> = names.iter().map(|n| state.staging.join(n)).collect();
+        Box::new(pending)
+    )?;
     let run_json = serde_json::to_vec_pretty(run).expect("run state serialises");
-    let mut files: Vec<(&str, FileSource<'_>)> = names
-        .iter()
-        .map(String::as_str)
-        .zip(paths.iter().map(|p| FileSource::Copy(p)))
-        .collect();
-    files.push((RUN_STATE_FILE, FileSource::Bytes(&run_json)));
-    let saved = state.store.save(run.step, files)?;
+    let added = written
+        .map_err(|e| anyhow!(e))
+        .and_then(|()| Ok(pending.add(RUN_STATE_FILE, FileSource::Bytes(&run_json))?));
+    if let Err(e) = added {
+        state.store.abandon(*pending);
+        return Err(e);
+    }
+    let saved = state.store.commit(*pending)?;
     for w in saved.warnings {
         tracing::warn!(?w, "Checkpoint saved with a warning.");
     }
     let bytes = saved.checkpoint.manifest.files.iter().map(|f| f.size).sum();
-    std::fs::remove_dir_all(&state.staging)
-        .with_context(|| format!("removing {}", state.staging.display()))?;
     Ok(SaveInfo {
         bytes,
         seconds: started.elapsed().as_secs_f64(),

@@ -85,9 +85,10 @@ pub struct LastRollback {
     pub lr: f64,
     /// The replay ratio after the rollback.
     pub replay_ratio: f64,
-    /// sha256 of the restored weights, saved again from the trainer's memory; equal to the
-    /// GOOD checkpoint's `model.safetensors` manifest entry when the restore is bit-exact.
-    pub restored_sha256: String,
+    /// The digest of the restored weights in the trainer's memory (`WeightsDigest`: sha256
+    /// over every tensor by name, dtype, shape and bytes); equal to the digest of the GOOD
+    /// checkpoint's weight files when the restore is bit-exact.
+    pub restored_digest: String,
     /// When, RFC 3339 UTC.
     pub ts: String,
 }

@@ -28,6 +28,7 @@ use dreamloop::checkpoint::{
     step_dir_name, CheckpointStore, RetentionPolicy, CHECKPOINTS_DIR, LATEST_POINTER,
 };
 use dreamloop::config::{DreamConfig, OnWriteError};
+use dreamloop::model::weights::WeightsDigest;
 use dreamloop::events::{rfc3339_utc, Event, EventLog};
 use dreamloop::label::Phase;
 use dreamloop::mix::MixerState;
@@ -677,7 +678,7 @@ impl Driver {
                     reason,
                     adjustments,
                 } => {
-                    let (quarantined, restored_sha256) =
+                    let (quarantined, restored_digest) =
                         self.roll_back(to, Some(adjustments)).await?;
                     self.last_rollback = Some(LastRollback {
                         from: ev.record.step,
@@ -686,7 +687,7 @@ impl Driver {
                         quarantined,
                         lr: self.lr,
                         replay_ratio: adjustments.replay_ratio,
-                        restored_sha256,
+                        restored_digest,
                         ts: rfc3339_utc(std::time::SystemTime::now()),
                     });
                     self.record(Event::Rollback {
@@ -747,7 +748,7 @@ impl Driver {
             .map_err(|e| anyhow!(e))?;
         self.step = step;
         self.latest = Some(step);
-        let restored_sha256 = self.verify_restore(&dir).await?;
+        let restored_digest = self.verify_restore(&dir).await?;
         // The restored curve carries the GOOD checkpoint's multiplier; move it to the
         // policy's new factor and to any lr reloaded since.
         let mut factor = self.peak_lr / good_run.peak_lr;
@@ -770,23 +771,20 @@ impl Driver {
         )
         .map_err(|e| anyhow!("{e}"))?
         .map_err(|e| anyhow!(e))?;
-        Ok((count, restored_sha256))
+        Ok((count, restored_digest))
     }
 
-    /// Saves the restored weights from the trainer's memory and compares their sha256 with
-    /// the GOOD checkpoint's manifest: a mismatch means the restore was not bit-exact.
+    /// Compares the digest of the restored weights in the trainer's memory with the GOOD
+    /// checkpoint's weight files' ([`WeightsDigest`]): a mismatch means the restore was not
+    /// bit-exact. Nothing is written; each side is read one tensor at a time.
     async fn verify_restore(&self, good_dir: &Path) -> anyhow::Result<String> {
-        let scratch = self.config.state_dir.join(".verify");
-        let _ = std::fs::remove_dir_all(&scratch);
-        ask!(self, TRAINER, TrainerMsg::SaveTo, scratch.clone())
+        let restored = ask!(self, TRAINER, TrainerMsg::WeightsDigest)
             .map_err(|e| anyhow!("{e}"))?
             .map_err(|e| anyhow!(e))?;
-        let (restored, _) = dreamloop::checkpoint::hash_file(&scratch.join("model.safetensors"))?;
-        let _ = std::fs::remove_dir_all(&scratch);
-        let (good, _) = dreamloop::checkpoint::hash_file(&good_dir.join("model.safetensors"))?;
+        let good = WeightsDigest::of_dir(good_dir)?;
         if restored != good {
             anyhow::bail!(
-                "restored weights differ from the GOOD checkpoint {} (sha256 {restored} ≠ {good})",
+                "restored weights differ from the GOOD checkpoint {} (weights digest {restored} ≠ {good})",
                 good_dir.display()
             );
         }

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
+use dreamloop::checkpoint::PendingCheckpoint;
 use dreamloop::config::{Backend, DreamConfig};
 use dreamloop::eval::{EvalReport, ProbeSuite};
 use dreamloop::example::Example;
@@ -60,11 +61,16 @@ pub enum Start {
 enum Job {
     Step(Vec<Example>, oneshot::Sender<StepOutcome>),
     Evaluate(oneshot::Sender<EvalReport>),
-    Save(PathBuf, oneshot::Sender<Result<(), String>>),
+    Save(Box<PendingCheckpoint>, oneshot::Sender<SaveAnswer>),
+    Digest(oneshot::Sender<Result<String, String>>),
     Restore(PathBuf, oneshot::Sender<Result<u64, String>>),
     ScaleLr(f64, oneshot::Sender<f64>),
     Position(oneshot::Sender<(u64, f64)>),
 }
+
+/// The answer to a save: the checkpoint handed back (to commit or abandon) and whether
+/// every file was written.
+pub type SaveAnswer = (Box<PendingCheckpoint>, Result<(), String>);
 
 /// Messages of the trainer actor; each forwards one [`Job`] and answers when it is done.
 pub enum TrainerMsg {
@@ -72,8 +78,11 @@ pub enum TrainerMsg {
     TrainOn(Vec<Example>, RpcReplyPort<StepOutcome>),
     /// Evaluate the probe suite on the current weights (forward-only copy).
     Evaluate(RpcReplyPort<EvalReport>),
-    /// Write weights, optimizer and trainer state into a directory.
-    SaveTo(PathBuf, RpcReplyPort<Result<(), String>>),
+    /// Write weights, optimizer and trainer state into a checkpoint being written; answers
+    /// it back with the outcome.
+    SaveInto(Box<PendingCheckpoint>, RpcReplyPort<SaveAnswer>),
+    /// The digest of the current weights (`Trainer::weights_digest`).
+    WeightsDigest(RpcReplyPort<Result<String, String>>),
     /// Replace weights, optimizer and schedule with a checkpoint's; answers its step.
     RestoreFrom(PathBuf, RpcReplyPort<Result<u64, String>>),
     /// Multiply the lr curve; answers the lr of the next step.
@@ -134,7 +143,10 @@ impl Actor for TrainerActor {
                 forward(state, |tx| Job::Step(examples, tx), reply).await
             }
             TrainerMsg::Evaluate(reply) => forward(state, Job::Evaluate, reply).await,
-            TrainerMsg::SaveTo(dir, reply) => forward(state, |tx| Job::Save(dir, tx), reply).await,
+            TrainerMsg::SaveInto(pending, reply) => {
+                forward(state, |tx| Job::Save(pending, tx), reply).await
+            }
+            TrainerMsg::WeightsDigest(reply) => forward(state, Job::Digest, reply).await,
             TrainerMsg::RestoreFrom(dir, reply) => {
                 forward(state, |tx| Job::Restore(dir, tx), reply).await
             }
@@ -326,6 +338,7 @@ impl Worker {
                     lm,
                     tokenizer,
                     dtypes,
+                    origin,
                     ..
                 } = model;
                 let trainer = Trainer::with_reference(
@@ -334,7 +347,8 @@ impl Worker {
                     reference.clone(),
                     config.trainer_config(pad),
                 )?
-                .with_files(dtypes, tokenizer.as_ref());
+                .with_files(dtypes, tokenizer.as_ref())
+                .with_origin(origin);
                 (trainer, reference, tokenizer)
             }
             Start::Restore(dir) => {
@@ -381,8 +395,15 @@ impl Worker {
                 });
                 let _ = reply.send(report);
             }
-            Job::Save(dir, reply) => {
-                let _ = reply.send(self.trainer.save(&dir).map_err(|e| e.to_string()));
+            Job::Save(mut pending, reply) => {
+                let written = self
+                    .trainer
+                    .save_into(pending.as_mut())
+                    .map_err(|e| e.to_string());
+                let _ = reply.send((pending, written));
+            }
+            Job::Digest(reply) => {
+                let _ = reply.send(self.trainer.weights_digest().map_err(|e| e.to_string()));
             }
             Job::Restore(dir, reply) => {
                 let restored =

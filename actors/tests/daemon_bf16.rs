@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::{latest_dir, trained_hashes, Daemon, Overrides};
+use dreamloop::model::weights::WeightsDigest;
 
 // A timeout, not a speed bound: generous so a loaded 2-core machine still passes.
 const LIMIT: Duration = Duration::from_secs(300);
@@ -102,21 +103,11 @@ fn bf16_regression_is_rolled_back_to_good_bit_for_bit() {
     let rb = &s["last_rollback"];
     assert_eq!(rb["from"], 3, "{s}");
     assert_eq!(rb["to"], 0, "{s}");
-    // The weights the trainer holds after the restore hash to the GOOD manifest's entry.
+    // The weights the trainer holds after the restore digest to the GOOD weight files'.
     let good = d.state().join("checkpoints/step-00000000");
     assert_bf16_checkpoint(&good);
-    let manifest: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(good.join("MANIFEST.json")).expect("GOOD manifest"),
-    )
-    .expect("json");
-    let good_sha = manifest["files"]
-        .as_array()
-        .expect("files")
-        .iter()
-        .find(|f| f["name"] == "model.safetensors")
-        .expect("weights entry")["sha256"]
-        .clone();
-    assert_eq!(rb["restored_sha256"], good_sha);
+    let good_digest = WeightsDigest::of_dir(&good).expect("GOOD weights digest");
+    assert_eq!(rb["restored_digest"], good_digest.as_str());
     d.signal(libc::SIGTERM);
     assert!(d.wait_exit(LIMIT).success(), "{}", d.log());
 }

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::{trained_hashes, Daemon, Overrides};
+use dreamloop::model::weights::WeightsDigest;
 
 // A timeout, not a speed bound: generous so a loaded 2-core machine still passes.
 const LIMIT: Duration = Duration::from_secs(180);
@@ -53,21 +54,11 @@ fn a_regression_is_rolled_back_to_good_bit_for_bit() {
         (rb["replay_ratio"].as_f64().expect("replay") - 0.15).abs() < 1e-12,
         "{rb}"
     );
-    // Restored weights equal the GOOD checkpoint bit for bit: the sha256 of the weights the
-    // trainer holds after the restore equals the GOOD manifest's entry, read here from disk.
-    let manifest: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(d.state().join("checkpoints/step-00000000/MANIFEST.json"))
-            .expect("GOOD manifest"),
-    )
-    .expect("json");
-    let good_sha = manifest["files"]
-        .as_array()
-        .expect("files")
-        .iter()
-        .find(|f| f["name"] == "model.safetensors")
-        .expect("weights entry")["sha256"]
-        .clone();
-    assert_eq!(rb["restored_sha256"], good_sha);
+    // Restored weights equal the GOOD checkpoint bit for bit: the digest of the weights the
+    // trainer holds after the restore equals that of the GOOD weight files, read here.
+    let good_digest = WeightsDigest::of_dir(&d.state().join("checkpoints/step-00000000"))
+        .expect("GOOD weights digest");
+    assert_eq!(rb["restored_digest"], good_digest.as_str());
     assert_eq!(rb["quarantined"], 6, "3 steps × batch 2");
 
     // Let it train at least one step after the rollback, then stop.

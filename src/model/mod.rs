@@ -30,6 +30,8 @@ use burn::tensor::DType;
 pub use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
+use crate::sink::{put_bytes, DirSink, FileSink};
+
 pub use config::{ConfigError, Family, ModelConfig, RopeScaling};
 pub use llama::CausalLm;
 pub use tokenizer::{ChatMessage, Tokenizer, TokenizerError};
@@ -178,6 +180,28 @@ pub struct Model {
     pub dtypes: HashMap<String, DiskDtype>,
     /// Other small files of the directory copied through on save (generation_config.json).
     pub extra_files: Vec<(String, Vec<u8>)>,
+    /// The weight files these weights were read from, unmodified so far (`None` for a
+    /// preset or a GGUF file): a save of unchanged weights links them instead of writing.
+    pub origin: Option<WeightOrigin>,
+}
+
+/// Weight files on disk that hold exactly a model's weights (see [`save_into`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeightOrigin {
+    /// Their directory.
+    pub dir: PathBuf,
+    /// `model.safetensors`, or the shards and `model.safetensors.index.json`.
+    pub files: Vec<String>,
+}
+
+impl WeightOrigin {
+    /// The weight files of the Hugging Face directory `dir`, if it has any.
+    pub fn of_dir(dir: &Path) -> Result<Option<WeightOrigin>, ModelError> {
+        Ok(weights::weight_files(dir)?.map(|files| WeightOrigin {
+            dir: dir.to_path_buf(),
+            files,
+        }))
+    }
 }
 
 impl Model {
@@ -220,6 +244,7 @@ impl Model {
             // Keyed by disk name; saving maps each parameter to its disk name the same way.
             dtypes: source.dtypes,
             extra_files,
+            origin: WeightOrigin::of_dir(dir)?,
         })
     }
 
@@ -270,6 +295,7 @@ impl Model {
             tokenizer: Some(tokenizer),
             dtypes: HashMap::new(),
             extra_files: Vec::new(),
+            origin: None,
         })
     }
 
@@ -329,6 +355,7 @@ impl Model {
             tokenizer: Some(tokenizer),
             dtypes: HashMap::new(),
             extra_files,
+            origin: None,
         })
     }
 
@@ -370,7 +397,8 @@ impl Model {
     }
 
     /// Writes a Hugging Face directory: `config.json` (as read), `model.safetensors` with the
-    /// checkpoint's names, shapes and dtypes, and the tokenizer files.
+    /// checkpoint's names, shapes and dtypes (sharded beyond [`weights::MAX_SHARD_BYTES`]),
+    /// and the tokenizer files.
     pub fn save(&self, dir: &Path) -> Result<(), ModelError> {
         save_dir(
             dir,
@@ -388,7 +416,7 @@ impl Model {
     }
 }
 
-/// Writes a model directory from its parts (the trainer saves its own weights this way).
+/// Writes a model directory from its parts into `dir` (see [`save_into`]).
 pub fn save_dir(
     dir: &Path,
     config: &ModelConfig,
@@ -397,26 +425,89 @@ pub fn save_dir(
     tokenizer: Option<&Tokenizer>,
     extra_files: &[(String, Vec<u8>)],
 ) -> Result<(), ModelError> {
-    let io = |path: PathBuf| move |source| ModelError::Io { path, source };
-    std::fs::create_dir_all(dir).map_err(io(dir.to_path_buf()))?;
-    let tensors = lm.checkpoint_tensors();
-    weights::write_safetensors(
-        &dir.join("model.safetensors"),
-        &tensors,
+    let mut sink = DirSink::create(dir).map_err(|source| ModelError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let parts = ModelFiles {
+        config,
+        lm,
         dtypes,
-        &lm.layout.passthrough,
-    )?;
-    let config_json = serde_json::to_vec_pretty(&config.raw).expect("a JSON value serialises");
-    let mut files: Vec<(String, Vec<u8>)> = vec![("config.json".into(), config_json)];
-    if let Some(tok) = tokenizer {
-        files.extend(tok.files.iter().cloned());
+        tokenizer,
+        extra_files,
+        origin: None,
+    };
+    save_into(&mut sink, &parts, weights::MAX_SHARD_BYTES)
+}
+
+/// What a saved model directory is made of (the trainer saves its own weights this way).
+pub struct ModelFiles<'a> {
+    pub config: &'a ModelConfig,
+    pub lm: &'a CausalLm,
+    /// Disk dtype per tensor.
+    pub dtypes: &'a HashMap<String, DiskDtype>,
+    pub tokenizer: Option<&'a Tokenizer>,
+    pub extra_files: &'a [(String, Vec<u8>)],
+    /// Files holding exactly `lm`'s weights, if the caller knows them unmodified.
+    pub origin: Option<&'a WeightOrigin>,
+}
+
+/// Writes a Hugging Face directory into `sink`: `config.json`, the weights streamed one
+/// tensor at a time (one file, or shards of `max_shard_bytes` with their index), the
+/// tokenizer and the extra files.
+///
+/// With an `origin` whose files hold these weights in the dtypes a save would write, the
+/// weight files are put in as they are (hard links where the filesystem allows): the
+/// step-0 checkpoint of a 54 GB model costs no copy. If a file of the origin is gone, the
+/// weights are written after all.
+pub fn save_into(
+    sink: &mut dyn FileSink,
+    parts: &ModelFiles<'_>,
+    max_shard_bytes: u64,
+) -> Result<(), ModelError> {
+    let io = |name: &str| {
+        let path = PathBuf::from(name);
+        move |source| ModelError::Io { path, source }
+    };
+    let config_json =
+        serde_json::to_vec_pretty(&parts.config.raw).expect("a JSON value serialises");
+    put_bytes(sink, "config.json", &config_json).map_err(io("config.json"))?;
+    let lm = parts.lm;
+    let layout = lm.layout.clone();
+    let tensors = weights::outgoing(
+        lm,
+        &|name| layout.disk_name(name),
+        parts.dtypes,
+        &layout.passthrough,
+    );
+    let linked = match parts.origin {
+        Some(origin) if weights::unconverted(&tensors, parts.dtypes) => {
+            link_origin(sink, origin)
+        }
+        _ => false,
+    };
+    if !linked {
+        weights::save_weights(sink, &tensors, max_shard_bytes)?;
     }
-    files.extend(extra_files.iter().cloned());
-    for (name, bytes) in files {
-        let path = dir.join(&name);
-        std::fs::write(&path, bytes).map_err(io(path.clone()))?;
+    let tokenizer_files = parts.tokenizer.map(|t| t.files.as_slice()).unwrap_or(&[]);
+    for (name, bytes) in tokenizer_files.iter().chain(parts.extra_files) {
+        put_bytes(sink, name, bytes).map_err(io(name))?;
     }
     Ok(())
+}
+
+/// Puts every weight file of `origin` into `sink` as it is; false (after a warning) when one
+/// cannot be, so the caller writes the weights instead. A file put before the failure is
+/// overwritten by that write or, for shards of another layout, left unreferenced.
+fn link_origin(sink: &mut dyn FileSink, origin: &WeightOrigin) -> bool {
+    for name in &origin.files {
+        let from = origin.dir.join(name);
+        if let Err(e) = sink.put_existing(name, &from) {
+            tracing::warn!(error = %e, "The unchanged weight files could not be linked; writing them.");
+            return false;
+        }
+    }
+    true
 }
 
 /// Counts a module's float parameters.

@@ -18,6 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use burn::module::{Module, ModuleVisitor, Param};
@@ -26,6 +27,9 @@ use std::borrow::Cow;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
+use sha2::{Digest, Sha256};
+
+use crate::sink::FileSink;
 
 /// Why weights could not be loaded or saved.
 #[derive(Debug, thiserror::Error)]
@@ -203,28 +207,10 @@ impl SafetensorsSource {
         let files: Vec<PathBuf> = if single.exists() {
             vec![single]
         } else {
-            let text = std::fs::read_to_string(&index_path).map_err(|source| WeightError::Io {
-                path: index_path.clone(),
-                source,
-            })?;
-            let json: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| WeightError::Format {
-                    path: index_path.clone(),
-                    reason: e.to_string(),
-                })?;
-            let map = json["weight_map"]
-                .as_object()
-                .ok_or_else(|| WeightError::Format {
-                    path: index_path.clone(),
-                    reason: "no `weight_map` object".into(),
-                })?;
-            let mut names: Vec<String> = map
-                .values()
-                .filter_map(|v| v.as_str().map(String::from))
-                .collect();
-            names.sort();
-            names.dedup();
-            names.into_iter().map(|n| dir.join(n)).collect()
+            shard_names(&index_path)?
+                .into_iter()
+                .map(|n| dir.join(n))
+                .collect()
         };
         let mut shards = Vec::new();
         let mut index = BTreeMap::new();
@@ -504,60 +490,384 @@ fn encode<'a>(data: &'a TensorData, disk: DiskDtype) -> Result<(Dtype, Cow<'a, [
     Ok((st_dtype, Cow::Owned(bytes)))
 }
 
-/// A tensor ready to write: name, dtype, shape, little-endian bytes.
-type Encoded<'a> = (String, Dtype, Vec<usize>, Cow<'a, [u8]>);
+/// The largest shard a save writes before it starts another: transformers'
+/// `save_pretrained` default (`max_shard_size="5GB"`). A tensor larger than this gets a shard
+/// of its own.
+pub const MAX_SHARD_BYTES: u64 = 5_000_000_000;
 
-/// Writes `tensors` to a safetensors file at `path`, each in its recorded disk dtype (see
-/// [`save_dtype`]), plus `raw` tensors byte for byte. Written to a temporary sibling and
-/// renamed, so a crash never leaves a half-written file under the real name.
-pub fn write_safetensors(
-    path: &Path,
-    tensors: &[(String, TensorData)],
-    dtypes: &HashMap<String, DiskDtype>,
-    raw: &[RawTensor],
-) -> Result<(), WeightError> {
-    let mut encoded: Vec<Encoded<'_>> = Vec::with_capacity(tensors.len() + raw.len());
-    for (name, data) in tensors {
-        let disk = save_dtype(dtypes.get(name).copied(), data.dtype());
-        let (st_dtype, bytes) = encode(data, disk).map_err(|reason| WeightError::Format {
-            path: path.to_path_buf(),
-            reason: format!("tensor `{name}`: {reason}"),
-        })?;
-        encoded.push((name.clone(), st_dtype, data.shape().to_vec(), bytes));
-    }
-    encoded.extend(raw.iter().map(|t| {
-        (
-            t.name.clone(),
-            t.dtype,
-            t.shape.clone(),
-            Cow::Borrowed(t.bytes.as_slice()),
-        )
-    }));
-    let views: Vec<(String, TensorView<'_>)> = encoded
-        .iter()
-        .map(|(name, dtype, shape, bytes)| {
-            TensorView::new(*dtype, shape.clone(), bytes.as_ref())
-                .map(|v| (name.clone(), v))
-                .map_err(|e| WeightError::Format {
-                    path: path.to_path_buf(),
-                    reason: format!("tensor `{name}`: {e}"),
-                })
-        })
-        .collect::<Result<_, _>>()?;
-    let mut metadata = HashMap::new();
-    metadata.insert("format".to_string(), "pt".to_string());
-    let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views, Some(metadata), &tmp).map_err(|e| {
-        WeightError::Format {
-            path: tmp.clone(),
-            reason: e.to_string(),
+/// The single-file weights name, and the index naming the shards of a sharded save.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// See [`WEIGHTS_FILE`].
+pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// One tensor of a save: its header entry, and where its bytes come from when (and only
+/// when) it is written, so a save holds one tensor on the host at a time.
+pub struct Outgoing<'a> {
+    /// Checkpoint (disk) name.
+    pub name: String,
+    /// Disk dtype.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Bytes on disk.
+    pub len: u64,
+    source: OutSource<'a>,
+}
+
+enum OutSource<'a> {
+    /// A parameter: read off the device when written, encoded into the disk dtype.
+    Param(Box<dyn Fn() -> TensorData + 'a>, DiskDtype),
+    /// Carried through byte for byte.
+    Raw(&'a RawTensor),
+}
+
+impl Outgoing<'_> {
+    /// The tensor's little-endian bytes in its disk dtype (one device read for a parameter).
+    pub fn bytes(&self) -> Result<OutBytes<'_>, String> {
+        match &self.source {
+            OutSource::Param(read, disk) => {
+                let data = read();
+                match encode(&data, *disk)? {
+                    (_, Cow::Owned(converted)) => Ok(OutBytes::Converted(converted)),
+                    (_, Cow::Borrowed(_)) => Ok(OutBytes::Read(data)),
+                }
+            }
+            OutSource::Raw(raw) => Ok(OutBytes::Raw(&raw.bytes)),
         }
-    })?;
-    File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(|source| WeightError::Io {
-            path: path.to_path_buf(),
-            source,
+    }
+}
+
+/// One tensor's bytes on their way to disk: the device read itself when it already is the
+/// disk dtype (no second host copy), a conversion otherwise, or a carried-through tensor.
+pub enum OutBytes<'a> {
+    Read(TensorData),
+    Converted(Vec<u8>),
+    Raw(&'a [u8]),
+}
+
+impl std::ops::Deref for OutBytes<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            OutBytes::Read(data) => data.as_bytes(),
+            OutBytes::Converted(bytes) => bytes,
+            OutBytes::Raw(bytes) => bytes,
+        }
+    }
+}
+
+/// Every float parameter of `module` (by `disk_name` of its dotted path, each in its
+/// [`save_dtype`]) plus `raw`, sorted by name: what a save writes. Nothing is read off the
+/// device yet.
+pub fn outgoing<'a, M: Module>(
+    module: &'a M,
+    disk_name: &dyn Fn(&str) -> String,
+    dtypes: &HashMap<String, DiskDtype>,
+    raw: &'a [RawTensor],
+) -> Vec<Outgoing<'a>> {
+    struct Lazy<'a> {
+        path: Vec<String>,
+        out: Vec<(String, Vec<usize>, DType, Box<dyn Fn() -> TensorData + 'a>)>,
+    }
+    impl<'a> ModuleVisitor for Lazy<'a> {
+        fn enter_module(&mut self, name: &str, _container_type: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let tensor = param.val();
+            let shape = tensor.dims().to_vec();
+            let dtype = tensor.dtype();
+            self.out.push((
+                self.path.join("."),
+                shape,
+                dtype,
+                Box::new(move || tensor.clone().into_data()),
+            ));
+        }
+    }
+    let mut lazy = Lazy {
+        path: Vec::new(),
+        out: Vec::new(),
+    };
+    module.visit(&mut lazy);
+    let mut all: Vec<Outgoing<'a>> = lazy
+        .out
+        .into_iter()
+        .map(|(path, shape, dtype, read)| {
+            let name = disk_name(&path);
+            let disk = save_dtype(dtypes.get(&name).copied(), dtype);
+            let len = shape.iter().product::<usize>() as u64 * disk.size() as u64;
+            Outgoing {
+                name,
+                dtype: disk.safetensors(),
+                shape,
+                len,
+                source: OutSource::Param(read, disk),
+            }
         })
+        .collect();
+    all.extend(raw.iter().map(|t| Outgoing {
+        name: t.name.clone(),
+        dtype: t.dtype,
+        shape: t.shape.clone(),
+        len: t.bytes.len() as u64,
+        source: OutSource::Raw(t),
+    }));
+    all.sort_by(|a, b| a.name.cmp(&b.name));
+    all
+}
+
+impl DiskDtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DiskDtype::F32 => 4,
+            DiskDtype::Bf16 | DiskDtype::F16 => 2,
+        }
+    }
+
+    fn safetensors(self) -> Dtype {
+        match self {
+            DiskDtype::F32 => Dtype::F32,
+            DiskDtype::Bf16 => Dtype::BF16,
+            DiskDtype::F16 => Dtype::F16,
+        }
+    }
+}
+
+/// Whether every parameter among `tensors` is written in the dtype it was read in (by its
+/// recorded disk dtype): then files holding the loaded weights hold exactly what a save
+/// would write, tensor for tensor.
+pub fn unconverted(tensors: &[Outgoing<'_>], dtypes: &HashMap<String, DiskDtype>) -> bool {
+    tensors.iter().all(|t| match &t.source {
+        OutSource::Param(_, disk) => dtypes.get(&t.name) == Some(disk),
+        OutSource::Raw(_) => true,
+    })
+}
+
+/// The safetensors header of `tensors` laid out in order: the 8-byte little-endian length,
+/// then the JSON, space-padded to a multiple of 8 bytes as the reference implementation does.
+fn header(tensors: &[Outgoing<'_>]) -> Vec<u8> {
+    let mut map = serde_json::Map::new();
+    map.insert(
+        "__metadata__".into(),
+        serde_json::json!({ "format": "pt" }),
+    );
+    let mut offset = 0u64;
+    for t in tensors {
+        map.insert(
+            t.name.clone(),
+            serde_json::json!({
+                "dtype": t.dtype,
+                "shape": t.shape,
+                "data_offsets": [offset, offset + t.len],
+            }),
+        );
+        offset += t.len;
+    }
+    let mut json = serde_json::to_vec(&map).expect("a JSON map serialises");
+    json.resize(json.len().div_ceil(8) * 8, b' ');
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend(json);
+    out
+}
+
+/// Streams one safetensors file of `tensors` into `out`: the header, then each tensor's
+/// bytes as it is read off the device.
+fn stream_safetensors(tensors: &[Outgoing<'_>], out: &mut dyn Write) -> std::io::Result<()> {
+    out.write_all(&header(tensors))?;
+    for t in tensors {
+        let bytes = t
+            .bytes()
+            .map_err(|reason| std::io::Error::other(format!("tensor `{}`: {reason}", t.name)))?;
+        out.write_all(&bytes)?;
+    }
+    Ok(())
+}
+
+/// Splits `tensors` (in order) into shards of at most `max_bytes` each, as transformers
+/// does: a tensor that would overflow the current shard starts the next one.
+fn shard_ranges(tensors: &[Outgoing<'_>], max_bytes: u64) -> Vec<std::ops::Range<usize>> {
+    let mut ranges = Vec::new();
+    let (mut start, mut size) = (0, 0u64);
+    for (i, t) in tensors.iter().enumerate() {
+        if i > start && size + t.len > max_bytes {
+            ranges.push(start..i);
+            (start, size) = (i, 0);
+        }
+        size += t.len;
+    }
+    ranges.push(start..tensors.len());
+    ranges
+}
+
+/// Writes `tensors` into `sink` as Hugging Face weights: `model.safetensors` when they fit
+/// one shard of `max_shard_bytes`, else `model-0000i-of-0000n.safetensors` plus
+/// `model.safetensors.index.json` (`metadata.total_size`, `weight_map`), as transformers
+/// saves a large model. Extra host memory: about one tensor and the writer's buffer.
+/// Returns the names of the files written.
+pub fn save_weights(
+    sink: &mut dyn FileSink,
+    tensors: &[Outgoing<'_>],
+    max_shard_bytes: u64,
+) -> Result<Vec<String>, WeightError> {
+    let io = |name: &str| {
+        let path = PathBuf::from(name);
+        move |source| WeightError::Io { path, source }
+    };
+    let ranges = shard_ranges(tensors, max_shard_bytes);
+    if ranges.len() == 1 {
+        sink.put(WEIGHTS_FILE, &mut |out| stream_safetensors(tensors, out))
+            .map_err(io(WEIGHTS_FILE))?;
+        return Ok(vec![WEIGHTS_FILE.to_string()]);
+    }
+    let n = ranges.len();
+    let mut weight_map = BTreeMap::new();
+    let mut names = Vec::with_capacity(n + 1);
+    for (i, range) in ranges.into_iter().enumerate() {
+        let name = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
+        let shard = &tensors[range];
+        sink.put(&name, &mut |out| stream_safetensors(shard, out))
+            .map_err(io(&name))?;
+        for t in shard {
+            weight_map.insert(t.name.clone(), name.clone());
+        }
+        names.push(name);
+    }
+    let total: u64 = tensors.iter().map(|t| t.len).sum();
+    let index = serde_json::json!({
+        "metadata": { "total_size": total },
+        "weight_map": weight_map,
+    });
+    let json = serde_json::to_vec_pretty(&index).expect("a JSON value serialises");
+    sink.put(WEIGHTS_INDEX_FILE, &mut |out| out.write_all(&json))
+        .map_err(io(WEIGHTS_INDEX_FILE))?;
+    names.push(WEIGHTS_INDEX_FILE.to_string());
+    Ok(names)
+}
+
+/// The weight files of a Hugging Face directory: `model.safetensors`, or the index and
+/// every shard it names. `None` when the directory has neither.
+pub fn weight_files(dir: &Path) -> Result<Option<Vec<String>>, WeightError> {
+    if dir.join(WEIGHTS_FILE).is_file() {
+        return Ok(Some(vec![WEIGHTS_FILE.to_string()]));
+    }
+    let index_path = dir.join(WEIGHTS_INDEX_FILE);
+    if !index_path.is_file() {
+        return Ok(None);
+    }
+    let mut names = shard_names(&index_path)?;
+    names.push(WEIGHTS_INDEX_FILE.to_string());
+    Ok(Some(names))
+}
+
+/// The shard file names an index's `weight_map` points at, sorted, each once; a name that
+/// is not a plain file name is refused.
+fn shard_names(index_path: &Path) -> Result<Vec<String>, WeightError> {
+    let format = |reason: String| WeightError::Format {
+        path: index_path.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(index_path).map_err(|source| WeightError::Io {
+        path: index_path.to_path_buf(),
+        source,
+    })?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| format(e.to_string()))?;
+    let map = json["weight_map"]
+        .as_object()
+        .ok_or_else(|| format("no `weight_map` object".into()))?;
+    let mut names = Vec::new();
+    for (tensor, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| format(format!("weight_map.{tensor}: not a string")))?;
+        if file.is_empty() || file.contains('/') || file == "." || file == ".." {
+            return Err(format(format!(
+                "weight_map.{tensor}: `{file}` is not a file name in this directory"
+            )));
+        }
+        names.push(file.to_string());
+    }
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
+/// A digest of weights that does not depend on how they are laid out in files: sha256 over
+/// every tensor sorted by name, each as its name, dtype, shape and little-endian bytes.
+/// Two directories (sharded or not, any header order) holding the same tensors agree, and
+/// the weights in memory agree with the files they would be saved as.
+pub struct WeightsDigest(Sha256);
+
+impl WeightsDigest {
+    fn new() -> Self {
+        WeightsDigest(Sha256::new())
+    }
+
+    fn add(&mut self, name: &str, dtype: Dtype, shape: &[usize], bytes: &[u8]) {
+        let head = serde_json::json!([name, dtype, shape]).to_string();
+        self.0.update((head.len() as u64).to_le_bytes());
+        self.0.update(head.as_bytes());
+        self.0.update((bytes.len() as u64).to_le_bytes());
+        self.0.update(bytes);
+    }
+
+    fn hex(self) -> String {
+        hex::encode(self.0.finalize())
+    }
+
+    /// The digest of what a save of `tensors` would write (reading each off the device
+    /// once, one at a time).
+    pub fn of_outgoing(tensors: &[Outgoing<'_>]) -> Result<String, WeightError> {
+        let mut digest = Self::new();
+        for t in tensors {
+            let bytes = t.bytes().map_err(|reason| WeightError::Format {
+                path: PathBuf::from(&t.name),
+                reason,
+            })?;
+            digest.add(&t.name, t.dtype, &t.shape, &bytes);
+        }
+        Ok(digest.hex())
+    }
+
+    /// The digest of the weight files of the directory `dir` (memory-mapped, read once).
+    pub fn of_dir(dir: &Path) -> Result<String, WeightError> {
+        let files = weight_files(dir)?.ok_or_else(|| WeightError::Io {
+            path: dir.join(WEIGHTS_FILE),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        })?;
+        let mut maps = Vec::new();
+        for name in files.iter().filter(|n| *n != WEIGHTS_INDEX_FILE) {
+            let path = dir.join(name);
+            let file = File::open(&path).map_err(|source| WeightError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            // SAFETY: read-only for the duration of the digest, as for loading.
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| WeightError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            maps.push((path, map));
+        }
+        let mut all = Vec::new();
+        for (path, map) in &maps {
+            let parsed = SafeTensors::deserialize(map).map_err(|e| WeightError::Format {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            for (name, view) in parsed.tensors() {
+                all.push((name, view));
+            }
+        }
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut digest = Self::new();
+        for (name, view) in &all {
+            digest.add(name, view.dtype(), view.shape(), view.data());
+        }
+        Ok(digest.hex())
+    }
 }

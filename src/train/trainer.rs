@@ -33,7 +33,12 @@ use super::recompute::{Segmented, Tape};
 use super::reference::{Reference, StreamedReference};
 use super::schedule::LrSchedule;
 use crate::model::logprobs::{logprobs, LogProbs, ScoredSeq};
-use crate::model::{CausalLm, Device, DiskDtype, ModelConfig, ModelError, Precision, Tokenizer};
+use crate::model::weights::{outgoing, WeightsDigest, MAX_SHARD_BYTES};
+use crate::model::{
+    CausalLm, Device, DiskDtype, ModelConfig, ModelError, ModelFiles, Precision, Tokenizer,
+    WeightOrigin,
+};
+use crate::sink::{put_bytes, DirSink, FileSink};
 
 /// A tokenized SFT example: the loss covers `completion` only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,6 +186,10 @@ pub struct Trainer {
     /// Disk dtypes, tokenizer and extra files, so saved weights are a complete HF directory.
     dtypes: HashMap<String, DiskDtype>,
     tokenizer_files: Vec<(String, Vec<u8>)>,
+    /// The weight files the policy was loaded from, while no step has changed it: a save
+    /// then links them instead of writing the weights again (the step-0 baseline of a
+    /// 54 GB model costs no copy).
+    origin: Option<WeightOrigin>,
 }
 
 impl Trainer {
@@ -216,6 +225,7 @@ impl Trainer {
             settings,
             dtypes: HashMap::new(),
             tokenizer_files: Vec::new(),
+            origin: None,
         })
     }
 
@@ -234,6 +244,13 @@ impl Trainer {
     ) -> Self {
         self.dtypes = dtypes;
         self.tokenizer_files = tokenizer.map(|t| t.files.clone()).unwrap_or_default();
+        self
+    }
+
+    /// Names the weight files the policy was loaded from (`Model::origin`); the first step
+    /// forgets them.
+    pub fn with_origin(mut self, origin: Option<WeightOrigin>) -> Self {
+        self.origin = origin;
         self
     }
 
@@ -317,7 +334,10 @@ impl Trainer {
             .expect("model is only absent inside step()");
         let backup = current.clone();
         match self.optim.step(report.lr, current, grads) {
-            Ok(updated) => self.model = Some(updated),
+            Ok(updated) => {
+                self.model = Some(updated);
+                self.origin = None;
+            }
             Err(e) => {
                 self.model = Some(backup);
                 return Err(e.into());
@@ -446,37 +466,61 @@ impl Trainer {
     /// Writes everything a resumed run needs into `dir`: the weights as a Hugging Face
     /// directory, `optimizer.bpk`, `trainer_state.json` and `seen.bin` (u64 LE hashes).
     pub fn save(&self, dir: &Path) -> Result<(), TrainError> {
-        crate::model::save_dir(
-            dir,
-            &self.config,
-            self.model(),
-            &self.dtypes,
-            None,
-            &self.tokenizer_files,
-        )?;
-        self.optim.save(&dir.join("optimizer.bpk"))?;
+        let mut sink = DirSink::create(dir).map_err(|e| TrainError::State {
+            path: dir.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        self.save_into(&mut sink)
+    }
+
+    /// [`save`](Self::save) into any [`FileSink`] (the checkpoint being written): the
+    /// weights stream tensor by tensor (sharded beyond 5 GB, as transformers saves), or
+    /// are linked from the files they were loaded from while no step has changed them. The
+    /// optimizer state is encoded in memory first (burnpack has no streaming writer; with
+    /// APOLLO-Mini it is a few MB even for the 27B).
+    pub fn save_into(&self, sink: &mut dyn FileSink) -> Result<(), TrainError> {
+        let parts = ModelFiles {
+            config: &self.config,
+            lm: self.model(),
+            dtypes: &self.dtypes,
+            tokenizer: None,
+            extra_files: &self.tokenizer_files,
+            origin: self.origin.as_ref(),
+        };
+        crate::model::save_into(sink, &parts, MAX_SHARD_BYTES)?;
+        let put = |sink: &mut dyn FileSink, name: &str, bytes: &[u8]| {
+            put_bytes(sink, name, bytes).map_err(|e| TrainError::State {
+                path: PathBuf::from(name),
+                reason: e.to_string(),
+            })
+        };
+        put(sink, "optimizer.bpk", &self.optim.to_bytes()?)?;
         let state = TrainerState {
             step: self.step,
             schedule: self.schedule,
             config: self.settings.clone(),
         };
-        let io = |path: PathBuf| {
-            move |e: std::io::Error| TrainError::State {
-                path,
-                reason: e.to_string(),
-            }
-        };
-        let state_path = dir.join("trainer_state.json");
-        std::fs::write(
-            &state_path,
-            serde_json::to_vec_pretty(&state).expect("state serialises"),
-        )
-        .map_err(io(state_path.clone()))?;
+        let json = serde_json::to_vec_pretty(&state).expect("state serialises");
+        put(sink, "trainer_state.json", &json)?;
         let mut seen: Vec<u64> = self.seen.iter().copied().collect();
         seen.sort_unstable();
         let bytes: Vec<u8> = seen.iter().flat_map(|h| h.to_le_bytes()).collect();
-        let seen_path = dir.join("seen.bin");
-        std::fs::write(&seen_path, bytes).map_err(io(seen_path.clone()))
+        put(sink, "seen.bin", &bytes)
+    }
+
+    /// A digest of the policy's weights as a save would write them
+    /// ([`WeightsDigest`]): equal to [`WeightsDigest::of_dir`] of a checkpoint holding the
+    /// same weights, whatever its sharding. Reads one tensor at a time.
+    pub fn weights_digest(&self) -> Result<String, TrainError> {
+        let lm = self.model();
+        let layout = lm.layout.clone();
+        let tensors = outgoing(
+            lm,
+            &|name| layout.disk_name(name),
+            &self.dtypes,
+            &layout.passthrough,
+        );
+        Ok(WeightsDigest::of_outgoing(&tensors).map_err(ModelError::from)?)
     }
 
     /// Restores a trainer saved by [`Trainer::save`] onto `device` (autodiff for training).
@@ -516,7 +560,8 @@ impl Trainer {
             });
         }
         let mut trainer = Trainer::with_reference(model.config, model.lm, reference, state.config)?
-            .with_files(model.dtypes, model.tokenizer.as_ref());
+            .with_files(model.dtypes, model.tokenizer.as_ref())
+            .with_origin(model.origin);
         trainer.optim.load(&dir.join("optimizer.bpk"), device)?;
         trainer.schedule = state.schedule;
         trainer.step = state.step;
