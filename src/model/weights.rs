@@ -514,45 +514,53 @@ pub struct Outgoing<'a> {
     source: OutSource<'a>,
 }
 
+/// Reads rows `start..end` of a parameter's leading dimension off the device.
+type ReadRows<'a> = Box<dyn Fn(usize, usize) -> TensorData + 'a>;
+
 enum OutSource<'a> {
-    /// A parameter: read off the device when written, encoded into the disk dtype.
-    Param(Box<dyn Fn() -> TensorData + 'a>, DiskDtype),
+    /// A parameter: read off the device when written, a block of rows at a time, encoded
+    /// into the disk dtype.
+    Param {
+        read: ReadRows<'a>,
+        disk: DiskDtype,
+    },
     /// Carried through byte for byte.
     Raw(&'a RawTensor),
 }
 
+/// The most bytes of one parameter read off the device at once: a larger one (the 27B's
+/// embedding and head are 2.5 GB each in bf16) is read in blocks of rows, so a save holds
+/// this much (and the read's own transient copy) beyond the writer's buffer.
+const READ_BLOCK_BYTES: u64 = 64 << 20;
+
 impl Outgoing<'_> {
-    /// The tensor's little-endian bytes in its disk dtype (one device read for a parameter).
-    pub fn bytes(&self) -> Result<OutBytes<'_>, String> {
-        match &self.source {
-            OutSource::Param(read, disk) => {
-                let data = read();
-                match encode(&data, *disk)? {
-                    (_, Cow::Owned(converted)) => Ok(OutBytes::Converted(converted)),
-                    (_, Cow::Borrowed(_)) => Ok(OutBytes::Read(data)),
-                }
-            }
-            OutSource::Raw(raw) => Ok(OutBytes::Raw(&raw.bytes)),
+    /// Hands the tensor's little-endian bytes in its disk dtype to `each`, in order: a
+    /// parameter one block of rows at a time (one device read each), a carried-through
+    /// tensor at once. The pieces add up to [`Outgoing::len`] bytes.
+    pub fn for_each_piece(
+        &self,
+        each: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        let OutSource::Param { read, disk } = &self.source else {
+            let OutSource::Raw(raw) = &self.source else {
+                unreachable!("two kinds of source")
+            };
+            return each(&raw.bytes);
+        };
+        let rows = self.shape.first().copied().unwrap_or(1).max(1);
+        let row_bytes = (self.len / rows as u64).max(1);
+        let block = ((READ_BLOCK_BYTES / row_bytes).max(1) as usize).min(rows);
+        let mut start = 0;
+        while start < rows {
+            let end = (start + block).min(rows);
+            let data = read(start, end);
+            let (_, bytes) = encode(&data, *disk).map_err(|reason| {
+                std::io::Error::other(format!("tensor `{}`: {reason}", self.name))
+            })?;
+            each(&bytes)?;
+            start = end;
         }
-    }
-}
-
-/// One tensor's bytes on their way to disk: the device read itself when it already is the
-/// disk dtype (no second host copy), a conversion otherwise, or a carried-through tensor.
-pub enum OutBytes<'a> {
-    Read(TensorData),
-    Converted(Vec<u8>),
-    Raw(&'a [u8]),
-}
-
-impl std::ops::Deref for OutBytes<'_> {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            OutBytes::Read(data) => data.as_bytes(),
-            OutBytes::Converted(bytes) => bytes,
-            OutBytes::Raw(bytes) => bytes,
-        }
+        Ok(())
     }
 }
 
@@ -567,7 +575,7 @@ pub fn outgoing<'a, M: Module>(
 ) -> Vec<Outgoing<'a>> {
     struct Lazy<'a> {
         path: Vec<String>,
-        out: Vec<(String, Vec<usize>, DType, Box<dyn Fn() -> TensorData + 'a>)>,
+        out: Vec<(String, Vec<usize>, DType, ReadRows<'a>)>,
     }
     impl<'a> ModuleVisitor for Lazy<'a> {
         fn enter_module(&mut self, name: &str, _container_type: &str) {
@@ -577,14 +585,23 @@ pub fn outgoing<'a, M: Module>(
             self.path.pop();
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let tensor = param.val();
+            // Off the autodiff graph first: slicing a tracked parameter would record a node
+            // that no backward pass ever consumes.
+            let tensor = param.val().inner();
             let shape = tensor.dims().to_vec();
             let dtype = tensor.dtype();
+            let whole = shape.first().copied().unwrap_or(0);
             self.out.push((
                 self.path.join("."),
                 shape,
                 dtype,
-                Box::new(move || tensor.clone().into_data()),
+                Box::new(move |start, end| {
+                    if D == 0 || (start == 0 && end >= whole) {
+                        tensor.clone().into_data()
+                    } else {
+                        tensor.clone().narrow(0, start, end - start).into_data()
+                    }
+                }),
             ));
         }
     }
@@ -605,7 +622,7 @@ pub fn outgoing<'a, M: Module>(
                 dtype: disk.safetensors(),
                 shape,
                 len,
-                source: OutSource::Param(read, disk),
+                source: OutSource::Param { read, disk },
             }
         })
         .collect();
@@ -643,7 +660,7 @@ impl DiskDtype {
 /// would write, tensor for tensor.
 pub fn unconverted(tensors: &[Outgoing<'_>], dtypes: &HashMap<String, DiskDtype>) -> bool {
     tensors.iter().all(|t| match &t.source {
-        OutSource::Param(_, disk) => dtypes.get(&t.name) == Some(disk),
+        OutSource::Param { disk, .. } => dtypes.get(&t.name) == Some(disk),
         OutSource::Raw(_) => true,
     })
 }
@@ -680,10 +697,7 @@ fn header(tensors: &[Outgoing<'_>]) -> Vec<u8> {
 fn stream_safetensors(tensors: &[Outgoing<'_>], out: &mut dyn Write) -> std::io::Result<()> {
     out.write_all(&header(tensors))?;
     for t in tensors {
-        let bytes = t
-            .bytes()
-            .map_err(|reason| std::io::Error::other(format!("tensor `{}`: {reason}", t.name)))?;
-        out.write_all(&bytes)?;
+        t.for_each_piece(&mut |bytes| out.write_all(bytes))?;
     }
     Ok(())
 }
@@ -807,12 +821,12 @@ impl WeightsDigest {
         WeightsDigest(Sha256::new())
     }
 
-    fn add(&mut self, name: &str, dtype: Dtype, shape: &[usize], bytes: &[u8]) {
+    /// Starts a tensor of `len` bytes; its bytes follow through `update`.
+    fn start(&mut self, name: &str, dtype: Dtype, shape: &[usize], len: u64) {
         let head = serde_json::json!([name, dtype, shape]).to_string();
         self.0.update((head.len() as u64).to_le_bytes());
         self.0.update(head.as_bytes());
-        self.0.update((bytes.len() as u64).to_le_bytes());
-        self.0.update(bytes);
+        self.0.update(len.to_le_bytes());
     }
 
     fn hex(self) -> String {
@@ -820,15 +834,19 @@ impl WeightsDigest {
     }
 
     /// The digest of what a save of `tensors` would write (reading each off the device
-    /// once, one at a time).
+    /// once, a block of rows at a time).
     pub fn of_outgoing(tensors: &[Outgoing<'_>]) -> Result<String, WeightError> {
         let mut digest = Self::new();
         for t in tensors {
-            let bytes = t.bytes().map_err(|reason| WeightError::Format {
+            digest.start(&t.name, t.dtype, &t.shape, t.len);
+            t.for_each_piece(&mut |bytes| {
+                digest.0.update(bytes);
+                Ok(())
+            })
+            .map_err(|e| WeightError::Format {
                 path: PathBuf::from(&t.name),
-                reason,
+                reason: e.to_string(),
             })?;
-            digest.add(&t.name, t.dtype, &t.shape, &bytes);
         }
         Ok(digest.hex())
     }
@@ -866,8 +884,58 @@ impl WeightsDigest {
         all.sort_by(|a, b| a.0.cmp(&b.0));
         let mut digest = Self::new();
         for (name, view) in &all {
-            digest.add(name, view.dtype(), view.shape(), view.data());
+            digest.start(name, view.dtype(), view.shape(), view.data().len() as u64);
+            digest.0.update(view.data());
         }
         Ok(digest.hex())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A parameter larger than [`READ_BLOCK_BYTES`] on disk is read in blocks of rows whose
+    /// bytes, in order, are exactly the whole tensor's (f32 as it is: two blocks; converted
+    /// to bf16: half the size, one block).
+    #[test]
+    fn a_large_parameter_is_read_in_blocks_that_add_up_to_the_tensor() {
+        let device = crate::model::cpu();
+        let [rows, cols] = [4_200, 4_096];
+        assert!((rows * cols * 4) as u64 > READ_BLOCK_BYTES);
+        let linear = burn::nn::LinearConfig::new(rows, cols)
+            .with_bias(false)
+            .init(&device);
+        let whole = linear.weight.val().into_data();
+        for (disk, expected) in [
+            (DiskDtype::F32, whole.as_bytes().to_vec()),
+            (
+                DiskDtype::Bf16,
+                whole
+                    .as_slice::<f32>()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            ),
+        ] {
+            let dtypes = HashMap::from([("weight".to_string(), disk)]);
+            let tensors = outgoing(&linear, &|n| n.to_string(), &dtypes, &[]);
+            let [t] = tensors.as_slice() else {
+                panic!("one parameter")
+            };
+            assert_eq!(t.len, expected.len() as u64);
+            let mut pieces = Vec::new();
+            let mut got = Vec::new();
+            t.for_each_piece(&mut |bytes| {
+                pieces.push(bytes.len());
+                got.extend_from_slice(bytes);
+                Ok(())
+            })
+            .unwrap();
+            let blocks = (expected.len() as u64).div_ceil(READ_BLOCK_BYTES) as usize;
+            assert!(pieces.len() >= blocks, "{disk:?}: {pieces:?}");
+            assert!(got == expected, "{disk:?}: the blocks differ from the tensor");
+        }
     }
 }
