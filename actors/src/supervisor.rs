@@ -38,6 +38,8 @@ use dreamloop::label::Phase;
 use dreamloop::mix::MixerState;
 use dreamloop::model::weights::WeightsDigest;
 use dreamloop::rollback::{rescaled_lr_factor, Policy, PolicyState, Verdict};
+use dreamloop::train::resume::{reconcile, SettingChange};
+use dreamloop::train::trainer::TrainerState;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::sync::{mpsc, watch};
 
@@ -170,6 +172,29 @@ async fn run_inner(
         Some(c) => Some(read_run_state(&c.file(RUN_STATE_FILE))?),
         None => None,
     };
+    if let Some(c) = &resume {
+        let refused = refused_train_changes(&config, &c.path)?;
+        if !refused.is_empty() {
+            for change in &refused {
+                tracing::error!(
+                    field = change.field,
+                    checkpoint = %change.saved,
+                    configured = %change.configured,
+                    "This [train] setting cannot change on resume."
+                );
+            }
+            let fields: Vec<&str> = refused.iter().map(|c| c.field).collect();
+            tracing::error!(
+                step = c.step,
+                path = %c.path.display(),
+                fields = %fields.join(", "),
+                "Not starting: the checkpoint was trained with other values of settings that are \
+                 bound to its state. Set them back to the checkpoint's values, or start from a \
+                 fresh state directory."
+            );
+            return Ok(EXIT_PERSISTENT);
+        }
+    }
     let config = Arc::new(config);
     let timeout = Duration::from_secs(config.supervisor.call_timeout_seconds);
     let shared = Arc::new(Mutex::new(Shared {
@@ -263,6 +288,18 @@ async fn run_inner(
     supervisor.stop(Some("daemon stopping".into()));
     let _ = handle.await;
     Ok(code)
+}
+
+/// The `[train]` changes since the checkpoint in `dir` that a resume cannot make (see
+/// `dreamloop::train::resume`); the applicable ones are applied and logged by the trainer.
+fn refused_train_changes(config: &DreamConfig, dir: &Path) -> anyhow::Result<Vec<SettingChange>> {
+    let path = dir.join("trainer_state.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let saved: TrainerState =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let configured = config.trainer_config(saved.config.pad_id);
+    Ok(reconcile(&saved.config, &configured).refused)
 }
 
 /// Why a step (or what it carries out) failed.

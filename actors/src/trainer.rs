@@ -292,6 +292,8 @@ struct Worker {
     device: Device,
     /// The dtype of the weights (`[model] dtype`), for restores.
     precision: dreamloop::model::Precision,
+    /// The config, whose `[train]` settings a restored trainer takes where it can.
+    config: Arc<DreamConfig>,
     /// Step number at which to inject a panic (tests only).
     panic_at: Option<u64>,
     /// How many injected panics this process allows.
@@ -300,6 +302,32 @@ struct Worker {
     slow_eval: Duration,
     /// Cancels the evaluation in progress.
     cancel_eval: Arc<AtomicBool>,
+}
+
+/// Applies the `[train]` settings a restored trainer can take from the config (the
+/// operator's fix after an out-of-memory: `max_grad_norm`, `max_seq_len`, `recompute`,
+/// `logits_chunk`) and logs each. Changes it cannot take were refused before the actors
+/// started (`supervisor::refused_train_changes`); one that shows up here all the same (a
+/// rollback to a GOOD saved under other settings) is logged and left as saved.
+fn take_configured_settings(trainer: &mut Trainer, config: &DreamConfig) {
+    let pad = trainer.settings().pad_id;
+    let reconciled = trainer.reconcile_settings(&config.trainer_config(pad));
+    for c in &reconciled.applied {
+        tracing::info!(
+            field = c.field,
+            checkpoint = %c.saved,
+            configured = %c.configured,
+            "A [train] setting changed since the checkpoint; applied."
+        );
+    }
+    for c in &reconciled.refused {
+        tracing::warn!(
+            field = c.field,
+            checkpoint = %c.saved,
+            configured = %c.configured,
+            "A [train] setting changed since the checkpoint cannot be applied to it; kept as saved."
+        );
+    }
 }
 
 /// The payload that unwinds out of a cancelled evaluation (see the module docs).
@@ -378,8 +406,10 @@ impl Worker {
                 // The policy comes from the checkpoint alone: the starting model is read
                 // again only as the reference (not at all when it is streamed).
                 let reference = open_reference(config.model.reference.as_deref().unwrap_or(spec))?;
-                let trainer = Trainer::restore_as(dir, reference.clone(), &device, precision)
-                    .with_context(|| format!("restoring the trainer from {}", dir.display()))?;
+                let mut trainer =
+                    Trainer::restore_as(dir, reference.clone(), &device, precision)
+                        .with_context(|| format!("restoring the trainer from {}", dir.display()))?;
+                take_configured_settings(&mut trainer, config);
                 (trainer, reference, restored_tokenizer(spec, dir, &plain)?)
             }
         };
@@ -394,6 +424,7 @@ impl Worker {
             probes,
             device,
             precision,
+            config: config.clone(),
             panic_at: std::env::var("DREAMLOOP_FAULT_PANIC_AT_STEP")
                 .ok()
                 .and_then(|v| v.parse().ok()),
@@ -436,7 +467,8 @@ impl Worker {
             Job::Restore(dir, reply) => {
                 let restored =
                     Trainer::restore_as(&dir, self.reference.clone(), &self.device, self.precision)
-                        .map(|t| {
+                        .map(|mut t| {
+                            take_configured_settings(&mut t, &self.config);
                             self.trainer = t;
                             self.trainer.step_count()
                         });
