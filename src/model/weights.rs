@@ -565,9 +565,11 @@ pub fn outgoing<'a, M: Module>(
     dtypes: &HashMap<String, DiskDtype>,
     raw: &'a [RawTensor],
 ) -> Vec<Outgoing<'a>> {
+    /// A parameter's dotted path, shape, dtype and how to read it off the device.
+    type Found<'a> = (String, Vec<usize>, DType, Box<dyn Fn() -> TensorData + 'a>);
     struct Lazy<'a> {
         path: Vec<String>,
-        out: Vec<(String, Vec<usize>, DType, Box<dyn Fn() -> TensorData + 'a>)>,
+        out: Vec<Found<'a>>,
     }
     impl<'a> ModuleVisitor for Lazy<'a> {
         fn enter_module(&mut self, name: &str, _container_type: &str) {
