@@ -115,7 +115,7 @@ impl CallError {
 
 /// The actor registered as `name`.
 pub fn lookup<M: Message>(name: &'static str) -> Result<ActorRef<M>, CallError> {
-    ractor::registry::where_is(name.to_string())
+    ractor::registry::where_is(name)
         .map(ActorRef::from)
         .ok_or(CallError::NotRunning { actor: name })
 }
