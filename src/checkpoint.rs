@@ -625,8 +625,11 @@ fn as_io(e: CheckpointError) -> io::Error {
 
 impl FileSink for PendingCheckpoint {
     fn put(&mut self, name: &str, produce: Produce<'_>) -> io::Result<()> {
-        self.add(name, FileSource::Writer(Box::new(move |w: &mut dyn Write| produce(w))))
-            .map_err(as_io)
+        self.add(
+            name,
+            FileSource::Writer(Box::new(move |w: &mut dyn Write| produce(w))),
+        )
+        .map_err(as_io)
     }
 
     fn put_existing(&mut self, name: &str, from: &Path) -> io::Result<()> {
@@ -811,7 +814,9 @@ impl CheckpointStore {
     /// writer (no staging copy). A leftover temporary directory of the same step is removed
     /// first. Finish with [`commit`](Self::commit), or [`abandon`](Self::abandon) it.
     pub fn begin(&self, step: u64) -> Result<PendingCheckpoint> {
-        let tmp = self.dir.join(format!("{TMP_PREFIX}{}", step_dir_name(step)));
+        let tmp = self
+            .dir
+            .join(format!("{TMP_PREFIX}{}", step_dir_name(step)));
         if tmp.exists() {
             self.fs.remove_dir_all(&tmp)?;
         }

@@ -47,6 +47,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::eval::EvalReport;
+
 /// What one evaluation measured (produced by `eval/`, one number per probe family).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -71,6 +73,24 @@ pub struct EvalMetrics {
 }
 
 impl EvalMetrics {
+    /// The policy's view of a probe report. General accuracy pools arithmetic and code
+    /// probes, weighted by their counts.
+    pub fn from_report(r: &EvalReport) -> EvalMetrics {
+        let general_count = (r.arithmetic.count + r.code.count).max(1) as f64;
+        EvalMetrics {
+            clear_accuracy: r.clear_direction.accuracy,
+            clear_margin: r.clear_direction.margin,
+            flawed_accuracy: r.flawed_direction.accuracy,
+            flawed_margin: r.flawed_direction.margin,
+            perplexity: r.perplexity,
+            attention_on_direction: r.attention_on_direction,
+            ablation_sensitivity: r.ablation_sensitivity,
+            general_accuracy: (r.arithmetic.accuracy * r.arithmetic.count as f64
+                + r.code.accuracy * r.code.count as f64)
+                / general_count,
+        }
+    }
+
     /// Whether every guarded metric is a finite number.
     fn guarded_finite(&self) -> bool {
         [
@@ -544,6 +564,13 @@ pub fn decide(record: &EvalRecord, state: &PolicyState, policy: &Policy) -> Verd
     }
 }
 
+/// The factor that moves a restored lr curve — saved at `good_peak_lr` with the policy's
+/// `good_factor` — to the configured peak lr and the policy's factor now. Every rollback,
+/// also the one before a policy pause, restores at the policy's current factor.
+pub fn rescaled_lr_factor(peak_lr: f64, factor: f64, good_peak_lr: f64, good_factor: f64) -> f64 {
+    (peak_lr / good_peak_lr) * (factor / good_factor)
+}
+
 /// The rollback verdict for `reason`, or a pause if there is no target or it would thrash.
 fn roll_back(reason: RollbackReason, state: &PolicyState, policy: &Policy) -> Verdict {
     let Some(to) = state.good_step else {
@@ -582,6 +609,14 @@ fn roll_back(reason: RollbackReason, state: &PolicyState, policy: &Policy) -> Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restored_curve_is_moved_to_the_current_factor_and_peak() {
+        // GOOD saved at peak 1e-5 with factor 0.5; now factor 0.125 and peak 2e-5.
+        let f = rescaled_lr_factor(2e-5, 0.125, 1e-5, 0.5);
+        assert!((f - 0.5).abs() < 1e-12, "{f}");
+        assert_eq!(rescaled_lr_factor(1e-5, 0.5, 1e-5, 0.5), 1.0);
+    }
 
     /// A baseline-like evaluation: 80 % / 70 % behaviour accuracy, perplexity 10.
     fn metrics() -> EvalMetrics {

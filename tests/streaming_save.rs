@@ -85,7 +85,10 @@ fn a_sharded_save_holds_transformers_tensors_byte_for_byte_with_its_index() {
             "{fixture}: the same tensor names"
         );
         for (name, want) in &reference {
-            assert!(saved[name] == *want, "{fixture}: {name} differs from transformers'");
+            assert!(
+                saved[name] == *want,
+                "{fixture}: {name} differs from transformers'"
+            );
         }
 
         // transformers' layout: no single file, numbered shards, and the index.
@@ -201,9 +204,7 @@ fn a_checkpoint_links_unchanged_weights_and_streams_trained_ones_into_place() {
     let save = |store: &mut CheckpointStore, trainer: &Trainer, step: u64| {
         let mut pending = store.begin(step).unwrap();
         trainer.save_into(&mut pending).unwrap();
-        pending
-            .add("state.json", FileSource::Bytes(b"{}"))
-            .unwrap();
+        pending.add("state.json", FileSource::Bytes(b"{}")).unwrap();
         store.commit(pending).unwrap().checkpoint
     };
 
@@ -237,8 +238,14 @@ fn a_checkpoint_links_unchanged_weights_and_streams_trained_ones_into_place() {
         fs::metadata(&written).unwrap().ino(),
         fs::metadata(&base_weights).unwrap().ino()
     );
-    assert_ne!(fs::read(&written).unwrap(), fs::read(&base_weights).unwrap());
-    assert_eq!(dreamloop::checkpoint::hash_file(&base_weights).unwrap().0, sha);
+    assert_ne!(
+        fs::read(&written).unwrap(),
+        fs::read(&base_weights).unwrap()
+    );
+    assert_eq!(
+        dreamloop::checkpoint::hash_file(&base_weights).unwrap().0,
+        sha
+    );
     store.load(1).expect("step 1 verifies against its manifest");
     assert_eq!(
         trainer.weights_digest().unwrap(),

@@ -13,13 +13,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context};
+use anyhow::Context;
 use dreamloop::checkpoint::{
     step_dir_name, CheckpointStore, FaultHook, FileSource, FsOp, Quarantine, RetentionPolicy,
 };
 use dreamloop::config::DreamConfig;
-use ractor::{call_t, Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
+use crate::call::{self, ReplyError};
 use crate::monitor::TRAINER;
 use crate::status::{RunState, TrainedStep, RUN_STATE_FILE};
 use crate::trainer::TrainerMsg;
@@ -33,20 +34,21 @@ pub struct SaveInfo {
     pub seconds: f64,
 }
 
-/// Messages of the checkpointer actor.
+/// Messages of the checkpointer actor. Errors are persistent (the store or the disk
+/// refused), except a failed call to the trainer, which keeps its severity.
 pub enum CheckpointerMsg {
     /// Checkpoint the trainer's current weights (at `RunState::step`).
-    Save(Box<RunState>, RpcReplyPort<Result<SaveInfo, String>>),
+    Save(Box<RunState>, RpcReplyPort<Result<SaveInfo, ReplyError>>),
     /// Make `step` the rollback target.
-    MarkGood(u64, RpcReplyPort<Result<(), String>>),
+    MarkGood(u64, RpcReplyPort<Result<(), ReplyError>>),
     /// Restore the timeline to `step`: answers the checkpoint directory and its run state.
-    RollbackTo(u64, RpcReplyPort<Result<(PathBuf, RunState), String>>),
+    RollbackTo(u64, RpcReplyPort<Result<(PathBuf, RunState), ReplyError>>),
     /// Quarantines these steps' examples (rolled back from `from` to `to`).
     Quarantine(
         Vec<TrainedStep>,
         u64,
         u64,
-        RpcReplyPort<Result<usize, String>>,
+        RpcReplyPort<Result<usize, ReplyError>>,
     ),
 }
 
@@ -111,8 +113,7 @@ impl Actor for CheckpointerActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             CheckpointerMsg::Save(run, reply) => {
-                let saved = save(state, &run).await;
-                let _ = reply.send(saved.map_err(|e| format!("{e:#}")));
+                let _ = reply.send(save(state, &run).await);
             }
             CheckpointerMsg::MarkGood(step, reply) => {
                 let marked = state.store.mark_good(step).map(|warnings| {
@@ -120,10 +121,10 @@ impl Actor for CheckpointerActor {
                         tracing::warn!(?w, "Marking GOOD: warning.");
                     }
                 });
-                let _ = reply.send(marked.map_err(|e| e.to_string()));
+                let _ = reply.send(marked.map_err(ReplyError::persistent));
             }
             CheckpointerMsg::RollbackTo(step, reply) => {
-                let _ = reply.send(roll_back(state, step).map_err(|e| format!("{e:#}")));
+                let _ = reply.send(roll_back(state, step).map_err(ReplyError::persistent));
             }
             CheckpointerMsg::Quarantine(steps, from, to, reply) => {
                 let mut count = 0;
@@ -131,7 +132,7 @@ impl Actor for CheckpointerActor {
                 'outer: for s in steps {
                     for example in s.examples {
                         if let Err(e) = state.quarantine.append(s.step, from, to, example) {
-                            result = Err(e.to_string());
+                            result = Err(ReplyError::persistent(e));
                             break 'outer;
                         }
                         count += 1;
@@ -144,31 +145,35 @@ impl Actor for CheckpointerActor {
     }
 }
 
-async fn save(state: &mut CheckpointerState, run: &RunState) -> anyhow::Result<SaveInfo> {
+async fn save(state: &mut CheckpointerState, run: &RunState) -> Result<SaveInfo, ReplyError> {
     let started = Instant::now();
-    let trainer: ActorRef<TrainerMsg> = ractor::registry::where_is(TRAINER)
-        .map(ActorRef::from)
-        .ok_or_else(|| anyhow!("the trainer is not running"))?;
-    let pending = state.store.begin(run.step)?;
+    let pending = state
+        .store
+        .begin(run.step)
+        .map_err(ReplyError::persistent)?;
     // The trainer thread owns the pending checkpoint while it writes, and hands it back
     // with its verdict either way, so a failed save leaves no temporary directory behind.
     // If the call itself fails (timeout, trainer gone), the directory is debris that the
     // next save of this step, or the next start, removes.
-    let (mut pending, written) = call_t!(
-        trainer,
-        TrainerMsg::SaveInto,
-        state.call_timeout.as_millis() as u64,
-        Box::new(pending)
-    )?;
+    let (mut pending, written) = call::call(TRAINER, state.call_timeout, |reply| {
+        TrainerMsg::SaveInto(Box::new(pending), reply)
+    })
+    .await
+    .map_err(ReplyError::from_call)?;
     let run_json = serde_json::to_vec_pretty(run).expect("run state serialises");
-    let added = written
-        .map_err(|e| anyhow!(e))
-        .and_then(|()| Ok(pending.add(RUN_STATE_FILE, FileSource::Bytes(&run_json))?));
+    let added = written.and_then(|()| {
+        pending
+            .add(RUN_STATE_FILE, FileSource::Bytes(&run_json))
+            .map_err(ReplyError::persistent)
+    });
     if let Err(e) = added {
         state.store.abandon(*pending);
         return Err(e);
     }
-    let saved = state.store.commit(*pending)?;
+    let saved = state
+        .store
+        .commit(*pending)
+        .map_err(ReplyError::persistent)?;
     for w in saved.warnings {
         tracing::warn!(?w, "Checkpoint saved with a warning.");
     }

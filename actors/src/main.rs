@@ -12,20 +12,25 @@
 //!          ├── signals.rs task ──Control──┐      (SIGTERM/INT/TSTP/CONT/USR1/HUP)
 //!          │                              ▼
 //!          ├── supervisor::run ── the step loop (Driver): boundary → NextBatch → TrainOn
-//!          │                      → trained.jsonl → checkpoint / evaluate → act on verdict
-//!          └── SupervisorActor (restarts children within [supervisor] budget)
+//!          │                      → trained.jsonl → evaluate (trainer) → judge (monitor)
+//!          │                      → act on verdict → checkpoint
+//!          └── SupervisorActor (restarts children within [supervisor] budget; counts
+//!                               slow calls against it too)
 //!                ├── generator     scenario::Generator + ledger, GeneralReplay
 //!                ├── labeler       label::Labeler + convo::ConvoReader     ── calls generator
 //!                ├── mixer         mix::Mixer + Pools                      ── calls labeler
 //!                ├── trainer       train::Trainer on the `dreamloop-trainer` OS thread
 //!                │                 (bounded crossbeam job queue; eval::ProbeSuite there too)
-//!                ├── monitor       rollback::decide over eval reports      ── calls trainer
+//!                ├── monitor       rollback::decide over eval reports (owns PolicyState)
 //!                └── checkpointer  checkpoint::CheckpointStore, Quarantine ── calls trainer
 //! ```
 //!
 //! Actors find each other by registered name (`ractor::registry::where_is`), so a restarted
-//! actor is found without re-wiring; every call is `call_t!` with a timeout.
+//! actor is found without re-wiring. The loop's calls go through `call.rs` (lookup, send,
+//! a timeout; typed failures: transient ones are retried and counted against the restart
+//! budget, persistent ones stop the daemon with exit 78).
 
+mod call;
 mod checkpointer;
 mod cmd_daemon;
 mod cmd_device_check;

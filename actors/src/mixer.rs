@@ -10,11 +10,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::anyhow;
 use dreamloop::config::DreamConfig;
 use dreamloop::mix::{Batch, BatchPlan, MixError, Mixer, MixerState, Pools};
-use ractor::{call_t, Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
+use crate::call::{self, ReplyError};
 use crate::labeler::LabelerMsg;
 
 /// Registered name of the labeler actor.
@@ -22,10 +22,13 @@ pub const LABELER: &str = "labeler";
 
 /// Messages of the mixer actor.
 pub enum MixerMsg {
-    /// The next batch.
-    NextBatch(RpcReplyPort<Result<Batch, String>>),
-    /// Changes the replay ratio from the next batch on (rollback, SIGHUP).
-    SetReplayRatio(f64, RpcReplyPort<Result<(), String>>),
+    /// The next batch. A failed call to the labeler is passed on with its severity; an
+    /// error answer of the labeler (missing logs, exhausted templates, a full ledger) and a
+    /// short delivery are persistent.
+    NextBatch(RpcReplyPort<Result<Batch, ReplyError>>),
+    /// Changes the replay ratio from the next batch on (rollback, SIGHUP); a refused ratio
+    /// is persistent.
+    SetReplayRatio(f64, RpcReplyPort<Result<(), ReplyError>>),
     /// The carries and the replay ratio, for a checkpoint.
     State(RpcReplyPort<(MixerState, f64)>),
 }
@@ -82,15 +85,14 @@ impl Actor for MixerActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             MixerMsg::NextBatch(reply) => {
-                let batch = next_batch(state).await;
-                let _ = reply.send(batch.map_err(|e| format!("{e:#}")));
+                let _ = reply.send(next_batch(state).await);
             }
             MixerMsg::SetReplayRatio(ratio, reply) => {
                 let _ = reply.send(
                     state
                         .mixer
                         .set_replay_ratio(ratio)
-                        .map_err(|e| e.to_string()),
+                        .map_err(ReplyError::persistent),
                 );
             }
             MixerMsg::State(reply) => {
@@ -101,7 +103,7 @@ impl Actor for MixerActor {
     }
 }
 
-async fn next_batch(state: &mut MixerActorState) -> anyhow::Result<Batch> {
+async fn next_batch(state: &mut MixerActorState) -> Result<Batch, ReplyError> {
     let plan = state.mixer.plan();
     let have = state.pools.available();
     let missing = BatchPlan {
@@ -110,25 +112,21 @@ async fn next_batch(state: &mut MixerActorState) -> anyhow::Result<Batch> {
         push_back: plan.push_back.saturating_sub(have.push_back),
     };
     if missing != BatchPlan::default() {
-        let labeler: ActorRef<LabelerMsg> = ractor::registry::where_is(LABELER)
-            .map(ActorRef::from)
-            .ok_or_else(|| anyhow!("the labeler is not running"))?;
-        let examples = call_t!(
-            labeler,
-            LabelerMsg::Fill,
-            state.call_timeout.as_millis() as u64,
-            missing
-        )?
-        .map_err(|e| anyhow!(e))?;
+        let examples = call::call(LABELER, state.call_timeout, |reply| {
+            LabelerMsg::Fill(missing, reply)
+        })
+        .await
+        .map_err(ReplyError::from_call)?
+        .map_err(|e| ReplyError::persistent(format!("the labeler: {e}")))?;
         for example in examples {
             state.pools.push(example);
         }
     }
     match state.mixer.next_batch(&mut state.pools) {
         Ok(batch) => Ok(batch),
-        Err(e @ MixError::Short { .. }) => {
-            Err(anyhow!("the labeler delivered less than asked: {e}"))
-        }
-        Err(e) => Err(e.into()),
+        Err(e @ MixError::Short { .. }) => Err(ReplyError::persistent(format!(
+            "the labeler delivered less than asked: {e}"
+        ))),
+        Err(e) => Err(ReplyError::persistent(e)),
     }
 }

@@ -1,20 +1,16 @@
-//! The monitor actor: evaluates the weights on the held-out probes and asks the rollback
-//! policy what to do.
+//! The monitor actor: the one owner of the rollback policy's state. It judges each
+//! evaluation — maps the [`EvalReport`] to the policy's [`EvalRecord`] (with the non-finite
+//! steps the trainer skipped since the last evaluation), runs the pure [`decide`] and
+//! advances the [`PolicyState`] — and answers at once: it never calls another actor.
 //!
-//! It counts the non-finite steps the trainer skipped since the last evaluation, has the
-//! trainer thread evaluate its current weights (a forward-only copy, in step order), maps the
-//! [`EvalReport`] to the policy's [`EvalRecord`], runs the pure [`decide`] and advances the
-//! [`PolicyState`]. The verdict goes back to the loop, which carries it out with the
-//! checkpointer and the trainer (so the order of effects reads in one place, `supervisor.rs`).
+//! The loop asks the trainer for the report itself (an evaluation can outlast the call
+//! timeout, and a shutdown must be able to cancel it), then asks the monitor for the
+//! verdict and carries it out with the checkpointer and the trainer (so the order of
+//! effects reads in one place, `supervisor.rs`).
 
-use std::time::Duration;
-
-use anyhow::anyhow;
 use dreamloop::eval::EvalReport;
 use dreamloop::rollback::{decide, EvalMetrics, EvalRecord, Policy, PolicyState, Verdict};
-use ractor::{call_t, Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-
-use crate::trainer::TrainerMsg;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 /// Registered name of the trainer actor.
 pub const TRAINER: &str = "trainer";
@@ -30,14 +26,16 @@ pub struct Evaluation {
     pub verdict: Verdict,
     /// The policy state before this evaluation (the baseline it was compared with).
     pub before: PolicyState,
+    /// The policy state after it (what the next checkpoint persists).
+    pub after: PolicyState,
 }
 
 /// Messages of the monitor actor.
 pub enum MonitorMsg {
     /// A step was skipped as non-finite.
     NonFiniteStep,
-    /// Evaluate the trainer's weights, which are at `step`.
-    Evaluate(u64, RpcReplyPort<Result<Evaluation, String>>),
+    /// Judge this report of the weights at `step`.
+    Judge(u64, Box<EvalReport>, RpcReplyPort<Evaluation>),
     /// New thresholds (SIGHUP).
     SetPolicy(Policy),
     /// The replay ratio the policy starts its next adjustment from (SIGHUP).
@@ -57,8 +55,6 @@ pub struct MonitorArgs {
     pub policy: Policy,
     /// The state of the checkpoint resumed from, or a fresh one.
     pub state: PolicyState,
-    /// Timeout of the evaluation call.
-    pub call_timeout: Duration,
 }
 
 /// The actor state.
@@ -66,28 +62,10 @@ pub struct MonitorState {
     policy: Policy,
     state: PolicyState,
     non_finite_steps: u32,
-    call_timeout: Duration,
 }
 
 /// The monitor actor (see the module docs).
 pub struct MonitorActor;
-
-/// The policy's view of a probe report. General accuracy pools arithmetic and code probes.
-pub fn eval_metrics(r: &EvalReport) -> EvalMetrics {
-    let general_count = (r.arithmetic.count + r.code.count).max(1) as f64;
-    EvalMetrics {
-        clear_accuracy: r.clear_direction.accuracy,
-        clear_margin: r.clear_direction.margin,
-        flawed_accuracy: r.flawed_direction.accuracy,
-        flawed_margin: r.flawed_direction.margin,
-        perplexity: r.perplexity,
-        attention_on_direction: r.attention_on_direction,
-        ablation_sensitivity: r.ablation_sensitivity,
-        general_accuracy: (r.arithmetic.accuracy * r.arithmetic.count as f64
-            + r.code.accuracy * r.code.count as f64)
-            / general_count,
-    }
-}
 
 impl Actor for MonitorActor {
     type Msg = MonitorMsg;
@@ -103,7 +81,6 @@ impl Actor for MonitorActor {
             policy: args.policy,
             state: args.state,
             non_finite_steps: 0,
-            call_timeout: args.call_timeout,
         })
     }
 
@@ -115,9 +92,8 @@ impl Actor for MonitorActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             MonitorMsg::NonFiniteStep => state.non_finite_steps += 1,
-            MonitorMsg::Evaluate(step, reply) => {
-                let result = evaluate(state, step).await;
-                let _ = reply.send(result.map_err(|e| format!("{e:#}")));
+            MonitorMsg::Judge(step, report, reply) => {
+                let _ = reply.send(judge(state, step, *report));
             }
             MonitorMsg::SetPolicy(policy) => state.policy = policy,
             MonitorMsg::SetReplayRatio(ratio) => state.state.replay_ratio = ratio,
@@ -131,28 +107,21 @@ impl Actor for MonitorActor {
     }
 }
 
-async fn evaluate(state: &mut MonitorState, step: u64) -> anyhow::Result<Evaluation> {
-    let trainer: ActorRef<TrainerMsg> = ractor::registry::where_is(TRAINER)
-        .map(ActorRef::from)
-        .ok_or_else(|| anyhow!("the trainer is not running"))?;
-    let report = call_t!(
-        trainer,
-        TrainerMsg::Evaluate,
-        state.call_timeout.as_millis() as u64
-    )?;
+fn judge(state: &mut MonitorState, step: u64, report: EvalReport) -> Evaluation {
     let record = EvalRecord {
         step,
-        metrics: eval_metrics(&report),
+        metrics: EvalMetrics::from_report(&report),
         non_finite_steps: state.non_finite_steps,
     };
     let verdict = decide(&record, &state.state, &state.policy);
     let before = state.state.clone();
     state.state = state.state.apply(&record, &verdict, &state.policy);
     state.non_finite_steps = 0;
-    Ok(Evaluation {
+    Evaluation {
         report,
         record,
         verdict,
         before,
-    })
+        after: state.state.clone(),
+    }
 }

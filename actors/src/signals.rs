@@ -26,7 +26,11 @@ pub fn spawn(tx: mpsc::Sender<Control>) -> std::io::Result<()> {
     tokio::spawn(async move {
         let mut interrupted = false;
         loop {
+            // Biased, in this order: when a stop sends SIGTERM then SIGCONT (GNU timeout,
+            // systemd) and both are pending, the Shutdown goes first, so the Resume cannot
+            // start a step before it is honoured.
             let control = tokio::select! {
+                biased;
                 _ = term.recv() => Control::Shutdown,
                 _ = int.recv() => {
                     if interrupted {

@@ -15,11 +15,16 @@
 //! trainer starts from LATEST. When a budget is spent the loop stops: checkpoint if the
 //! trainer still answers, an `alarm` event, exit status 70.
 //!
-//! Every call between actors is a `call_t!` with `[supervisor] call_timeout_seconds`.
+//! Every call between actors goes through `call.rs` with `[supervisor]
+//! call_timeout_seconds`; a failure is transient (retried, counted against the restart
+//! budget) or persistent (the loop stops cleanly, exit 78). A failed final checkpoint exits
+//! 74; a pause ordered by the rollback policy is kept in `paused-by-policy.json` across
+//! restarts.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,15 +33,20 @@ use dreamloop::checkpoint::{
     step_dir_name, CheckpointStore, RetentionPolicy, CHECKPOINTS_DIR, LATEST_POINTER,
 };
 use dreamloop::config::{DreamConfig, OnWriteError};
-use dreamloop::model::weights::WeightsDigest;
 use dreamloop::events::{rfc3339_utc, Event, EventLog};
 use dreamloop::label::Phase;
 use dreamloop::mix::MixerState;
-use dreamloop::rollback::{Adjustments, Policy, PolicyState, Verdict};
-use ractor::{call_t, Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
+use dreamloop::model::weights::WeightsDigest;
+use dreamloop::rollback::{rescaled_lr_factor, Policy, PolicyState, Verdict};
+use dreamloop::train::resume::{reconcile, SettingChange};
+use dreamloop::train::trainer::TrainerState;
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::sync::{mpsc, watch};
 
-use crate::checkpointer::{read_run_state, CheckpointerActor, CheckpointerArgs, CheckpointerMsg};
+use crate::call::{self, CallError, Pending, ReplyError, Severity};
+use crate::checkpointer::{
+    read_run_state, CheckpointerActor, CheckpointerArgs, CheckpointerMsg, SaveInfo,
+};
 use crate::generator::{GeneratorActor, GeneratorArgs, GeneratorMsg};
 use crate::labeler::{LabelerActor, LabelerArgs, LabelerMsg, GENERATOR};
 use crate::mixer::{MixerActor, MixerArgs, MixerMsg, LABELER};
@@ -58,6 +68,17 @@ pub const PIPELINE: [&str; 6] = [GENERATOR, LABELER, MIXER, TRAINER, MONITOR, CH
 
 /// Exit status when a restart budget was spent (EX_SOFTWARE).
 pub const EXIT_BUDGET_SPENT: u8 = 70;
+/// Exit status when the final checkpoint could not be written (EX_IOERR): the steps since
+/// LATEST are lost.
+pub const EXIT_FINAL_CHECKPOINT_FAILED: u8 = 74;
+/// Exit status after a persistent error (EX_CONFIG, as for a refused setting): the operator
+/// must fix its cause (see `call.rs` for which errors are persistent).
+pub const EXIT_PERSISTENT: u8 = 78;
+/// Registered name of the supervisor actor.
+pub const SUPERVISOR: &str = "supervisor";
+/// `<state_dir>/paused-by-policy.json`: present while the rollback policy's pause waits for
+/// an operator, so that a restart stays paused (removed by `dreamloop resume`).
+pub const POLICY_PAUSE_FILE: &str = "paused-by-policy.json";
 
 /// What an operator (through `signals.rs`) or a test asks of the loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +172,29 @@ async fn run_inner(
         Some(c) => Some(read_run_state(&c.file(RUN_STATE_FILE))?),
         None => None,
     };
+    if let Some(c) = &resume {
+        let refused = refused_train_changes(&config, &c.path)?;
+        if !refused.is_empty() {
+            for change in &refused {
+                tracing::error!(
+                    field = change.field,
+                    checkpoint = %change.saved,
+                    configured = %change.configured,
+                    "This [train] setting cannot change on resume."
+                );
+            }
+            let fields: Vec<&str> = refused.iter().map(|c| c.field).collect();
+            tracing::error!(
+                step = c.step,
+                path = %c.path.display(),
+                fields = %fields.join(", "),
+                "Not starting: the checkpoint was trained with other values of settings that are \
+                 bound to its state. Set them back to the checkpoint's values, or start from a \
+                 fresh state directory."
+            );
+            return Ok(EXIT_PERSISTENT);
+        }
+    }
     let config = Arc::new(config);
     let timeout = Duration::from_secs(config.supervisor.call_timeout_seconds);
     let shared = Arc::new(Mutex::new(Shared {
@@ -169,7 +213,9 @@ async fn run_inner(
     }
 
     let (news_tx, news_rx) = watch::channel(News::Quiet);
+    let cancel_eval = Arc::new(AtomicBool::new(false));
     let sup_args = SupervisorArgs {
+        cancel_eval: cancel_eval.clone(),
         config: config.clone(),
         shared: shared.clone(),
         events: events.clone(),
@@ -179,11 +225,19 @@ async fn run_inner(
             .as_ref()
             .map_or(Start::Fresh, |c| Start::Restore(c.path.clone())),
     };
-    let (supervisor, handle) = Actor::spawn(Some("supervisor".into()), SupervisorActor, sup_args)
+    let (supervisor, handle) = Actor::spawn(Some(SUPERVISOR.into()), SupervisorActor, sup_args)
         .await
         .map_err(|e| anyhow!("starting the actors: {e}"))?;
 
     let resumed_step = resume.as_ref().map_or(0, |c| c.step);
+    let policy_paused = state_dir.join(POLICY_PAUSE_FILE).exists();
+    if policy_paused {
+        tracing::warn!(
+            path = %state_dir.join(POLICY_PAUSE_FILE).display(),
+            "The rollback policy paused training before this start; still paused. \
+             `dreamloop resume` continues."
+        );
+    }
     let good = run_state.as_ref().and_then(|r| r.policy.good_step);
     let mut driver = Driver {
         trained: TrainedLog::open(&state_dir, good, resumed_step)?,
@@ -202,7 +256,7 @@ async fn run_inner(
             .as_ref()
             .map_or(config.eval.every_n_steps, |r| r.eval_every_n_steps),
         paused: false,
-        paused_by_policy: false,
+        paused_by_policy: policy_paused,
         lr: 0.0,
         last_eval: None,
         last_rollback: None,
@@ -212,12 +266,16 @@ async fn run_inner(
         tty: std::io::stderr().is_terminal(),
         last_loss: None,
         checkpoint_soon: false,
+        deferred: VecDeque::new(),
+        control_closed: false,
+        stopping: false,
+        cancel_eval,
         paused_ping: systemd::watchdog_interval()
             .map(|d| d / 2)
             .unwrap_or(Duration::from_secs(5))
             .min(Duration::from_secs(5)),
     };
-    driver.paused = driver.opts.paused;
+    driver.paused = driver.opts.paused || policy_paused;
     let code = driver.run_loop().await;
     let code = match code {
         Ok(code) => code,
@@ -232,42 +290,37 @@ async fn run_inner(
     Ok(code)
 }
 
-/// A failed call to an actor: either the actor answered with an error, or the call itself
-/// failed (timeout, actor gone), which the supervisor is dealing with.
-#[derive(Debug)]
-enum CallError {
-    /// The actor is down or did not answer in time.
-    Down(String),
-    /// The actor answered with an error.
-    Failed(String),
+/// The `[train]` changes since the checkpoint in `dir` that a resume cannot make (see
+/// `dreamloop::train::resume`); the applicable ones are applied and logged by the trainer.
+fn refused_train_changes(config: &DreamConfig, dir: &Path) -> anyhow::Result<Vec<SettingChange>> {
+    let path = dir.join("trainer_state.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let saved: TrainerState =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let configured = config.trainer_config(saved.config.pad_id);
+    Ok(reconcile(&saved.config, &configured).refused)
 }
 
-impl std::fmt::Display for CallError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+/// Why a step (or what it carries out) failed.
+#[derive(Debug, thiserror::Error)]
+enum StepError {
+    /// A call to an actor failed (transient or persistent, see `call.rs`).
+    #[error(transparent)]
+    Call(#[from] CallError),
+    /// The loop's own work failed (`trained.jsonl`, a restore that is not bit-exact):
+    /// persistent.
+    #[error("{0:#}")]
+    Local(anyhow::Error),
+}
+
+impl StepError {
+    fn severity(&self) -> Severity {
         match self {
-            CallError::Down(e) => write!(f, "actor down: {e}"),
-            CallError::Failed(e) => f.write_str(e),
+            StepError::Call(e) => e.severity(),
+            StepError::Local(_) => Severity::Persistent,
         }
     }
-}
-
-fn actor<M: ractor::Message>(name: &str) -> Result<ActorRef<M>, CallError> {
-    ractor::registry::where_is(name)
-        .map(ActorRef::from)
-        .ok_or_else(|| CallError::Down(format!("{name} is not running")))
-}
-
-/// `call_t!` to the actor registered as `$name`, mapping both failure layers to [`CallError`].
-macro_rules! ask {
-    ($self:ident, $name:expr, $msg:expr $(, $arg:expr)*) => {{
-        match actor($name) {
-            Ok(a) => match call_t!(a, $msg, $self.timeout.as_millis() as u64 $(, $arg)*) {
-                Ok(v) => Ok(v),
-                Err(e) => Err(CallError::Down(format!("{}: {e}", $name))),
-            },
-            Err(e) => Err(e),
-        }
-    }};
 }
 
 /// The step loop and everything it carries out (see the module docs).
@@ -303,6 +356,14 @@ struct Driver {
     /// until a checkpoint carries them; a crash before it resumes from GOOD with GOOD's
     /// settings (the quarantine is on disk already), so that window is kept to one step.
     checkpoint_soon: bool,
+    /// Control that arrived while the loop waited on an actor, for the next step boundary.
+    deferred: VecDeque<Control>,
+    /// The control channel has no sender any more (a Shutdown was deferred for it).
+    control_closed: bool,
+    /// Set by a shutdown: a failed checkpoint is then final, not a reason to pause.
+    stopping: bool,
+    /// Cancels the trainer's evaluation in progress (set by a Shutdown while waiting).
+    cancel_eval: Arc<AtomicBool>,
     /// How often a paused loop feeds systemd's watchdog (and re-writes status.json): half
     /// of WatchdogSec, at most 5 s.
     paused_ping: Duration,
@@ -315,7 +376,7 @@ enum Flow {
 }
 
 impl Driver {
-    async fn run_loop(&mut self) -> anyhow::Result<u8> {
+    async fn run_loop(&mut self) -> Result<u8, StepError> {
         self.sync_position().await?;
         self.apply_configured_lr().await?;
         let needs_baseline = {
@@ -323,10 +384,12 @@ impl Driver {
             shared.policy_state.baseline.is_none() || shared.policy_state.remeasure
         };
         if needs_baseline {
-            if self.latest != Some(self.step) {
-                self.checkpoint().await?;
+            // The verdict's checkpoint (MarkGood) is written by the evaluation itself.
+            if let Err(e) = self.evaluate_and_act().await {
+                if let Some(code) = self.recover(e).await? {
+                    return Ok(code);
+                }
             }
-            self.evaluate_and_act().await?;
         }
         self.write_status(if self.paused { "paused" } else { "running" });
         let _ = systemd::ready();
@@ -348,48 +411,112 @@ impl Driver {
                 tracing::info!(step = self.step, "Reached --max-steps.");
                 return self.shutdown().await;
             }
-            match self.one_step().await {
-                Ok(()) => {}
-                Err(CallError::Failed(e)) => return Err(anyhow!(e)),
-                Err(CallError::Down(e)) => {
-                    tracing::warn!(error = %e, "A step failed; waiting for the supervisor.");
-                    if let Some(code) = self.await_recovery().await? {
-                        return Ok(code);
-                    }
+            if let Err(e) = self.one_step().await {
+                if let Some(code) = self.recover(e).await? {
+                    return Ok(code);
                 }
             }
         }
     }
 
-    /// Handles control and supervisor news at a step boundary; blocks while paused.
-    async fn boundary(&mut self) -> anyhow::Result<Flow> {
+    /// Acts on a failed step by the rule in `call.rs`: a persistent error stops cleanly; a
+    /// crashed actor is waited for (the supervisor restarts it); any other transient
+    /// failure counts against the actor's restart budget and the step is tried again.
+    /// `Some(code)` when the loop must stop.
+    async fn recover(&mut self, error: StepError) -> Result<Option<u8>, StepError> {
+        let news = self.news.borrow().clone();
+        if let News::BudgetSpent { actor, reason } = news {
+            return self.budget_spent(&actor, &reason).await.map(Some);
+        }
+        if error.severity() == Severity::Persistent {
+            return self.stop_persistent(&error).await.map(Some);
+        }
+        match &error {
+            StepError::Call(CallError::NotRunning { .. } | CallError::Gone { .. }) => {
+                tracing::warn!(error = %error, "A step failed; waiting for the supervisor.");
+                self.await_recovery().await
+            }
+            StepError::Call(e) => {
+                let actor = e.actor();
+                if self.count_failure(actor, &e.to_string()).await {
+                    tracing::warn!(error = %e, "A step failed on a transient error; counted against the restart budget, trying again.");
+                    Ok(None)
+                } else {
+                    let reason = e.to_string();
+                    self.budget_spent(actor, &reason).await.map(Some)
+                }
+            }
+            StepError::Local(_) => unreachable!("local errors are persistent"),
+        }
+    }
+
+    /// Stops after a persistent error: alarm, final checkpoint if it can be written, exit 78.
+    async fn stop_persistent(&mut self, error: &StepError) -> Result<u8, StepError> {
+        tracing::error!(
+            error = %error,
+            "Stopping: this error is persistent, retrying would repeat it. Fix its cause and start again."
+        );
+        self.record(Event::Alarm {
+            name: "persistent_error".into(),
+            message: error.to_string(),
+        });
+        let _ = systemd::stopping();
+        self.stopping = true;
+        if self.latest != Some(self.step) {
+            match self.checkpoint().await {
+                Ok(true) => {}
+                Ok(false) => tracing::error!("The final checkpoint failed as well."),
+                Err(e) => tracing::error!(error = %e, "The final checkpoint failed as well."),
+            }
+        }
+        self.write_status("failed");
+        Ok(EXIT_PERSISTENT)
+    }
+
+    /// The next control: one that arrived while the loop waited on an actor first.
+    fn try_control(&mut self) -> Option<Option<Control>> {
+        if let Some(c) = self.deferred.pop_front() {
+            return Some(Some(c));
+        }
+        if self.control_closed {
+            return Some(None);
+        }
+        match self.control.try_recv() {
+            Ok(c) => Some(Some(c)),
+            Err(mpsc::error::TryRecvError::Empty) => None,
+            Err(mpsc::error::TryRecvError::Disconnected) => Some(None),
+        }
+    }
+
+    /// Handles control and supervisor news at a step boundary; blocks while paused. Every
+    /// pending control is handled before a step is taken, so a Resume that follows a
+    /// Shutdown (a stop sends SIGTERM then SIGCONT) cannot start one.
+    async fn boundary(&mut self) -> Result<Flow, StepError> {
         let news = self.news.borrow().clone();
         if let News::BudgetSpent { actor, reason } = news {
             return self.budget_spent(&actor, &reason).await.map(Flow::Stop);
         }
         loop {
-            let control = if self.paused {
-                self.write_status("paused");
-                tokio::select! {
-                    c = self.control.recv() => c,
-                    // Paused is alive: keep systemd's watchdog fed.
-                    _ = tokio::time::sleep(self.paused_ping) => {
-                        let _ = systemd::watchdog();
-                        continue;
-                    }
-                    _ = self.news.changed() => {
-                        let news = self.news.borrow().clone();
-                        if let News::BudgetSpent { actor, reason } = news {
-                            return self.budget_spent(&actor, &reason).await.map(Flow::Stop);
+            let control = match self.try_control() {
+                Some(c) => c,
+                None if !self.paused => return Ok(Flow::Continue),
+                None => {
+                    self.write_status("paused");
+                    tokio::select! {
+                        c = self.control.recv() => c,
+                        // Paused is alive: keep systemd's watchdog fed.
+                        _ = tokio::time::sleep(self.paused_ping) => {
+                            let _ = systemd::watchdog();
+                            continue;
                         }
-                        continue;
+                        _ = self.news.changed() => {
+                            let news = self.news.borrow().clone();
+                            if let News::BudgetSpent { actor, reason } = news {
+                                return self.budget_spent(&actor, &reason).await.map(Flow::Stop);
+                            }
+                            continue;
+                        }
                     }
-                }
-            } else {
-                match self.control.try_recv() {
-                    Ok(c) => Some(c),
-                    Err(mpsc::error::TryRecvError::Empty) => return Ok(Flow::Continue),
-                    Err(mpsc::error::TryRecvError::Disconnected) => None,
                 }
             };
             let Some(control) = control else {
@@ -406,6 +533,10 @@ impl Driver {
                 Control::Resume => {
                     if self.paused_by_policy {
                         self.tell(MONITOR, MonitorMsg::OperatorResumed);
+                        let marker = self.config.state_dir.join(POLICY_PAUSE_FILE);
+                        if let Err(e) = std::fs::remove_file(&marker) {
+                            tracing::warn!(path = %marker.display(), error = %e, "Could not remove the policy-pause marker.");
+                        }
                     }
                     if self.paused {
                         tracing::info!(step = self.step, "Resumed.");
@@ -413,24 +544,19 @@ impl Driver {
                     self.paused = false;
                     self.paused_by_policy = false;
                     self.write_status("running");
-                    return Ok(Flow::Continue);
                 }
-                Control::Checkpoint => {
-                    if let Err(e) = self.checkpoint().await {
-                        tracing::error!(error = %e, "Checkpoint on request failed.");
-                    }
-                }
+                Control::Checkpoint => match self.checkpoint().await {
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "Checkpoint on request failed."),
+                },
                 Control::Reload => self.reload().await,
                 Control::Shutdown => return self.shutdown().await.map(Flow::Stop),
-            }
-            if !self.paused {
-                return Ok(Flow::Continue);
             }
         }
     }
 
     /// Waits until the supervisor restarted the failed actor (then re-syncs) or gave up.
-    async fn await_recovery(&mut self) -> anyhow::Result<Option<u8>> {
+    async fn await_recovery(&mut self) -> Result<Option<u8>, StepError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         loop {
             let news = self.news.borrow().clone();
@@ -447,20 +573,113 @@ impl Driver {
             }
             match tokio::time::timeout_at(deadline, self.news.changed()).await {
                 Ok(Ok(())) => {}
-                Ok(Err(_)) => return Err(anyhow!("the supervisor has stopped")),
+                Ok(Err(_)) => return Err(StepError::Local(anyhow!("the supervisor has stopped"))),
                 Err(_) => {
-                    return Err(anyhow!(
+                    return Err(StepError::Local(anyhow!(
                         "no actor was restarted within {:?} of a failed step",
                         self.timeout
-                    ))
+                    )))
                 }
             }
         }
     }
 
+    /// Counts a failure that is not a crash against `actor`'s restart budget; false when
+    /// the budget is spent (the supervisor has then sent `BudgetSpent`).
+    async fn count_failure(&self, actor: &'static str, reason: &str) -> bool {
+        let reason = reason.to_string();
+        call::call(SUPERVISOR, self.timeout, |reply| {
+            SupervisorMsg::CountFailure {
+                actor,
+                reason,
+                reply,
+            }
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// Keeps a control that arrived during a call for the next step boundary; a Shutdown
+    /// also cancels an evaluation in progress, so that it is acted on promptly.
+    fn defer(&mut self, control: Option<Control>) {
+        let control = control.unwrap_or_else(|| {
+            self.control_closed = true;
+            Control::Shutdown
+        });
+        if control == Control::Shutdown {
+            self.cancel_eval.store(true, Ordering::SeqCst);
+        }
+        self.deferred.push_back(control);
+    }
+
+    /// Awaits a sent request's answer in slices of the call timeout. A slice without an
+    /// answer is a transient failure counted against the callee's restart budget; the
+    /// wait goes on while the budget lasts (a slow evaluation on a loaded machine is not
+    /// fatal), and ends with `Timeout` once it is spent. Control arriving meanwhile is kept
+    /// for the next step boundary.
+    async fn wait<T>(&mut self, mut pending: Pending<T>) -> Result<T, CallError> {
+        enum Woke<T> {
+            Answer(Option<T>),
+            Slice,
+            Control(Option<Control>),
+        }
+        let actor = pending.actor;
+        let mut waited = Duration::ZERO;
+        let mut slice_end = tokio::time::Instant::now() + self.timeout;
+        loop {
+            let listen = !self.control_closed;
+            let woke = tokio::select! {
+                answer = &mut pending.answer => Woke::Answer(answer.ok()),
+                _ = tokio::time::sleep_until(slice_end) => Woke::Slice,
+                c = self.control.recv(), if listen => Woke::Control(c),
+            };
+            match woke {
+                Woke::Answer(Some(answer)) => return Ok(answer),
+                Woke::Answer(None) => return Err(CallError::Gone { actor }),
+                Woke::Control(c) => self.defer(c),
+                Woke::Slice => {
+                    waited += self.timeout;
+                    let reason = format!("no answer within {waited:?}");
+                    tracing::warn!(
+                        actor,
+                        ?waited,
+                        "A call is slow; counted against the restart budget, still waiting."
+                    );
+                    if !self.count_failure(actor, &reason).await {
+                        return Err(CallError::Timeout {
+                            actor,
+                            timeout: waited,
+                        });
+                    }
+                    slice_end = tokio::time::Instant::now() + self.timeout;
+                }
+            }
+        }
+    }
+
+    /// Calls the actor registered as `name` (lookup, send, [`Driver::wait`]).
+    async fn ask<M: ractor::Message, T: Send + 'static>(
+        &mut self,
+        name: &'static str,
+        build: impl FnOnce(RpcReplyPort<T>) -> M,
+    ) -> Result<T, CallError> {
+        let pending = call::send(name, build)?;
+        self.wait(pending).await
+    }
+
+    /// [`Driver::ask`] for an actor that answers `Result<T, ReplyError>`.
+    async fn try_ask<M: ractor::Message, T: Send + 'static>(
+        &mut self,
+        name: &'static str,
+        build: impl FnOnce(RpcReplyPort<Result<T, ReplyError>>) -> M,
+    ) -> Result<T, CallError> {
+        let answer = self.ask(name, build).await;
+        call::flatten(name, answer)
+    }
+
     /// Reads the trainer's step and lr (after start-up or a trainer restart).
-    async fn sync_position(&mut self) -> anyhow::Result<()> {
-        let (step, lr) = ask!(self, TRAINER, TrainerMsg::Position).map_err(|e| anyhow!("{e}"))?;
+    async fn sync_position(&mut self) -> Result<(), StepError> {
+        let (step, lr) = self.ask(TRAINER, TrainerMsg::Position).await?;
         if step != self.step {
             tracing::warn!(from = self.step, to = step, "The trainer restarted from an earlier checkpoint; steps since are redone with new examples.");
         }
@@ -470,11 +689,13 @@ impl Driver {
     }
 
     /// A changed `train.lr` since the checkpoint applies as a scale of the restored curve.
-    async fn apply_configured_lr(&mut self) -> anyhow::Result<()> {
+    async fn apply_configured_lr(&mut self) -> Result<(), StepError> {
         let wanted = self.config.train.lr;
         if (wanted - self.peak_lr).abs() > f64::EPSILON * wanted {
-            self.lr = ask!(self, TRAINER, TrainerMsg::ScaleLr, wanted / self.peak_lr)
-                .map_err(|e| anyhow!("{e}"))?;
+            let factor = wanted / self.peak_lr;
+            self.lr = self
+                .ask(TRAINER, |reply| TrainerMsg::ScaleLr(factor, reply))
+                .await?;
             tracing::info!(
                 from = self.peak_lr,
                 to = wanted,
@@ -485,10 +706,13 @@ impl Driver {
         Ok(())
     }
 
-    async fn one_step(&mut self) -> Result<(), CallError> {
-        let batch = ask!(self, MIXER, MixerMsg::NextBatch)?.map_err(CallError::Down)?;
+    async fn one_step(&mut self) -> Result<(), StepError> {
+        let batch = self.try_ask(MIXER, MixerMsg::NextBatch).await?;
         let examples = batch.examples;
-        let outcome = ask!(self, TRAINER, TrainerMsg::TrainOn, examples.clone())?;
+        let sent = examples.clone();
+        let outcome = self
+            .ask(TRAINER, |reply| TrainerMsg::TrainOn(sent, reply))
+            .await?;
         match outcome {
             StepOutcome::Trained(report) => {
                 telemetry::record_step(&report);
@@ -501,7 +725,7 @@ impl Driver {
                         step: report.step,
                         examples,
                     })
-                    .map_err(|e| CallError::Failed(format!("{e:#}")))?;
+                    .map_err(StepError::Local)?;
                 self.status_line(&report);
             }
             StepOutcome::Skipped { reason, non_finite } => {
@@ -515,24 +739,23 @@ impl Driver {
             }
         }
         self.write_status("running");
-        if self.step % self.config.checkpoint.every_n_steps == 0 || self.checkpoint_soon {
-            self.checkpoint_soon = false;
-            self.checkpoint()
-                .await
-                .map_err(|e| CallError::Down(format!("{e:#}")))?;
-        }
+        // Evaluate before the cadence checkpoint: a MarkGood writes this step's checkpoint
+        // with the verdict in its state.json, and the cadence checkpoint is then done.
         if self.step % self.eval_every == 0 {
-            self.evaluate_and_act()
-                .await
-                .map_err(|e| CallError::Down(format!("{e:#}")))?;
+            self.evaluate_and_act().await?;
+        }
+        let due = self.step % self.config.checkpoint.every_n_steps == 0 || self.checkpoint_soon;
+        if due && self.latest != Some(self.step) {
+            self.checkpoint_soon = false;
+            self.checkpoint().await?;
         }
         Ok(())
     }
 
     /// Sends without waiting (the target may be restarting; then the message is lost,
     /// which every such message tolerates).
-    fn tell<M: ractor::Message>(&self, name: &str, msg: M) {
-        if let Ok(a) = actor::<M>(name) {
+    fn tell<M: ractor::Message>(&self, name: &'static str, msg: M) {
+        if let Ok(a) = call::lookup::<M>(name) {
             let _ = a.cast(msg);
         }
     }
@@ -545,16 +768,62 @@ impl Driver {
     }
 
     /// Writes a checkpoint of the current weights with everything the loop resumes with.
-    async fn checkpoint(&mut self) -> anyhow::Result<()> {
-        let ledger_position = ask!(self, GENERATOR, GeneratorMsg::Sync)
-            .map_err(|e| anyhow!("{e}"))?
-            .map_err(|e| anyhow!(e))?;
-        ask!(self, LABELER, LabelerMsg::SaveCursor)
-            .map_err(|e| anyhow!("{e}"))?
-            .map_err(|e| anyhow!(e))?;
-        let (mixer, replay_ratio) =
-            ask!(self, MIXER, MixerMsg::State).map_err(|e| anyhow!("{e}"))?;
-        let policy = ask!(self, MONITOR, MonitorMsg::State).map_err(|e| anyhow!("{e}"))?;
+    /// `Ok(false)`: it could not be written (the disk refused; logged, an event, and a pause
+    /// if `[checkpoint] on_write_error = "pause"` and the loop is not stopping); the previous
+    /// checkpoints are intact. `Err`: an actor could not be reached.
+    async fn checkpoint(&mut self) -> Result<bool, StepError> {
+        match self.write_checkpoint().await {
+            Ok(info) => {
+                telemetry::record_checkpoint_write(Some(info.bytes), info.seconds);
+                self.latest = Some(self.step);
+                tracing::info!(
+                    step = self.step,
+                    bytes = info.bytes,
+                    seconds = info.seconds,
+                    "Checkpoint written."
+                );
+                Ok(true)
+            }
+            Err(e) if e.severity() == Severity::Transient => Err(e),
+            Err(e) => {
+                let error = e.to_string();
+                telemetry::record_checkpoint_write(None, 0.0);
+                tracing::error!(step = self.step, %error, "Checkpoint failed; the previous ones are intact.");
+                self.record(Event::CheckpointFailed { error });
+                if self.config.checkpoint.on_write_error == OnWriteError::Pause
+                    && !self.paused
+                    && !self.stopping
+                {
+                    tracing::error!(
+                        step = self.step,
+                        "Paused after the failed checkpoint ([checkpoint] on_write_error = \"pause\"); \
+                         `dreamloop resume` continues once the disk is fixed."
+                    );
+                    self.paused = true;
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    /// Gathers the run state from the actors and has the checkpointer save it with the
+    /// weights. A failed write of the ledger or the cursor is a failed checkpoint.
+    async fn write_checkpoint(&mut self) -> Result<SaveInfo, StepError> {
+        let persistent = |actor: &'static str, e: String| {
+            StepError::Call(CallError::Replied {
+                actor,
+                error: ReplyError::persistent(e),
+            })
+        };
+        let ledger_position = self
+            .ask(GENERATOR, GeneratorMsg::Sync)
+            .await?
+            .map_err(|e| persistent(GENERATOR, e))?;
+        self.ask(LABELER, LabelerMsg::SaveCursor)
+            .await?
+            .map_err(|e| persistent(LABELER, e))?;
+        let (mixer, replay_ratio) = self.ask(MIXER, MixerMsg::State).await?;
+        let policy = self.ask(MONITOR, MonitorMsg::State).await?;
         let cursor_path = self.config.state_dir.join("convo-cursor.json");
         let convo_cursor = std::fs::read(&cursor_path)
             .ok()
@@ -575,44 +844,36 @@ impl Driver {
             shared.policy_state = policy;
             shared.mixer = Some((mixer, replay_ratio));
         }
-        match ask!(self, CHECKPOINTER, CheckpointerMsg::Save, Box::new(run))
-            .map_err(|e| anyhow!("{e}"))?
-        {
-            Ok(info) => {
-                telemetry::record_checkpoint_write(Some(info.bytes), info.seconds);
-                self.latest = Some(self.step);
-                tracing::info!(
-                    step = self.step,
-                    bytes = info.bytes,
-                    seconds = info.seconds,
-                    "Checkpoint written."
-                );
-                Ok(())
-            }
-            Err(error) => {
-                telemetry::record_checkpoint_write(None, 0.0);
-                tracing::error!(step = self.step, %error, "Checkpoint failed; the previous ones are intact.");
-                self.record(Event::CheckpointFailed { error });
-                if self.config.checkpoint.on_write_error == OnWriteError::Pause && !self.paused {
-                    tracing::error!(
-                        step = self.step,
-                        "Paused after the failed checkpoint ([checkpoint] on_write_error = \"pause\"); \
-                         `dreamloop resume` continues once the disk is fixed."
-                    );
-                    self.paused = true;
-                }
-                Ok(())
-            }
-        }
+        Ok(self
+            .try_ask(CHECKPOINTER, |reply| {
+                CheckpointerMsg::Save(Box::new(run), reply)
+            })
+            .await?)
     }
 
     /// Evaluates the current weights and carries out the verdict; after a rollback the
     /// restored GOOD weights are evaluated again (the policy re-measures its baseline).
-    async fn evaluate_and_act(&mut self) -> anyhow::Result<()> {
+    async fn evaluate_and_act(&mut self) -> Result<(), StepError> {
         loop {
-            let ev: Evaluation = ask!(self, MONITOR, MonitorMsg::Evaluate, self.step)
-                .map_err(|e| anyhow!("{e}"))?
-                .map_err(|e| anyhow!(e))?;
+            self.cancel_eval.store(false, Ordering::SeqCst);
+            if self.deferred.contains(&Control::Shutdown) {
+                tracing::info!(step = self.step, "Evaluation skipped: shutting down.");
+                return Ok(());
+            }
+            tracing::info!(step = self.step, "Evaluating the weights.");
+            let Some(report) = self.ask(TRAINER, TrainerMsg::Evaluate).await? else {
+                tracing::warn!(
+                    step = self.step,
+                    "Evaluation cancelled by a shutdown; this step is not judged."
+                );
+                return Ok(());
+            };
+            let step = self.step;
+            let ev: Evaluation = self
+                .ask(MONITOR, |reply| {
+                    MonitorMsg::Judge(step, Box::new(report), reply)
+                })
+                .await?;
             tracing::info!(
                 step = self.step,
                 clear = ev.record.metrics.clear_accuracy,
@@ -627,11 +888,7 @@ impl Driver {
                 verdict: ev.verdict,
                 seconds: ev.report.seconds,
             });
-            let after = ev.before.apply(
-                &ev.record,
-                &ev.verdict,
-                &self.shared.lock().expect("lock").policy,
-            );
+            let after = ev.after.clone();
             telemetry::record_eval(&ev.record.metrics, ev.report.seconds);
             telemetry::record_probe(
                 "arithmetic",
@@ -645,14 +902,15 @@ impl Driver {
             }
             telemetry::record_verdict(&ev.verdict, &after);
             let _ = systemd::watchdog();
-            self.shared.lock().expect("shared state lock").policy_state = after;
+            self.shared.lock().expect("shared state lock").policy_state = after.clone();
             match ev.verdict {
                 Verdict::Keep { .. } => return Ok(()),
                 Verdict::MarkGood { step } => {
-                    if self.latest != Some(step) {
-                        self.checkpoint().await?;
-                    }
-                    if self.latest != Some(step) {
+                    // The checkpoint of `step` is written now, after the verdict, so that its
+                    // state.json names it GOOD with its baseline (a checkpoint of this step
+                    // written before the evaluation is replaced): a resume from it rolls
+                    // back to a checkpoint that exists.
+                    if !self.checkpoint().await? {
                         // Its checkpoint could not be written (disk): the GOOD on disk
                         // stays the rollback target, and the policy forgets this verdict.
                         tracing::warn!(
@@ -663,9 +921,8 @@ impl Driver {
                         self.shared.lock().expect("shared state lock").policy_state = ev.before;
                         return Ok(());
                     }
-                    ask!(self, CHECKPOINTER, CheckpointerMsg::MarkGood, step)
-                        .map_err(|e| anyhow!("{e}"))?
-                        .map_err(|e| anyhow!(e))?;
+                    self.try_ask(CHECKPOINTER, |reply| CheckpointerMsg::MarkGood(step, reply))
+                        .await?;
                     self.trained.mark_good(step);
                     self.record(Event::MarkGood {
                         metrics: ev.record.metrics,
@@ -678,8 +935,7 @@ impl Driver {
                     reason,
                     adjustments,
                 } => {
-                    let (quarantined, restored_digest) =
-                        self.roll_back(to, Some(adjustments)).await?;
+                    let (quarantined, restored_digest) = self.roll_back(to, &after).await?;
                     self.last_rollback = Some(LastRollback {
                         from: ev.record.step,
                         to,
@@ -714,12 +970,26 @@ impl Driver {
                     rollback_to,
                 } => {
                     if let Some(to) = rollback_to {
-                        self.roll_back(to, None).await?;
+                        self.roll_back(to, &after).await?;
+                        // The restored weights at the policy's lr, persisted before the
+                        // pause: a restart resumes them, not GOOD's own lr.
+                        self.checkpoint_soon = false;
+                        self.checkpoint().await?;
                     }
                     self.record(Event::PauseByPolicy {
                         reason,
                         rolled_back_to: rollback_to,
                     });
+                    let marker = self.config.state_dir.join(POLICY_PAUSE_FILE);
+                    let note = serde_json::json!({
+                        "reason": reason.label(),
+                        "step": self.step,
+                        "rolled_back_to": rollback_to,
+                        "ts": rfc3339_utc(std::time::SystemTime::now()),
+                    });
+                    crate::status::write_atomic(&marker, note.to_string().as_bytes())
+                        .with_context(|| format!("writing {}", marker.display()))
+                        .map_err(StepError::Local)?;
                     tracing::error!(
                         reason = reason.label(),
                         "The rollback policy paused training; `dreamloop resume` continues."
@@ -732,61 +1002,60 @@ impl Driver {
         }
     }
 
-    /// Restores GOOD `to` bit for bit, applies the adjustments, quarantines the abandoned
-    /// steps' examples; answers how many were quarantined and the restored weights' sha256.
+    /// Restores GOOD `to` bit for bit, brings lr and replay ratio to what `policy` (the
+    /// policy state after the verdict) says, quarantines the abandoned steps' examples;
+    /// answers how many were quarantined and the restored weights' sha256.
     async fn roll_back(
         &mut self,
         to: u64,
-        adjustments: Option<Adjustments>,
-    ) -> anyhow::Result<(usize, String)> {
+        policy: &PolicyState,
+    ) -> Result<(usize, String), StepError> {
         let from = self.step;
-        let (dir, good_run) = ask!(self, CHECKPOINTER, CheckpointerMsg::RollbackTo, to)
-            .map_err(|e| anyhow!("{e}"))?
-            .map_err(|e| anyhow!(e))?;
-        let step = ask!(self, TRAINER, TrainerMsg::RestoreFrom, dir.clone())
-            .map_err(|e| anyhow!("{e}"))?
-            .map_err(|e| anyhow!(e))?;
+        let (dir, good_run) = self
+            .try_ask(CHECKPOINTER, |reply| CheckpointerMsg::RollbackTo(to, reply))
+            .await?;
+        let restore = dir.clone();
+        let step = self
+            .try_ask(TRAINER, |reply| TrainerMsg::RestoreFrom(restore, reply))
+            .await?;
         self.step = step;
         self.latest = Some(step);
         let restored_digest = self.verify_restore(&dir).await?;
-        // The restored curve carries the GOOD checkpoint's multiplier; move it to the
-        // policy's new factor and to any lr reloaded since.
-        let mut factor = self.peak_lr / good_run.peak_lr;
-        if let Some(adj) = adjustments {
-            factor *= adj.lr_factor / good_run.policy.lr_factor;
-            ask!(self, MIXER, MixerMsg::SetReplayRatio, adj.replay_ratio)
-                .map_err(|e| anyhow!("{e}"))?
-                .map_err(|e| anyhow!(e))?;
-        }
-        self.lr = ask!(self, TRAINER, TrainerMsg::ScaleLr, factor).map_err(|e| anyhow!("{e}"))?;
+        // The restored curve carries the GOOD checkpoint's peak lr and policy factor; move
+        // it to the policy's factor now and to any lr reloaded since.
+        let factor = rescaled_lr_factor(
+            self.peak_lr,
+            policy.lr_factor,
+            good_run.peak_lr,
+            good_run.policy.lr_factor,
+        );
+        let ratio = policy.replay_ratio;
+        self.try_ask(MIXER, |reply| MixerMsg::SetReplayRatio(ratio, reply))
+            .await?;
+        self.lr = self
+            .ask(TRAINER, |reply| TrainerMsg::ScaleLr(factor, reply))
+            .await?;
         self.checkpoint_soon = true;
         let gone = self.trained.roll_back(to);
-        let count = ask!(
-            self,
-            CHECKPOINTER,
-            CheckpointerMsg::Quarantine,
-            gone,
-            from,
-            to
-        )
-        .map_err(|e| anyhow!("{e}"))?
-        .map_err(|e| anyhow!(e))?;
+        let count = self
+            .try_ask(CHECKPOINTER, |reply| {
+                CheckpointerMsg::Quarantine(gone, from, to, reply)
+            })
+            .await?;
         Ok((count, restored_digest))
     }
 
     /// Compares the digest of the restored weights in the trainer's memory with the GOOD
     /// checkpoint's weight files' ([`WeightsDigest`]): a mismatch means the restore was not
     /// bit-exact. Nothing is written; each side is read one tensor at a time.
-    async fn verify_restore(&self, good_dir: &Path) -> anyhow::Result<String> {
-        let restored = ask!(self, TRAINER, TrainerMsg::WeightsDigest)
-            .map_err(|e| anyhow!("{e}"))?
-            .map_err(|e| anyhow!(e))?;
-        let good = WeightsDigest::of_dir(good_dir)?;
+    async fn verify_restore(&mut self, good_dir: &Path) -> Result<String, StepError> {
+        let restored = self.try_ask(TRAINER, TrainerMsg::WeightsDigest).await?;
+        let good = WeightsDigest::of_dir(good_dir).map_err(|e| StepError::Local(e.into()))?;
         if restored != good {
-            anyhow::bail!(
+            return Err(StepError::Local(anyhow!(
                 "restored weights differ from the GOOD checkpoint {} (weights digest {restored} ≠ {good})",
                 good_dir.display()
-            );
+            )));
         }
         Ok(restored)
     }
@@ -810,7 +1079,11 @@ impl Driver {
         }
         let hot = new.hot();
         if (hot.lr - self.peak_lr).abs() > f64::EPSILON * hot.lr {
-            match ask!(self, TRAINER, TrainerMsg::ScaleLr, hot.lr / self.peak_lr) {
+            let factor = hot.lr / self.peak_lr;
+            match self
+                .ask(TRAINER, |reply| TrainerMsg::ScaleLr(factor, reply))
+                .await
+            {
                 Ok(lr) => {
                     tracing::info!(
                         from = self.peak_lr,
@@ -826,12 +1099,13 @@ impl Driver {
                 }
             }
         }
-        match ask!(self, MIXER, MixerMsg::SetReplayRatio, hot.replay_ratio) {
-            Ok(Ok(())) => self.tell(MONITOR, MonitorMsg::SetReplayRatio(hot.replay_ratio)),
-            Ok(Err(e)) | Err(CallError::Failed(e)) => {
-                tracing::error!(error = %e, "Reload: replay ratio refused.")
-            }
-            Err(e) => tracing::error!(error = %e, "Reload: could not change the replay ratio."),
+        let ratio = hot.replay_ratio;
+        match self
+            .try_ask(MIXER, |reply| MixerMsg::SetReplayRatio(ratio, reply))
+            .await
+        {
+            Ok(()) => self.tell(MONITOR, MonitorMsg::SetReplayRatio(hot.replay_ratio)),
+            Err(e) => tracing::error!(error = %e, "Reload: the replay ratio was not changed."),
         }
         self.eval_every = hot.eval_every_n_steps;
         self.tell(MONITOR, MonitorMsg::SetPolicy(hot.rollback.clone()));
@@ -852,18 +1126,28 @@ impl Driver {
         self.write_status(if self.paused { "paused" } else { "running" });
     }
 
-    async fn shutdown(&mut self) -> anyhow::Result<u8> {
+    /// Checkpoints and stops: exit 0, or 74 when the final checkpoint could not be
+    /// written (the steps since LATEST would be lost; the operator must know).
+    async fn shutdown(&mut self) -> Result<u8, StepError> {
         let _ = systemd::stopping();
+        self.stopping = true;
         self.write_status("stopping");
-        if self.latest != Some(self.step) {
-            self.checkpoint().await?;
+        if self.latest != Some(self.step) && !self.checkpoint().await? {
+            tracing::error!(
+                step = self.step,
+                latest = ?self.latest,
+                "Stopped, but the final checkpoint could not be written: the steps after LATEST \
+                 are lost. Fix the disk; the next start resumes from LATEST."
+            );
+            self.write_status("failed");
+            return Ok(EXIT_FINAL_CHECKPOINT_FAILED);
         }
         self.write_status("stopped");
         tracing::info!(step = self.step, "Stopped cleanly.");
         Ok(0)
     }
 
-    async fn budget_spent(&mut self, actor_name: &str, reason: &str) -> anyhow::Result<u8> {
+    async fn budget_spent(&mut self, actor_name: &str, reason: &str) -> Result<u8, StepError> {
         tracing::error!(actor = actor_name, %reason, "Restart budget spent; stopping.");
         self.record(Event::Alarm {
             name: "restart_budget_spent".into(),
@@ -872,9 +1156,12 @@ impl Driver {
                 self.config.supervisor.max_restarts, self.config.supervisor.window_seconds
             ),
         });
+        self.stopping = true;
         if actor_name != TRAINER && self.latest != Some(self.step) {
-            if let Err(e) = self.checkpoint().await {
-                tracing::error!(error = %e, "Final checkpoint failed.");
+            match self.checkpoint().await {
+                Ok(true) => {}
+                Ok(false) => tracing::error!("Final checkpoint failed."),
+                Err(e) => tracing::error!(error = %e, "Final checkpoint failed."),
             }
         }
         self.write_status("failed");
@@ -956,6 +1243,23 @@ pub struct SupervisorArgs {
     timeout: Duration,
     /// Where the first trainer starts (restarts start from LATEST).
     first_start: Start,
+    /// Handed to every trainer: cancels its evaluation in progress.
+    cancel_eval: Arc<AtomicBool>,
+}
+
+/// Messages of the supervisor (besides the supervision events of its children).
+pub enum SupervisorMsg {
+    /// A failure that is not a crash (a call that timed out, a transient error answer):
+    /// counted against `actor`'s restart budget like a crash. Answers whether the budget
+    /// still holds; when it does not, `BudgetSpent` news goes out as for a crash.
+    CountFailure {
+        /// Registered name of the actor.
+        actor: &'static str,
+        /// What failed.
+        reason: String,
+        /// Whether the budget still holds.
+        reply: RpcReplyPort<bool>,
+    },
 }
 
 /// The supervisor's state: its arguments plus the restart history per actor.
@@ -971,14 +1275,40 @@ pub struct SupervisorState {
 /// Spawns and restarts the pipeline's actors (see the module docs).
 pub struct SupervisorActor;
 
+impl SupervisorState {
+    /// Records a failure of `name` in its window; false once the budget is spent (the
+    /// news has then gone out).
+    fn count(&mut self, name: &str, reason: &str) -> bool {
+        let cfg = &self.args.config.supervisor;
+        let window = Duration::from_secs(cfg.window_seconds);
+        let now = Instant::now();
+        let history = self.failures.entry(name.to_string()).or_default();
+        history.retain(|t| now.duration_since(*t) < window);
+        history.push_back(now);
+        if history.len() as u32 > cfg.max_restarts {
+            self.give_up(name, reason.to_string());
+            return false;
+        }
+        true
+    }
+
+    fn give_up(&mut self, name: &str, reason: String) {
+        self.gave_up = true;
+        let _ = self.args.news.send(News::BudgetSpent {
+            actor: name.to_string(),
+            reason,
+        });
+    }
+}
+
 impl Actor for SupervisorActor {
-    type Msg = ();
+    type Msg = SupervisorMsg;
     type State = SupervisorState;
     type Arguments = SupervisorArgs;
 
     async fn pre_start(
         &self,
-        myself: ActorRef<()>,
+        myself: ActorRef<SupervisorMsg>,
         args: SupervisorArgs,
     ) -> Result<SupervisorState, ActorProcessingErr> {
         let state = SupervisorState {
@@ -993,9 +1323,28 @@ impl Actor for SupervisorActor {
         Ok(state)
     }
 
+    async fn handle(
+        &self,
+        _myself: ActorRef<SupervisorMsg>,
+        msg: SupervisorMsg,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SupervisorMsg::CountFailure {
+                actor,
+                reason,
+                reply,
+            } => {
+                let holds = !state.gave_up && state.count(actor, &reason);
+                let _ = reply.send(holds);
+            }
+        }
+        Ok(())
+    }
+
     async fn handle_supervisor_evt(
         &self,
-        myself: ActorRef<()>,
+        myself: ActorRef<SupervisorMsg>,
         event: SupervisionEvent,
         state: &mut SupervisorState,
     ) -> Result<(), ActorProcessingErr> {
@@ -1008,27 +1357,12 @@ impl Actor for SupervisorActor {
             return Ok(());
         }
         tracing::error!(actor = %name, %reason, "Actor failed.");
-        let cfg = &state.args.config.supervisor;
-        let window = Duration::from_secs(cfg.window_seconds);
-        let now = Instant::now();
-        let history = state.failures.entry(name.clone()).or_default();
-        history.retain(|t| now.duration_since(*t) < window);
-        history.push_back(now);
-        let attempt = history.len() as u32;
-        if attempt > cfg.max_restarts {
-            state.gave_up = true;
-            let _ = state.args.news.send(News::BudgetSpent {
-                actor: name,
-                reason,
-            });
+        if !state.count(&name, &reason) {
             return Ok(());
         }
+        let attempt = state.failures.get(&name).map_or(1, |h| h.len() as u32);
         if let Err(e) = spawn_child(&name, &state.args, myself.get_cell(), false).await {
-            state.gave_up = true;
-            let _ = state.args.news.send(News::BudgetSpent {
-                actor: name,
-                reason: format!("restart failed: {e}"),
-            });
+            state.give_up(&name, format!("restart failed: {e}"));
             return Ok(());
         }
         state.restarts += 1;
@@ -1116,7 +1450,11 @@ async fn spawn_child(
             Actor::spawn_linked(
                 Some(name.into()),
                 TrainerActor,
-                TrainerArgs { config, start },
+                TrainerArgs {
+                    config,
+                    start,
+                    cancel_eval: args.cancel_eval.clone(),
+                },
                 supervisor,
             )
             .await
@@ -1128,7 +1466,6 @@ async fn spawn_child(
             MonitorArgs {
                 policy: shared.policy,
                 state: shared.policy_state,
-                call_timeout: timeout,
             },
             supervisor,
         )

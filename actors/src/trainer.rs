@@ -12,11 +12,20 @@
 //!
 //! Fault injection for the runtime tests (never set in production): the environment variable
 //! `DREAMLOOP_FAULT_PANIC_AT_STEP=N` makes the thread panic when it is about to take step N;
-//! `DREAMLOOP_FAULT_PANIC_TIMES=k` (default 1) limits how many times per process.
+//! `DREAMLOOP_FAULT_PANIC_TIMES=k` (default 1) limits how many times per process;
+//! `DREAMLOOP_FAULT_SLOW_EVAL_MS=N` makes every evaluation take N ms longer (a loaded
+//! machine), waiting in slices that honour a cancel.
+//!
+//! An evaluation can be cancelled (a shutdown must not wait for it): the loop sets the
+//! shared `cancel_eval` flag, the probe suite's progress callback sees it after the batch
+//! in flight and unwinds out of the evaluation with [`std::panic::resume_unwind`] (no panic
+//! hook, no message), which the thread catches; the evaluation ran on a frozen copy, so the
+//! trainer is untouched, and the job answers `None`.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use dreamloop::checkpoint::PendingCheckpoint;
@@ -29,6 +38,8 @@ use dreamloop::train::reference::{Reference, StreamedReference};
 use dreamloop::train::trainer::{Batch, StepReport, TrainError, Trainer};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::oneshot;
+
+use crate::call::ReplyError;
 
 /// Panics injected so far in this process (see the module docs).
 static PANICS: AtomicU32 = AtomicU32::new(0);
@@ -60,31 +71,33 @@ pub enum Start {
 /// One request to the trainer thread.
 enum Job {
     Step(Vec<Example>, oneshot::Sender<StepOutcome>),
-    Evaluate(oneshot::Sender<EvalReport>),
+    Evaluate(oneshot::Sender<Option<EvalReport>>),
     Save(Box<PendingCheckpoint>, oneshot::Sender<SaveAnswer>),
-    Digest(oneshot::Sender<Result<String, String>>),
-    Restore(PathBuf, oneshot::Sender<Result<u64, String>>),
+    Digest(oneshot::Sender<Result<String, ReplyError>>),
+    Restore(PathBuf, oneshot::Sender<Result<u64, ReplyError>>),
     ScaleLr(f64, oneshot::Sender<f64>),
     Position(oneshot::Sender<(u64, f64)>),
 }
 
 /// The answer to a save: the checkpoint handed back (to commit or abandon) and whether
 /// every file was written.
-pub type SaveAnswer = (Box<PendingCheckpoint>, Result<(), String>);
+pub type SaveAnswer = (Box<PendingCheckpoint>, Result<(), ReplyError>);
 
 /// Messages of the trainer actor; each forwards one [`Job`] and answers when it is done.
 pub enum TrainerMsg {
     /// Take one optimizer step on these examples.
     TrainOn(Vec<Example>, RpcReplyPort<StepOutcome>),
-    /// Evaluate the probe suite on the current weights (forward-only copy).
-    Evaluate(RpcReplyPort<EvalReport>),
+    /// Evaluate the probe suite on the current weights (forward-only copy); `None` when
+    /// the evaluation was cancelled through `TrainerArgs::cancel_eval`.
+    Evaluate(RpcReplyPort<Option<EvalReport>>),
     /// Write weights, optimizer and trainer state into a checkpoint being written; answers
-    /// it back with the outcome.
+    /// it back with the outcome (errors: persistent).
     SaveInto(Box<PendingCheckpoint>, RpcReplyPort<SaveAnswer>),
-    /// The digest of the current weights (`Trainer::weights_digest`).
-    WeightsDigest(RpcReplyPort<Result<String, String>>),
-    /// Replace weights, optimizer and schedule with a checkpoint's; answers its step.
-    RestoreFrom(PathBuf, RpcReplyPort<Result<u64, String>>),
+    /// The digest of the current weights (`Trainer::weights_digest`; errors: persistent).
+    WeightsDigest(RpcReplyPort<Result<String, ReplyError>>),
+    /// Replace weights, optimizer and schedule with a checkpoint's; answers its step
+    /// (errors: persistent).
+    RestoreFrom(PathBuf, RpcReplyPort<Result<u64, ReplyError>>),
     /// Multiply the lr curve; answers the lr of the next step.
     ScaleLr(f64, RpcReplyPort<f64>),
     /// The step count and the lr of the next step.
@@ -97,6 +110,9 @@ pub struct TrainerArgs {
     pub config: Arc<DreamConfig>,
     /// Weights to start from.
     pub start: Start,
+    /// Set by the loop to cancel the evaluation in progress (it clears it before asking
+    /// for the next one).
+    pub cancel_eval: Arc<AtomicBool>,
 }
 
 /// The actor state: the sending half of the job channel.
@@ -276,11 +292,46 @@ struct Worker {
     device: Device,
     /// The dtype of the weights (`[model] dtype`), for restores.
     precision: dreamloop::model::Precision,
+    /// The config, whose `[train]` settings a restored trainer takes where it can.
+    config: Arc<DreamConfig>,
     /// Step number at which to inject a panic (tests only).
     panic_at: Option<u64>,
     /// How many injected panics this process allows.
     panic_times: u32,
+    /// Extra time every evaluation takes (tests only).
+    slow_eval: Duration,
+    /// Cancels the evaluation in progress.
+    cancel_eval: Arc<AtomicBool>,
 }
+
+/// Applies the `[train]` settings a restored trainer can take from the config (the
+/// operator's fix after an out-of-memory: `max_grad_norm`, `max_seq_len`, `recompute`,
+/// `logits_chunk`) and logs each. Changes it cannot take were refused before the actors
+/// started (`supervisor::refused_train_changes`); one that shows up here all the same (a
+/// rollback to a GOOD saved under other settings) is logged and left as saved.
+fn take_configured_settings(trainer: &mut Trainer, config: &DreamConfig) {
+    let pad = trainer.settings().pad_id;
+    let reconciled = trainer.reconcile_settings(&config.trainer_config(pad));
+    for c in &reconciled.applied {
+        tracing::info!(
+            field = c.field,
+            checkpoint = %c.saved,
+            configured = %c.configured,
+            "A [train] setting changed since the checkpoint; applied."
+        );
+    }
+    for c in &reconciled.refused {
+        tracing::warn!(
+            field = c.field,
+            checkpoint = %c.saved,
+            configured = %c.configured,
+            "A [train] setting changed since the checkpoint cannot be applied to it; kept as saved."
+        );
+    }
+}
+
+/// The payload that unwinds out of a cancelled evaluation (see the module docs).
+struct EvalCancelled;
 
 fn thread_main(
     args: TrainerArgs,
@@ -355,8 +406,10 @@ impl Worker {
                 // The policy comes from the checkpoint alone: the starting model is read
                 // again only as the reference (not at all when it is streamed).
                 let reference = open_reference(config.model.reference.as_deref().unwrap_or(spec))?;
-                let trainer = Trainer::restore_as(dir, reference.clone(), &device, precision)
-                    .with_context(|| format!("restoring the trainer from {}", dir.display()))?;
+                let mut trainer =
+                    Trainer::restore_as(dir, reference.clone(), &device, precision)
+                        .with_context(|| format!("restoring the trainer from {}", dir.display()))?;
+                take_configured_settings(&mut trainer, config);
                 (trainer, reference, restored_tokenizer(spec, dir, &plain)?)
             }
         };
@@ -371,6 +424,7 @@ impl Worker {
             probes,
             device,
             precision,
+            config: config.clone(),
             panic_at: std::env::var("DREAMLOOP_FAULT_PANIC_AT_STEP")
                 .ok()
                 .and_then(|v| v.parse().ok()),
@@ -378,6 +432,13 @@ impl Worker {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(1),
+            slow_eval: Duration::from_millis(
+                std::env::var("DREAMLOOP_FAULT_SLOW_EVAL_MS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+            ),
+            cancel_eval: args.cancel_eval.clone(),
         })
     }
 
@@ -387,32 +448,35 @@ impl Worker {
                 let _ = reply.send(self.step(&examples));
             }
             Job::Evaluate(reply) => {
-                let frozen = self.trainer.frozen();
-                // A long evaluation is still a live daemon: feed systemd's watchdog from it.
-                let report = self.probes.evaluate(&frozen, &mut |done, total| {
-                    tracing::debug!(done, total, "Evaluating.");
-                    let _ = crate::systemd::watchdog();
-                });
-                let _ = reply.send(report);
+                let _ = reply.send(self.evaluate());
             }
             Job::Save(mut pending, reply) => {
                 let written = self
                     .trainer
                     .save_into(pending.as_mut())
-                    .map_err(|e| e.to_string());
+                    .map_err(ReplyError::persistent);
                 let _ = reply.send((pending, written));
             }
             Job::Digest(reply) => {
-                let _ = reply.send(self.trainer.weights_digest().map_err(|e| e.to_string()));
+                let _ = reply.send(
+                    self.trainer
+                        .weights_digest()
+                        .map_err(ReplyError::persistent),
+                );
             }
             Job::Restore(dir, reply) => {
                 let restored =
                     Trainer::restore_as(&dir, self.reference.clone(), &self.device, self.precision)
-                        .map(|t| {
+                        .map(|mut t| {
+                            take_configured_settings(&mut t, &self.config);
                             self.trainer = t;
                             self.trainer.step_count()
                         });
-                let _ = reply.send(restored.map_err(|e| format!("{}: {e}", dir.display())));
+                let _ =
+                    reply
+                        .send(restored.map_err(|e| {
+                            ReplyError::persistent(format!("{}: {e}", dir.display()))
+                        }));
             }
             Job::ScaleLr(factor, reply) => {
                 self.trainer.scale_lr(factor);
@@ -421,6 +485,39 @@ impl Worker {
             Job::Position(reply) => {
                 let _ = reply.send((self.trainer.step_count(), self.trainer.current_lr()));
             }
+        }
+    }
+
+    /// The probe suite on a frozen copy of the weights; `None` if cancelled.
+    fn evaluate(&mut self) -> Option<EvalReport> {
+        let frozen = self.trainer.frozen();
+        let cancel = self.cancel_eval.clone();
+        let check = move || {
+            if cancel.load(Ordering::SeqCst) {
+                std::panic::resume_unwind(Box::new(EvalCancelled));
+            }
+        };
+        let (slow, probes) = (self.slow_eval, &self.probes);
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let until = Instant::now() + slow;
+            while Instant::now() < until {
+                check();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // A long evaluation is still a live daemon: feed systemd's watchdog from it.
+            probes.evaluate(&frozen, &mut |done, total| {
+                tracing::debug!(done, total, "Evaluating.");
+                let _ = crate::systemd::watchdog();
+                check();
+            })
+        }));
+        match run {
+            Ok(report) => Some(report),
+            Err(payload) if payload.is::<EvalCancelled>() => {
+                tracing::info!("Evaluation cancelled.");
+                None
+            }
+            Err(payload) => std::panic::resume_unwind(payload),
         }
     }
 

@@ -481,9 +481,7 @@ pub fn save_into(
         &layout.passthrough,
     );
     let linked = match parts.origin {
-        Some(origin) if weights::unconverted(&tensors, parts.dtypes) => {
-            link_origin(sink, origin)
-        }
+        Some(origin) if weights::unconverted(&tensors, parts.dtypes) => link_origin(sink, origin),
         _ => false,
     };
     if !linked {

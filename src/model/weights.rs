@@ -669,10 +669,7 @@ pub fn unconverted(tensors: &[Outgoing<'_>], dtypes: &HashMap<String, DiskDtype>
 /// then the JSON, space-padded to a multiple of 8 bytes as the reference implementation does.
 fn header(tensors: &[Outgoing<'_>]) -> Vec<u8> {
     let mut map = serde_json::Map::new();
-    map.insert(
-        "__metadata__".into(),
-        serde_json::json!({ "format": "pt" }),
-    );
+    map.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
     let mut offset = 0u64;
     for t in tensors {
         map.insert(

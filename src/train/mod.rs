@@ -12,5 +12,6 @@ pub mod loss;
 pub mod optim;
 pub mod recompute;
 pub mod reference;
+pub mod resume;
 pub mod schedule;
 pub mod trainer;

@@ -31,6 +31,7 @@ use super::loss::{dpo_loss, sft_loss, DpoStats, DpoVariant};
 use super::optim::{ModelOptimizer, OptimError, OptimizerConfig, Rounding};
 use super::recompute::{Segmented, Tape};
 use super::reference::{Reference, StreamedReference};
+use super::resume::{reconcile, Reconciled};
 use super::schedule::LrSchedule;
 use crate::model::logprobs::{logprobs, LogProbs, ScoredSeq};
 use crate::model::weights::{outgoing, WeightsDigest, MAX_SHARD_BYTES};
@@ -280,6 +281,19 @@ impl Trainer {
     /// The lr the next step will use.
     pub fn current_lr(&self) -> f64 {
         self.schedule.lr_at(self.step)
+    }
+
+    /// The settings the trainer trains with.
+    pub fn settings(&self) -> &TrainerConfig {
+        &self.settings
+    }
+
+    /// Applies the configured settings a restored trainer can take (see
+    /// [`super::resume`]) and answers what changed; the refused changes are left as saved.
+    pub fn reconcile_settings(&mut self, configured: &TrainerConfig) -> Reconciled {
+        let reconciled = reconcile(&self.settings, configured);
+        self.settings = reconciled.settings.clone();
+        reconciled
     }
 
     /// Multiplies the lr curve (a rollback lowers it).
