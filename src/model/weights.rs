@@ -520,10 +520,7 @@ type ReadRows<'a> = Box<dyn Fn(usize, usize) -> TensorData + 'a>;
 enum OutSource<'a> {
     /// A parameter: read off the device when written, a block of rows at a time, encoded
     /// into the disk dtype.
-    Param {
-        read: ReadRows<'a>,
-        disk: DiskDtype,
-    },
+    Param { read: ReadRows<'a>, disk: DiskDtype },
     /// Carried through byte for byte.
     Raw(&'a RawTensor),
 }
@@ -932,7 +929,10 @@ mod tests {
             .unwrap();
             let blocks = (expected.len() as u64).div_ceil(READ_BLOCK_BYTES) as usize;
             assert!(pieces.len() >= blocks, "{disk:?}: {pieces:?}");
-            assert!(got == expected, "{disk:?}: the blocks differ from the tensor");
+            assert!(
+                got == expected,
+                "{disk:?}: the blocks differ from the tensor"
+            );
         }
     }
 }
