@@ -215,16 +215,7 @@ impl SafetensorsSource {
         let mut shards = Vec::new();
         let mut index = BTreeMap::new();
         for path in files {
-            let file = File::open(&path).map_err(|source| WeightError::Io {
-                path: path.clone(),
-                source,
-            })?;
-            // SAFETY: the checkpoint is read-only for the lifetime of this source; a file
-            // truncated underneath us is the same hazard every HF loader accepts.
-            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| WeightError::Io {
-                path: path.clone(),
-                source,
-            })?;
+            let map = map_file(&path)?;
             let parsed = SafeTensors::deserialize(&map).map_err(|e| WeightError::Format {
                 path: path.clone(),
                 reason: e.to_string(),
@@ -488,6 +479,18 @@ fn encode<'a>(data: &'a TensorData, disk: DiskDtype) -> Result<(Dtype, Cow<'a, [
             .collect(),
     };
     Ok((st_dtype, Cow::Owned(bytes)))
+}
+
+/// The weight file `path`, memory-mapped read-only.
+fn map_file(path: &Path) -> Result<memmap2::Mmap, WeightError> {
+    let io = |source| WeightError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(io)?;
+    // SAFETY: weight files are read-only while mapped (a load, a digest); a file truncated
+    // underneath us is the same hazard every HF loader accepts.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(io)
 }
 
 /// The largest shard a save writes before it starts another: transformers'
@@ -854,15 +857,7 @@ impl WeightsDigest {
         let mut maps = Vec::new();
         for name in files.iter().filter(|n| *n != WEIGHTS_INDEX_FILE) {
             let path = dir.join(name);
-            let file = File::open(&path).map_err(|source| WeightError::Io {
-                path: path.clone(),
-                source,
-            })?;
-            // SAFETY: read-only for the duration of the digest, as for loading.
-            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| WeightError::Io {
-                path: path.clone(),
-                source,
-            })?;
+            let map = map_file(&path)?;
             maps.push((path, map));
         }
         let mut all = Vec::new();
