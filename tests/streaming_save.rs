@@ -304,3 +304,40 @@ fn a_failed_write_into_a_pending_checkpoint_leaves_the_store_as_it_was() {
     store.commit(pending).unwrap();
     assert_eq!(store.latest(), Some(3));
 }
+
+/// Weight files rewritten after the model was read no longer hold its weights: the save
+/// writes them instead of linking.
+#[test]
+fn weight_files_changed_since_the_load_are_not_linked() {
+    let work = tempfile::tempdir().unwrap();
+    let base = copy_fixture("llama_untied", work.path());
+    let base_weights = base.join("model.safetensors");
+    let model = Model::load(&base, &cpu()).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&base_weights)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(3600))
+        .unwrap();
+    let out = work.path().join("out");
+    let mut sink = DirSink::create(&out).unwrap();
+    let parts = ModelFiles {
+        config: &model.config,
+        lm: &model.lm,
+        dtypes: &model.dtypes,
+        tokenizer: model.tokenizer.as_ref(),
+        extra_files: &model.extra_files,
+        origin: model.origin.as_ref(),
+    };
+    save_into(&mut sink, &parts, u64::MAX).unwrap();
+    let saved = out.join("model.safetensors");
+    assert_ne!(
+        fs::metadata(&saved).unwrap().ino(),
+        fs::metadata(&base_weights).unwrap().ino(),
+        "written, not linked"
+    );
+    assert_eq!(
+        WeightsDigest::of_dir(&out).unwrap(),
+        WeightsDigest::of_dir(&base).unwrap()
+    );
+}

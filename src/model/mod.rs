@@ -192,15 +192,42 @@ pub struct WeightOrigin {
     pub dir: PathBuf,
     /// `model.safetensors`, or the shards and `model.safetensors.index.json`.
     pub files: Vec<String>,
+    /// Each file's size and modification time when the weights were read: a file replaced
+    /// or rewritten since no longer holds them, and is not linked.
+    stamps: Vec<(u64, Option<std::time::SystemTime>)>,
 }
 
 impl WeightOrigin {
-    /// The weight files of the Hugging Face directory `dir`, if it has any.
+    /// The weight files of the Hugging Face directory `dir`, if it has any, as they are now.
     pub fn of_dir(dir: &Path) -> Result<Option<WeightOrigin>, ModelError> {
-        Ok(weights::weight_files(dir)?.map(|files| WeightOrigin {
+        let Some(files) = weights::weight_files(dir)? else {
+            return Ok(None);
+        };
+        let stamps = files
+            .iter()
+            .map(|name| Self::stamp(&dir.join(name)))
+            .collect::<Result<_, _>>()?;
+        Ok(Some(WeightOrigin {
             dir: dir.to_path_buf(),
             files,
+            stamps,
         }))
+    }
+
+    fn stamp(path: &Path) -> Result<(u64, Option<std::time::SystemTime>), ModelError> {
+        let meta = std::fs::metadata(path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok((meta.len(), meta.modified().ok()))
+    }
+
+    /// Whether every file still has the size and modification time it had when read.
+    pub fn unchanged(&self) -> bool {
+        self.files
+            .iter()
+            .zip(&self.stamps)
+            .all(|(name, stamp)| Self::stamp(&self.dir.join(name)).ok().as_ref() == Some(stamp))
     }
 }
 
@@ -494,10 +521,16 @@ pub fn save_into(
     Ok(())
 }
 
-/// Puts every weight file of `origin` into `sink` as it is; false (after a warning) when one
-/// cannot be, so the caller writes the weights instead. A file put before the failure is
-/// overwritten by that write or, for shards of another layout, left unreferenced.
+/// Puts every weight file of `origin` into `sink` as it is; false (after a warning) when the
+/// files changed since they were read or one cannot be put, so the caller writes the weights
+/// instead. After a failure part-way (the copy fallback failed too, e.g. a full disk), a
+/// directory gets the earlier files overwritten by that write; a checkpoint refuses the
+/// repeated names and its save fails, to be abandoned.
 fn link_origin(sink: &mut dyn FileSink, origin: &WeightOrigin) -> bool {
+    if !origin.unchanged() {
+        tracing::warn!(dir = %origin.dir.display(), "The weight files changed since they were read; writing the weights.");
+        return false;
+    }
     for name in &origin.files {
         let from = origin.dir.join(name);
         if let Err(e) = sink.put_existing(name, &from) {
