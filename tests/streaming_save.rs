@@ -13,7 +13,7 @@ use std::path::Path;
 
 use dreamloop::checkpoint::{CheckpointStore, FileSource, RetentionPolicy};
 use dreamloop::model::weights::WeightsDigest;
-use dreamloop::model::{cpu, save_into, Model, ModelFiles};
+use dreamloop::model::{cpu, save_into, Model, ModelFiles, WeightOrigin};
 use dreamloop::sink::DirSink;
 use dreamloop::train::optim::{AdamWConfig, OptimizerConfig};
 use dreamloop::train::reference::Reference;
@@ -48,6 +48,18 @@ fn tensors_on_disk(dir: &Path) -> BTreeMap<String, (String, Vec<usize>, Vec<u8>)
     all
 }
 
+/// Everything of `model` a save writes, with `origin` as the files it may link.
+fn files_of<'a>(model: &'a Model, origin: Option<&'a WeightOrigin>) -> ModelFiles<'a> {
+    ModelFiles {
+        config: &model.config,
+        lm: &model.lm,
+        dtypes: &model.dtypes,
+        tokenizer: model.tokenizer.as_ref(),
+        extra_files: &model.extra_files,
+        origin,
+    }
+}
+
 /// A copy of a fixture model directory in `into` (so its files can be linked and watched).
 fn copy_fixture(name: &str, into: &Path) -> std::path::PathBuf {
     let dir = into.join(name);
@@ -67,15 +79,7 @@ fn a_sharded_save_holds_transformers_tensors_byte_for_byte_with_its_index() {
         let out = tempfile::tempdir().unwrap();
         let max_shard: u64 = 40_000;
         let mut sink = DirSink::create(out.path()).unwrap();
-        let parts = ModelFiles {
-            config: &model.config,
-            lm: &model.lm,
-            dtypes: &model.dtypes,
-            tokenizer: model.tokenizer.as_ref(),
-            extra_files: &model.extra_files,
-            origin: None,
-        };
-        save_into(&mut sink, &parts, max_shard).unwrap();
+        save_into(&mut sink, &files_of(&model, None), max_shard).unwrap();
 
         let reference = tensors_on_disk(&source);
         let saved = tensors_on_disk(out.path());
@@ -321,15 +325,12 @@ fn weight_files_changed_since_the_load_are_not_linked() {
         .unwrap();
     let out = work.path().join("out");
     let mut sink = DirSink::create(&out).unwrap();
-    let parts = ModelFiles {
-        config: &model.config,
-        lm: &model.lm,
-        dtypes: &model.dtypes,
-        tokenizer: model.tokenizer.as_ref(),
-        extra_files: &model.extra_files,
-        origin: model.origin.as_ref(),
-    };
-    save_into(&mut sink, &parts, u64::MAX).unwrap();
+    save_into(
+        &mut sink,
+        &files_of(&model, model.origin.as_ref()),
+        u64::MAX,
+    )
+    .unwrap();
     let saved = out.join("model.safetensors");
     assert_ne!(
         fs::metadata(&saved).unwrap().ino(),

@@ -583,8 +583,23 @@ impl CausalLm {
         })
     }
 
+    /// What a save writes, in order, by checkpoint name and disk dtype (`dtypes`, as loaded),
+    /// pass-through tensors included; nothing is read off the device until it is written.
+    pub fn outgoing<'a>(
+        &'a self,
+        dtypes: &std::collections::HashMap<String, super::DiskDtype>,
+    ) -> Vec<super::weights::Outgoing<'a>> {
+        super::weights::outgoing(
+            self,
+            &|name| self.layout.disk_name(name),
+            dtypes,
+            &self.layout.passthrough,
+        )
+    }
+
     /// Every parameter under its checkpoint name (`model.language_model.…` for a multimodal
-    /// qwen3_5), for saving.
+    /// qwen3_5), gathered on the host at once (what saves did before streaming; the
+    /// `save_memory` bench compares against it).
     pub fn checkpoint_tensors(&self) -> Vec<(String, TensorData)> {
         super::weights::named_tensors(self)
             .into_iter()

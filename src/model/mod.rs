@@ -499,14 +499,7 @@ pub fn save_into(
     let config_json =
         serde_json::to_vec_pretty(&parts.config.raw).expect("a JSON value serialises");
     put_bytes(sink, "config.json", &config_json).map_err(io("config.json"))?;
-    let lm = parts.lm;
-    let layout = lm.layout.clone();
-    let tensors = weights::outgoing(
-        lm,
-        &|name| layout.disk_name(name),
-        parts.dtypes,
-        &layout.passthrough,
-    );
+    let tensors = parts.lm.outgoing(parts.dtypes);
     let linked = match parts.origin {
         Some(origin) if weights::unconverted(&tensors, parts.dtypes) => link_origin(sink, origin),
         _ => false,

@@ -718,13 +718,13 @@ fn shard_ranges(tensors: &[Outgoing<'_>], max_bytes: u64) -> Vec<std::ops::Range
 /// Writes `tensors` into `sink` as Hugging Face weights: `model.safetensors` when they fit
 /// one shard of `max_shard_bytes`, else `model-0000i-of-0000n.safetensors` plus
 /// `model.safetensors.index.json` (`metadata.total_size`, `weight_map`), as transformers
-/// saves a large model. Extra host memory: about one tensor and the writer's buffer.
-/// Returns the names of the files written.
+/// saves a large model. Extra host memory: two read blocks ([`READ_BLOCK_BYTES`]) and the
+/// writer's buffer.
 pub fn save_weights(
     sink: &mut dyn FileSink,
     tensors: &[Outgoing<'_>],
     max_shard_bytes: u64,
-) -> Result<Vec<String>, WeightError> {
+) -> Result<(), WeightError> {
     let io = |name: &str| {
         let path = PathBuf::from(name);
         move |source| WeightError::Io { path, source }
@@ -733,11 +733,10 @@ pub fn save_weights(
     if ranges.len() == 1 {
         sink.put(WEIGHTS_FILE, &mut |out| stream_safetensors(tensors, out))
             .map_err(io(WEIGHTS_FILE))?;
-        return Ok(vec![WEIGHTS_FILE.to_string()]);
+        return Ok(());
     }
     let n = ranges.len();
     let mut weight_map = BTreeMap::new();
-    let mut names = Vec::with_capacity(n + 1);
     for (i, range) in ranges.into_iter().enumerate() {
         let name = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
         let shard = &tensors[range];
@@ -746,7 +745,6 @@ pub fn save_weights(
         for t in shard {
             weight_map.insert(t.name.clone(), name.clone());
         }
-        names.push(name);
     }
     let total: u64 = tensors.iter().map(|t| t.len).sum();
     let index = serde_json::json!({
@@ -756,8 +754,7 @@ pub fn save_weights(
     let json = serde_json::to_vec_pretty(&index).expect("a JSON value serialises");
     sink.put(WEIGHTS_INDEX_FILE, &mut |out| out.write_all(&json))
         .map_err(io(WEIGHTS_INDEX_FILE))?;
-    names.push(WEIGHTS_INDEX_FILE.to_string());
-    Ok(names)
+    Ok(())
 }
 
 /// The weight files of a Hugging Face directory: `model.safetensors`, or the index and

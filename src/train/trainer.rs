@@ -34,7 +34,7 @@ use super::reference::{Reference, StreamedReference};
 use super::resume::{reconcile, Reconciled};
 use super::schedule::LrSchedule;
 use crate::model::logprobs::{logprobs, LogProbs, ScoredSeq};
-use crate::model::weights::{outgoing, WeightsDigest, MAX_SHARD_BYTES};
+use crate::model::weights::{WeightsDigest, MAX_SHARD_BYTES};
 use crate::model::{
     CausalLm, Device, DiskDtype, ModelConfig, ModelError, ModelFiles, Precision, Tokenizer,
     WeightOrigin,
@@ -526,14 +526,7 @@ impl Trainer {
     /// ([`WeightsDigest`]): equal to [`WeightsDigest::of_dir`] of a checkpoint holding the
     /// same weights, whatever its sharding. Reads one tensor at a time.
     pub fn weights_digest(&self) -> Result<String, TrainError> {
-        let lm = self.model();
-        let layout = lm.layout.clone();
-        let tensors = outgoing(
-            lm,
-            &|name| layout.disk_name(name),
-            &self.dtypes,
-            &layout.passthrough,
-        );
+        let tensors = self.model().outgoing(&self.dtypes);
         Ok(WeightsDigest::of_outgoing(&tensors).map_err(ModelError::from)?)
     }
 
