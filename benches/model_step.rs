@@ -188,6 +188,7 @@ fn run_one(name: &str) {
                         chosen: ids.take(seq - seq / 2, cfg.vocab_size),
                         rejected: ids.take(seq - seq / 2, cfg.vocab_size),
                         hash,
+                        reference: None,
                     });
                 }
             }

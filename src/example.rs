@@ -110,6 +110,54 @@ pub struct Example {
     pub direction: Option<DirectionSpan>,
     /// Where it came from: a template id, or `file:line` of a conversation log or corpus.
     pub provenance: String,
+    /// A DPO pair's reference log-probs, when they were computed ahead of its step (see
+    /// `train::reference`); not part of the content hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<PairReference>,
+}
+
+/// A DPO pair's summed reference log-probs, computed before the policy trains on it
+/// (TRL's `precompute_ref_log_probs`, made online).
+///
+/// `key` says what they were computed for: the reference and the token sequences as the
+/// step feeds them (after the chat template and the `max_seq_len` cut). A step whose key
+/// differs (another reference, an edited `max_seq_len`) computes the pair afresh. The sums
+/// are stored as their bit patterns, so that a pair read back from disk trains exactly as it
+/// would have from memory.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct PairReference {
+    /// Summed log-prob of the chosen completion under the reference.
+    #[serde(with = "f64_bits")]
+    pub chosen: f64,
+    /// Summed log-prob of the rejected completion under the reference.
+    #[serde(with = "f64_bits")]
+    pub rejected: f64,
+    /// What they were computed for (see above).
+    pub key: u64,
+}
+
+impl PartialEq for PairReference {
+    fn eq(&self, other: &Self) -> bool {
+        self.chosen.to_bits() == other.chosen.to_bits()
+            && self.rejected.to_bits() == other.rejected.to_bits()
+            && self.key == other.key
+    }
+}
+
+impl Eq for PairReference {}
+
+/// An `f64` as its IEEE-754 bit pattern (serde_json's default float parsing may be off by
+/// one unit in the last place).
+mod f64_bits {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(x: &f64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(x.to_bits())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        u64::deserialize(d).map(f64::from_bits)
+    }
 }
 
 /// A 64-bit content hash; see the module docs for why 64 bits.
@@ -224,6 +272,7 @@ mod tests {
             },
             direction: None,
             provenance: "test".into(),
+            reference: None,
         }
     }
 

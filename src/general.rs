@@ -53,6 +53,7 @@ fn sft(prompt: String, completion: String, provenance: String) -> Example {
         target: Target::Sft { completion },
         direction: None,
         provenance,
+        reference: None,
     }
 }
 

@@ -163,6 +163,7 @@ impl Labeler {
             target,
             direction: s.direction,
             provenance: s.template_id.clone(),
+            reference: None,
         }
     }
 
@@ -238,6 +239,7 @@ impl Labeler {
                             completion: m[i].content.clone(),
                         },
                         direction: None,
+                        reference: None,
                         provenance: format!("{}#turn={i}", c.source),
                     }),
                     None => out.skipped.push(format!(
@@ -308,6 +310,7 @@ impl Labeler {
             },
             direction: None,
             provenance,
+            reference: None,
         };
         let sft = match self.phase {
             Phase::Sft => true,

@@ -254,6 +254,7 @@ mod tests {
             },
             direction: None,
             provenance: format!("test:{n}"),
+            reference: None,
         }
     }
 

@@ -191,6 +191,7 @@ mod tests {
             },
             direction: None,
             provenance: format!("log.jsonl:{text}"),
+            reference: None,
         }
     }
 

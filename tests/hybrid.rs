@@ -566,6 +566,7 @@ fn hybrid_trains_with_apollo_mini_and_freezing() {
         chosen: ids(31, 6),
         rejected: ids(32, 8),
         hash: 99,
+        reference: None,
     });
     let report = trainer.step(&dpo).unwrap();
     assert!(report.loss.is_finite(), "{report:?}");

@@ -14,6 +14,7 @@ fn example(kind: Kind, n: u64) -> Example {
         },
         direction: None,
         provenance: format!("test:{n}"),
+        reference: None,
     }
 }
 

@@ -84,6 +84,7 @@ fn batch_from(seed: u32) -> Batch {
         let (prompt, chosen, rejected) = (ids(seed, p), ids(seed + 1, c), ids(seed + 2, r));
         DpoItem {
             hash: hash_ids(&[&prompt, &chosen, &rejected]),
+            reference: None,
             prompt,
             chosen,
             rejected,
@@ -280,6 +281,74 @@ fn a_streamed_reference_gives_the_resident_dpo_losses() {
                 assert!(a.dpo.unwrap().margins.abs() > 0.0 || seed == 0);
             }
         }
+    }
+}
+
+/// Reference log-probs precomputed for a block of queued pairs (one pass over the files for
+/// pairs of three steps, padded together) are the resident copy's: every step then uses the
+/// stored sums and gives the resident DPO numbers exactly. A pair whose key is stale (its
+/// sequences are cut differently now) is computed in the step, still the same numbers.
+#[test]
+fn a_block_of_precomputed_reference_pairs_gives_the_resident_dpo_losses() {
+    for name in ["llama_untied", "qwen3_5"] {
+        let dir = models().join(name);
+        let model = Model::load(&dir, &cpu().autodiff()).unwrap();
+        let trainer = |max_seq_len: usize| {
+            let mut config = settings(false, 6, &[]);
+            config.max_seq_len = max_seq_len;
+            Trainer::new(model.config.clone(), model.lm.clone(), None, config).unwrap()
+        };
+        let mut resident = trainer(0);
+        let mut streamed =
+            trainer(0).with_streamed_reference(StreamedReference::open(&dir, &cpu()).unwrap());
+        let mut batches: Vec<Batch> = (0..3).map(batch_from).collect();
+        let mut queued: Vec<DpoItem> = batches.iter().flat_map(|b| b.dpo.clone()).collect();
+        // Blocks of 4 pairs: the first spans two steps' pairs.
+        assert_eq!(streamed.precompute_reference(&mut queued, 4).unwrap(), 6);
+        assert_eq!(streamed.precompute_reference(&mut queued, 4).unwrap(), 0);
+        // A resident reference stores nothing: its step reads no files.
+        assert_eq!(
+            resident
+                .precompute_reference(&mut queued.clone(), 4)
+                .unwrap(),
+            0
+        );
+        for (b, pairs) in batches.iter_mut().zip(queued.chunks(2)) {
+            b.dpo = pairs.to_vec();
+        }
+        for (seed, batch) in batches.iter().enumerate() {
+            let (a, b) = (resident.step(batch).unwrap(), streamed.step(batch).unwrap());
+            assert_eq!(a.dpo, b.dpo, "{name} step {seed}");
+            assert_eq!(a.loss, b.loss, "{name} step {seed}");
+            assert_eq!((a.reference_stored, b.reference_stored), (0, 2));
+        }
+        // An edited max_seq_len cuts the sequences: the stored sums are stale, and the step
+        // computes them (and agrees with the resident copy cut the same way).
+        let batch = Batch {
+            sft: Vec::new(),
+            dpo: batch_from(5).dpo,
+        };
+        let mut pairs = batch.dpo.clone();
+        let (mut resident, streamed_cut) = (
+            trainer(10),
+            trainer(10).with_streamed_reference(StreamedReference::open(&dir, &cpu()).unwrap()),
+        );
+        trainer(0)
+            .with_streamed_reference(StreamedReference::open(&dir, &cpu()).unwrap())
+            .precompute_reference(&mut pairs, 0)
+            .unwrap();
+        let stale = Batch {
+            sft: Vec::new(),
+            dpo: pairs,
+        };
+        let mut streamed_cut = streamed_cut;
+        let (a, b) = (
+            resident.step(&batch).unwrap(),
+            streamed_cut.step(&stale).unwrap(),
+        );
+        assert!(b.truncated > 0);
+        assert_eq!(b.reference_stored, 0, "{name}: stale sums were used");
+        assert_eq!(a.dpo, b.dpo, "{name}: the stale pairs computed afresh");
     }
 }
 

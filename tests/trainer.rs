@@ -55,6 +55,7 @@ impl Stream {
             chosen: w,
             rejected,
             hash,
+            reference: None,
         }
     }
 }

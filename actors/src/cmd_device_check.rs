@@ -324,6 +324,7 @@ fn step(args: StepArgs) -> anyhow::Result<ExitCode> {
                     chosen: ids.take(args.seq_len - half, vocab),
                     rejected: ids.take(args.seq_len - half, vocab),
                     hash: n as u64 + 1,
+                    reference: None,
                 }],
             },
             _ => Batch {

@@ -608,6 +608,7 @@ mod tests {
             sft_examples: 3,
             dpo_pairs: 1,
             truncated: 0,
+            reference_stored: 0,
             seconds: 30.0,
         });
         record_non_finite_step();

@@ -97,6 +97,7 @@ pub fn parse_line(
             chosen,
             rejected,
             hash,
+            reference: None,
         }));
     }
     if obj.contains_key("input_ids") {
@@ -146,6 +147,7 @@ pub fn parse_line(
             chosen,
             rejected,
             hash,
+            reference: None,
         }));
     }
     let completion = tokenized("completion")?;
@@ -245,6 +247,7 @@ pub fn tokenize_example(
             rejected: completion_ids(tok, &prompt, &turn(rejected))?,
             prompt: prompt_ids,
             hash,
+            reference: example.reference,
         }),
     })
 }

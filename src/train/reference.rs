@@ -13,10 +13,19 @@
 //!
 //! Both give the same numbers: the same tensors from the same files through the same layer
 //! code, in the same order.
+//!
+//! A streamed reference reads the whole model once per pass, so its passes are made for
+//! blocks of pairs: [`Trainer::precompute_reference`](super::trainer::Trainer::precompute_reference)
+//! computes a block of queued pairs in one pass and stores each pair's sums with it
+//! ([`PairReference`]), keyed by [`pair_key`]: the reference's [`fingerprint`](StreamedReference::fingerprint)
+//! and the sequences as the step will feed them. The step uses a stored pair whose key is its
+//! own and computes the rest itself.
 
 use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
 
 use burn::tensor::{Device, Tensor};
+use sha2::{Digest, Sha256};
 
 use crate::model::config::LayerKind;
 use crate::model::llama::{tied_logits, DecoderLayer, ForwardContext, Linear, RmsNorm};
@@ -53,6 +62,78 @@ impl Reference {
         };
         Ok(sum_rows(&per_token))
     }
+
+    /// What identifies this reference's numbers across restarts, for stored pairs (see the
+    /// module docs): a streamed reference's files. `None` for a resident one (its pairs are
+    /// computed in the step, where they cost one forward without any file reads) and for
+    /// none.
+    pub fn fingerprint(&self) -> Option<u64> {
+        match self {
+            Reference::Streamed(s) => Some(s.fingerprint),
+            Reference::Resident(_) | Reference::Absent => None,
+        }
+    }
+}
+
+/// The key of a pair's stored reference log-probs: the reference's fingerprint and both
+/// sequences exactly as the step scores them (ids and where scoring starts).
+pub fn pair_key(fingerprint: u64, chosen: &ScoredSeq, rejected: &ScoredSeq) -> u64 {
+    let mut h = Sha256::new();
+    h.update(b"dreamloop.pair-reference.v1");
+    h.update(fingerprint.to_le_bytes());
+    for seq in [chosen, rejected] {
+        h.update((seq.ids.len() as u64).to_le_bytes());
+        for id in &seq.ids {
+            h.update(id.to_le_bytes());
+        }
+        h.update((seq.score_from as u64).to_le_bytes());
+    }
+    let digest = h.finalize();
+    u64::from_le_bytes(digest[..8].try_into().expect("sha256 has 32 bytes"))
+}
+
+/// A streamed reference's fingerprint: the directory, the dtype its weights are read in, and
+/// the name, size and modification time of each file in it, so that replaced weights (or a
+/// bf16 run's reference read in f32) never reuse stored numbers.
+fn fingerprint(dir: &Path, precision: Precision) -> Result<u64, ModelError> {
+    let io = |source: std::io::Error| {
+        ModelError::Weights(WeightError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
+    };
+    let mut h = Sha256::new();
+    h.update(b"dreamloop.reference-files.v1");
+    let canonical = dir.canonicalize().map_err(io)?;
+    h.update(canonical.to_string_lossy().as_bytes());
+    h.update([0]);
+    h.update(format!("{precision:?}").as_bytes());
+    let mut files: Vec<(String, u64, u128)> = Vec::new();
+    for entry in std::fs::read_dir(&canonical).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.ends_with(".safetensors") || name.ends_with(".json")) {
+            continue;
+        }
+        let meta = entry.metadata().map_err(io)?;
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        files.push((name, meta.len(), mtime));
+    }
+    files.sort();
+    for (name, len, mtime) in files {
+        h.update(name.as_bytes());
+        h.update([0]);
+        h.update(len.to_le_bytes());
+        h.update(mtime.to_le_bytes());
+    }
+    let digest = h.finalize();
+    Ok(u64::from_le_bytes(
+        digest[..8].try_into().expect("sha256 has 32 bytes"),
+    ))
 }
 
 fn sum_rows(per_token: &[Vec<f32>]) -> Vec<f64> {
@@ -73,6 +154,8 @@ pub struct StreamedReference {
     /// The dtype the weights are read into: the policy's, so that reference and policy
     /// agree exactly at the start.
     precision: Precision,
+    /// See [`StreamedReference::fingerprint`].
+    fingerprint: u64,
 }
 
 impl StreamedReference {
@@ -93,7 +176,14 @@ impl StreamedReference {
             config,
             device: device.clone().inner(),
             precision,
+            fingerprint: fingerprint(dir, precision)?,
         })
+    }
+
+    /// Identifies the numbers this reference gives (see the module docs): taken when it is
+    /// opened, from the directory, the dtype and each file's name, size and mtime.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
     }
 
     /// The directory the reference is read from.

@@ -30,9 +30,10 @@ use super::clip::{clip_grad_norm, grad_norm, grads_finite};
 use super::loss::{dpo_loss, sft_loss, DpoStats, DpoVariant};
 use super::optim::{ModelOptimizer, OptimError, OptimizerConfig, Rounding};
 use super::recompute::{Segmented, Tape};
-use super::reference::{Reference, StreamedReference};
+use super::reference::{pair_key, Reference, StreamedReference};
 use super::resume::{reconcile, Reconciled};
 use super::schedule::LrSchedule;
+use crate::example::PairReference;
 use crate::model::logprobs::{logprobs, LogProbs, ScoredSeq};
 use crate::model::weights::{WeightsDigest, MAX_SHARD_BYTES};
 use crate::model::{
@@ -57,6 +58,10 @@ pub struct DpoItem {
     pub chosen: Vec<u32>,
     pub rejected: Vec<u32>,
     pub hash: u64,
+    /// Reference log-probs computed ahead of the step ([`Trainer::precompute_reference`]);
+    /// the step computes a pair that has none, or whose key is not its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<PairReference>,
 }
 
 /// One optimizer step's worth of examples.
@@ -160,6 +165,10 @@ pub struct StepReport {
     /// Sequences cut to `max_seq_len` in this step.
     #[serde(default)]
     pub truncated: usize,
+    /// DPO pairs whose reference log-probs were computed ahead of the step
+    /// ([`Trainer::precompute_reference`]); the rest were computed in it.
+    #[serde(default)]
+    pub reference_stored: usize,
     pub seconds: f64,
 }
 
@@ -408,19 +417,8 @@ impl Trainer {
             loss = Some(l);
         }
         if !batch.dpo.is_empty() {
-            // One prompt cut for both completions, so the pair stays a pair.
-            let max = self.settings.max_seq_len;
-            let mut chosen = Vec::with_capacity(batch.dpo.len());
-            let mut rejected = Vec::with_capacity(batch.dpo.len());
-            for e in &batch.dpo {
-                let longer = e.chosen.len().max(e.rejected.len());
-                let (p, c) = fit(e.prompt.len(), longer, max);
-                let cut = p < e.prompt.len() || c < longer;
-                report.truncated += usize::from(cut);
-                let prompt = &e.prompt[e.prompt.len() - p..];
-                chosen.push(joined(prompt, &e.chosen[..e.chosen.len().min(c)]));
-                rejected.push(joined(prompt, &e.rejected[..e.rejected.len().min(c)]));
-            }
+            let (chosen, rejected, cut) = self.dpo_sequences(&batch.dpo);
+            report.truncated += cut;
             check_completions(&chosen)?;
             check_completions(&rejected)?;
             report.tokens += chosen
@@ -431,16 +429,13 @@ impl Trainer {
             let pairs = chosen.len();
             let both: Vec<ScoredSeq> = chosen.iter().chain(&rejected).cloned().collect();
             let (pol_c, pol_r) = split_rows(forward(&both), pairs);
-            let reference = self
-                .reference
-                .sums(&both, pad, self.settings.logits_chunk)
-                .map_err(ModelError::from)?;
-            let (ref_c, ref_r) = reference.split_at(pairs);
+            let (ref_c, ref_r, stored) = self.reference_sums(&batch.dpo, &chosen, &rejected)?;
+            report.reference_stored = stored;
             let (l, stats) = dpo_loss(
                 &pol_c,
                 &pol_r,
-                ref_c,
-                ref_r,
+                &ref_c,
+                &ref_r,
                 self.settings.beta,
                 self.settings.dpo_variant,
             );
@@ -475,6 +470,121 @@ impl Trainer {
             return Err(TrainError::NonFiniteGradient);
         }
         Ok((report, grads))
+    }
+
+    /// Computes the reference log-probs of every pair in `items` that has none stored, or
+    /// whose stored key is not its own, `block` pairs per pass over the reference (0: all in
+    /// one pass), and stores them with the pair ([`DpoItem::reference`]). This is TRL's
+    /// `precompute_ref_log_probs`, made online: the daemon calls it for a block of queued
+    /// pairs before they are trained, so that a streamed reference is read once per block,
+    /// not once per step. Returns how many pairs were computed. A resident reference (or
+    /// none) stores nothing: the step computes its pairs in one forward without reading any
+    /// file.
+    pub fn precompute_reference(
+        &self,
+        items: &mut [DpoItem],
+        block: usize,
+    ) -> Result<usize, TrainError> {
+        let Some(fingerprint) = self.reference.fingerprint() else {
+            return Ok(0);
+        };
+        let (chosen, rejected, _) = self.dpo_sequences(items);
+        let keys: Vec<u64> = chosen
+            .iter()
+            .zip(&rejected)
+            .map(|(c, r)| pair_key(fingerprint, c, r))
+            .collect();
+        let missing: Vec<usize> = (0..items.len())
+            .filter(|&i| items[i].reference.map(|r| r.key) != Some(keys[i]))
+            .collect();
+        let block = if block == 0 {
+            missing.len().max(1)
+        } else {
+            block
+        };
+        for part in missing.chunks(block) {
+            let seqs: Vec<ScoredSeq> = part
+                .iter()
+                .map(|&i| chosen[i].clone())
+                .chain(part.iter().map(|&i| rejected[i].clone()))
+                .collect();
+            check_completions(&seqs)?;
+            let sums = self
+                .reference
+                .sums(&seqs, self.settings.pad_id, self.settings.logits_chunk)
+                .map_err(ModelError::from)?;
+            for (k, &i) in part.iter().enumerate() {
+                items[i].reference = Some(PairReference {
+                    chosen: sums[k],
+                    rejected: sums[part.len() + k],
+                    key: keys[i],
+                });
+            }
+        }
+        Ok(missing.len())
+    }
+
+    /// The chosen and rejected sequences of `pairs` as the step scores them, and how many
+    /// pairs were cut to `max_seq_len`: one prompt cut for both completions, so the pair
+    /// stays a pair.
+    fn dpo_sequences(&self, pairs: &[DpoItem]) -> (Vec<ScoredSeq>, Vec<ScoredSeq>, usize) {
+        let max = self.settings.max_seq_len;
+        let mut chosen = Vec::with_capacity(pairs.len());
+        let mut rejected = Vec::with_capacity(pairs.len());
+        let mut truncated = 0;
+        for e in pairs {
+            let longer = e.chosen.len().max(e.rejected.len());
+            let (p, c) = fit(e.prompt.len(), longer, max);
+            truncated += usize::from(p < e.prompt.len() || c < longer);
+            let prompt = &e.prompt[e.prompt.len() - p..];
+            chosen.push(joined(prompt, &e.chosen[..e.chosen.len().min(c)]));
+            rejected.push(joined(prompt, &e.rejected[..e.rejected.len().min(c)]));
+        }
+        (chosen, rejected, truncated)
+    }
+
+    /// The reference sums of a step's pairs: a pair's stored ones when their key is its
+    /// own, the others computed now in one pass. Also answers how many were stored.
+    fn reference_sums(
+        &self,
+        pairs: &[DpoItem],
+        chosen: &[ScoredSeq],
+        rejected: &[ScoredSeq],
+    ) -> Result<(Vec<f64>, Vec<f64>, usize), TrainError> {
+        let n = pairs.len();
+        let stored: Vec<Option<PairReference>> = match self.reference.fingerprint() {
+            Some(f) => (0..n)
+                .map(|i| {
+                    let key = pair_key(f, &chosen[i], &rejected[i]);
+                    pairs[i].reference.filter(|r| r.key == key)
+                })
+                .collect(),
+            None => vec![None; n],
+        };
+        let missing: Vec<usize> = (0..n).filter(|&i| stored[i].is_none()).collect();
+        let (mut ref_c, mut ref_r) = (vec![0.0; n], vec![0.0; n]);
+        if !missing.is_empty() {
+            let seqs: Vec<ScoredSeq> = missing
+                .iter()
+                .map(|&i| chosen[i].clone())
+                .chain(missing.iter().map(|&i| rejected[i].clone()))
+                .collect();
+            let sums = self
+                .reference
+                .sums(&seqs, self.settings.pad_id, self.settings.logits_chunk)
+                .map_err(ModelError::from)?;
+            for (k, &i) in missing.iter().enumerate() {
+                ref_c[i] = sums[k];
+                ref_r[i] = sums[missing.len() + k];
+            }
+        }
+        for (i, r) in stored.iter().enumerate() {
+            if let Some(r) = r {
+                ref_c[i] = r.chosen;
+                ref_r[i] = r.rejected;
+            }
+        }
+        Ok((ref_c, ref_r, n - missing.len()))
     }
 
     /// Writes everything a resumed run needs into `dir`: the weights as a Hugging Face
