@@ -6,7 +6,7 @@
 //! batch's pairs, `torch.optim.AdamW` (1-D tensors not decayed, as HF's Trainer groups them).
 
 use std::io::{BufRead, IsTerminal};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
@@ -14,6 +14,7 @@ use dreamloop::model::{default_device, Model, Precision};
 use dreamloop::train::dataset::{parse_line, Item};
 use dreamloop::train::loss::DpoVariant;
 use dreamloop::train::optim::{AdamWConfig, ApolloConfig, OptimizerConfig};
+use dreamloop::train::reference::StreamedReference;
 use dreamloop::train::schedule::LrSchedule;
 use dreamloop::train::trainer::{Batch, TrainError, Trainer, TrainerConfig};
 
@@ -60,6 +61,14 @@ pub struct TrainArgs {
     /// DPO reference weights (default: a frozen copy of --model).
     #[arg(long)]
     pub ref_model: Option<String>,
+    /// Read the DPO reference (--ref-model, else --model: a model directory) from its
+    /// safetensors files one layer at a time instead of keeping a second copy in memory.
+    #[arg(long)]
+    pub stream_reference: bool,
+    /// With --stream-reference: DPO pairs whose reference log-probs are computed in one pass
+    /// over the files, ahead of their steps (0: each step's pairs in their step).
+    #[arg(long, default_value_t = 32)]
+    pub reference_block: usize,
     #[arg(long, value_enum, default_value = "adamw")]
     pub optimizer: OptimizerKind,
     /// Peak learning rate (default: 1e-5 for SFT, 5e-7 for DPO/IPO).
@@ -187,7 +196,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
 
     let mut trainer = Trainer::new(model.config.clone(), model.lm, reference, settings)?
         .with_files(model.dtypes, model.tokenizer.as_ref());
-    let batches: Vec<Batch> = items
+    if args.stream_reference {
+        let spec = args.ref_model.as_deref().unwrap_or(&args.model);
+        let streamed = StreamedReference::open_as(Path::new(spec), &default_device(), args.dtype)
+            .with_context(|| format!("opening the streamed reference `{spec}`"))?;
+        trainer = trainer.with_streamed_reference(streamed);
+    }
+    let mut batches: Vec<Batch> = items
         .chunks(args.batch_size.max(1))
         .map(|chunk| {
             let mut batch = Batch::default();
@@ -203,9 +218,16 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let total = batches.len();
     let tty = std::io::stderr().is_terminal();
     let mut skipped = 0usize;
-    for (i, batch) in batches.iter().enumerate() {
-        match trainer.step(batch) {
+    let mut stored = 0usize;
+    // The first batch whose pairs have no reference log-probs yet.
+    let mut ahead = 0;
+    for i in 0..total {
+        if i == ahead && args.reference_block > 0 {
+            ahead = precompute_block(&trainer, &mut batches[i..], args.reference_block)? + i;
+        }
+        match trainer.step(&batches[i]) {
             Ok(r) => {
+                stored += r.reference_stored;
                 let dpo = r
                     .dpo
                     .as_ref()
@@ -242,8 +264,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     trainer
         .save(&args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;
+    let precomputed = if stored > 0 {
+        format!(", {stored} pairs with precomputed reference log-probs")
+    } else {
+        String::new()
+    };
     eprintln!(
-        "wrote {} ({} steps, {} skipped, {bad} bad lines)",
+        "wrote {} ({} steps, {} skipped, {bad} bad lines{precomputed})",
         args.out.display(),
         trainer.step_count(),
         skipped
@@ -253,4 +280,30 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Computes the reference log-probs of the DPO pairs of the first batches of `batches`, at
+/// least `block` pairs (or all that are left) in one pass over a streamed reference, and
+/// stores them with each pair; answers how many batches it covered (at least one). With a
+/// resident reference nothing is stored and each step computes its own pairs.
+fn precompute_block(
+    trainer: &Trainer,
+    batches: &mut [Batch],
+    block: usize,
+) -> anyhow::Result<usize> {
+    let mut counts = Vec::new();
+    let mut pairs = Vec::new();
+    while counts.len() < batches.len() && (counts.is_empty() || pairs.len() < block) {
+        let batch = &mut batches[counts.len()];
+        counts.push(batch.dpo.len());
+        pairs.append(&mut batch.dpo);
+    }
+    let computed = trainer.precompute_reference(&mut pairs, block);
+    // The pairs go back to their batches whether or not the pass succeeded.
+    let mut rest = pairs.into_iter();
+    for (batch, n) in batches.iter_mut().zip(&counts) {
+        batch.dpo.extend(rest.by_ref().take(*n));
+    }
+    computed.context("precomputing the DPO reference's log-probs")?;
+    Ok(counts.len())
 }

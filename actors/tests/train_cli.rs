@@ -90,6 +90,19 @@ fn train_and_compare_at(
     want: &str,
     tol: &Tolerance,
 ) {
+    train_and_compare_with(model, reference, loss, data, want, tol, &[]);
+}
+
+/// [`train_and_compare_at`] with more arguments for `dreamloop train`.
+fn train_and_compare_with(
+    model: &Path,
+    reference: &Path,
+    loss: &str,
+    data: &str,
+    want: &str,
+    tol: &Tolerance,
+    extra: &[&str],
+) {
     let out = tempfile::tempdir().unwrap();
     let status = Command::new(env!("CARGO_BIN_EXE_dreamloop"))
         .args(["train", "--model"])
@@ -112,6 +125,7 @@ fn train_and_compare_at(
             "--beta",
             "0.1",
         ])
+        .args(extra)
         .status()
         .unwrap();
     assert!(status.success(), "dreamloop train failed");
@@ -167,6 +181,25 @@ fn sft_matches_torch_with_trl_semantics() {
 #[test]
 fn dpo_matches_torch_with_trl_semantics() {
     train_and_compare("dpo", "dpo.jsonl", "dpo_after.safetensors");
+}
+
+/// The same three DPO steps with the reference streamed from the starting model's files and
+/// its log-probs precomputed ahead of the steps, two pairs per pass (so a pass covers one
+/// step's pairs, and a block of 5 all of them at once): the same weights as torch's.
+#[test]
+fn dpo_with_a_streamed_precomputed_reference_matches_torch() {
+    let fixtures = root().join("tests/fixtures");
+    for block in ["2", "5"] {
+        train_and_compare_with(
+            &fixtures.join("models/llama_untied"),
+            &fixtures.join("train_reference"),
+            "dpo",
+            "dpo.jsonl",
+            "dpo_after.safetensors",
+            &DENSE,
+            &["--stream-reference", "--reference-block", block],
+        );
+    }
 }
 
 #[test]
