@@ -109,6 +109,7 @@ impl Shape {
             seq_len: self.seq,
             batch: 1,
             reference: ReferenceMode::Resident,
+            reference_block: 0,
             optimizer: self.optimizer(),
             freeze: Vec::new(),
             train_only: Vec::new(),

@@ -172,6 +172,11 @@ pub struct TrainSection {
     /// once); bounds the `[tokens × vocab]` logits to `[logits_chunk × vocab]`.
     #[serde(default)]
     pub logits_chunk: usize,
+    /// With `[model] stream_reference`: DPO pairs whose reference log-probs are computed in
+    /// one pass over the reference's files, ahead of their steps, and stored with each queued
+    /// pair (0: each step's pairs in their step, one pass per step).
+    #[serde(default = "default_reference_block")]
+    pub reference_block: usize,
     /// DPO temperature β.
     pub beta: f64,
     /// `sigmoid` (DPO) or `ipo`.
@@ -190,6 +195,10 @@ pub struct TrainSection {
 
 fn default_cycle_steps() -> u64 {
     1000
+}
+
+fn default_reference_block() -> usize {
+    16
 }
 
 /// `[data]`: where examples come from and how they are mixed.
@@ -680,6 +689,7 @@ impl DreamConfig {
                 max_seq_len: 1024,
                 recompute: None,
                 logits_chunk: 0,
+                reference_block: default_reference_block(),
                 beta: 0.01,
                 dpo_variant: DpoVariant::Sigmoid,
                 freeze: Vec::new(),

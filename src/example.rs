@@ -305,6 +305,34 @@ mod tests {
         assert_ne!(a.hash(), dpo.hash());
     }
 
+    /// Stored reference log-probs come back from JSON bit for bit (a decimal rendering read
+    /// back by serde_json's default parser may land one ulp off), and are not part of the
+    /// content hash.
+    #[test]
+    fn a_pair_reference_round_trips_exactly_and_leaves_the_hash_alone() {
+        let mut e = sft("hi", "hello");
+        let before = e.hash();
+        // 0.1 + 0.2 and a value near the end of f64's decimal precision.
+        let reference = PairReference {
+            chosen: -(0.1 + 0.2),
+            rejected: -123.456_789_012_345_68,
+            key: u64::MAX - 7,
+        };
+        e.reference = Some(reference);
+        assert_eq!(e.hash(), before);
+        let json = serde_json::to_string(&e).unwrap();
+        let back: Example = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            back.reference.unwrap().chosen.to_bits(),
+            (-(0.1f64 + 0.2)).to_bits()
+        );
+        assert_eq!(back, e);
+        // An example without one is written as before (no field).
+        assert!(!serde_json::to_string(&sft("hi", "hello"))
+            .unwrap()
+            .contains("reference"));
+    }
+
     #[test]
     fn kind_serializes_snake_case() {
         let json = serde_json::to_string(&Kind::FlawedDirection).expect("serializes");

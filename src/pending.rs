@@ -16,13 +16,13 @@
 //!
 //! It knows nothing about logs, labeling or the ledger; the labeler actor wires them.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::example::{Example, Kind};
+use crate::example::{Example, Kind, PairReference, Target};
 
 /// Errors reading or writing the queue file.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +133,28 @@ impl PendingQueue {
         n
     }
 
+    /// Up to `n` queued DPO pairs that have no reference log-probs yet, oldest first
+    /// (copies: the queue keeps them until [`PendingQueue::set_references`]).
+    pub fn lacking_reference(&self, n: usize) -> Vec<Example> {
+        self.state
+            .queued
+            .iter()
+            .filter(|e| matches!(e.target, Target::Dpo { .. }) && e.reference.is_none())
+            .take(n)
+            .cloned()
+            .collect()
+    }
+
+    /// Stores reference log-probs with the queued pairs they were computed for, by hash (in
+    /// memory; [`PendingQueue::save`] makes it durable).
+    pub fn set_references(&mut self, references: &HashMap<u64, PairReference>) {
+        for e in &mut self.state.queued {
+            if let Some(r) = references.get(&e.hash().0) {
+                e.reference = Some(*r);
+            }
+        }
+    }
+
     /// Removes queued examples by hash (ones the ledger turned down after all).
     pub fn remove(&mut self, gone: &HashSet<u64>) {
         self.state.queued.retain(|e| !gone.contains(&e.hash().0));
@@ -177,7 +199,7 @@ impl PendingQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::example::{Message, Target};
+    use crate::example::Message;
 
     fn example(kind: Kind, text: &str) -> Example {
         Example {

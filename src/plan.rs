@@ -135,6 +135,10 @@ pub struct PlanSettings {
     pub batch: usize,
     /// The DPO reference's residence.
     pub reference: ReferenceMode,
+    /// DPO pairs whose streamed-reference log-probs are computed in one pass between steps
+    /// (`[train] reference_block`; 0: in each step, with the step's pairs).
+    #[serde(default)]
+    pub reference_block: usize,
     /// The optimizer and its hyper-parameters (which tensors APOLLO projects).
     pub optimizer: OptimizerConfig,
     /// `[train] freeze` globs: no gradient, no optimizer state.
@@ -187,6 +191,7 @@ impl PlanSettings {
             } else {
                 ReferenceMode::Resident
             },
+            reference_block: t.reference_block,
             optimizer: t.optimizer.clone(),
             freeze: t.freeze.clone(),
             train_only: t.train_only.clone(),
@@ -729,19 +734,21 @@ impl Tally {
     }
 }
 
-/// The DPO reference's bytes and how they are counted.
+/// The DPO reference's resident bytes and how they are counted, and the bytes of its weights
+/// alive only while it runs forward (counted in those moments).
 fn reference_bytes(
     model: &ModelConfig,
     params: &[ParamShape],
     s: &PlanSettings,
     pairs: usize,
-) -> (u64, String) {
+) -> (u64, String, u64) {
     let dt = s.dtype.bytes();
     let weights: u64 = params.iter().map(ParamShape::numel).sum::<u64>() * dt;
     match s.reference {
         ReferenceMode::Resident => (
             weights,
             "a second copy of the weights: Trainer::new's `valid()` copy shares them until the first update, then holds the old ones (in every phase: the phase is hot-reloadable)".into(),
+            0,
         ),
         ReferenceMode::Streamed if pairs > 0 => {
             let layer = |i: usize| -> u64 {
@@ -757,12 +764,22 @@ fn reference_bytes(
                 .chain(std::iter::once(vocabulary))
                 .max()
                 .unwrap_or(0);
+            let units = 2 * unit * dt;
+            let block = if s.reference_block > 0 {
+                format!(" (for a block of {} pairs between steps, or in a step for pairs without stored log-probs)", s.reference_block)
+            } else {
+                String::new()
+            };
             (
-                2 * unit * dt,
-                "streamed reference: at most two units at once (a decoder layer, the tied embedding or the head) read through the reference forward".into(),
+                0,
+                format!(
+                    "streamed reference: nothing resident; at most two units at once (a decoder layer, the tied embedding or the head: {:.2} GB) while it runs forward{block}, counted in the reference forward",
+                    units as f64 / GB
+                ),
+                units,
             )
         }
-        ReferenceMode::Streamed => (0, "streamed reference: nothing in SFT".into()),
+        ReferenceMode::Streamed => (0, "streamed reference: nothing in SFT".into(), 0),
     }
 }
 
@@ -788,6 +805,7 @@ fn moments(
     s: &PlanSettings,
     w: &Work,
     tally: &Tally,
+    reference_units: u64,
 ) -> Vec<Moment> {
     let dt = s.dtype.bytes() as f64;
     let bytes = |elements: f64| (elements * dt).ceil() as u64;
@@ -873,9 +891,26 @@ fn moments(
         out.push(Moment {
             label: "the DPO reference's forward".into(),
             kept: bytes(head_kept + logits_kept),
-            reference_forward: wide(layer_peak.max(3.0 * chunk(sequences * w.t) * vocab)),
+            reference_forward: reference_units
+                + wide(layer_peak.max(3.0 * chunk(sequences * w.t) * vocab)),
             ..Moment::default()
         });
+        if s.reference == ReferenceMode::Streamed && s.reference_block > 0 {
+            // Between steps nothing of the policy's graph is alive: only the block's forward.
+            let sequences = 2.0 * s.reference_block as f64;
+            let layer_peak = (0..model.num_hidden_layers)
+                .map(|i| layer_cost(model, i, sequences, w.t).forward)
+                .fold(0.0, f64::max);
+            out.push(Moment {
+                label: format!(
+                    "a block of {} DPO pairs through the reference, between steps",
+                    s.reference_block
+                ),
+                reference_forward: reference_units
+                    + wide(layer_peak.max(3.0 * chunk(sequences * w.t) * vocab)),
+                ..Moment::default()
+            });
+        }
     }
     // The update: every gradient, and the weights twice — the trainer's backup while the
     // optimizer builds the new ones (new weights and not yet used gradients stay one
@@ -956,8 +991,8 @@ pub fn plan(model: &ModelConfig, s: &PlanSettings) -> Plan {
     };
     let tally = Tally::of(model, &params, s);
     let weights = tally.parameters * s.dtype.bytes();
-    let (reference, reference_how) = reference_bytes(model, &params, s, pairs);
-    let all = moments(model, &params, s, &work, &tally);
+    let (reference, reference_how, units) = reference_bytes(model, &params, s, pairs);
+    let all = moments(model, &params, s, &work, &tally, units);
     let peak = all
         .iter()
         .max_by_key(|m| m.transient())
@@ -1143,7 +1178,7 @@ impl Context<'_> {
                 "reference forward",
                 peak.reference_forward,
                 if self.work.pairs > 0.0 {
-                    format!("the frozen forward's largest buffers (logits or one layer){}", self.elsewhere(peak.reference_forward, |m| m.reference_forward))
+                    format!("the frozen forward's largest buffers (logits or one layer; a streamed reference's two units){}", self.elsewhere(peak.reference_forward, |m| m.reference_forward))
                 } else {
                     "no DPO pairs".into()
                 },
@@ -1196,9 +1231,10 @@ fn describe(s: &PlanSettings, seq_len: usize) -> String {
             s.logits_chunk.to_string()
         },
         optimizer_name(&s.optimizer),
-        match s.reference {
-            ReferenceMode::Resident => "resident",
-            ReferenceMode::Streamed => "streamed",
+        match (s.reference, s.reference_block) {
+            (ReferenceMode::Resident, _) => "resident".to_string(),
+            (ReferenceMode::Streamed, 0) => "streamed".to_string(),
+            (ReferenceMode::Streamed, n) => format!("streamed in blocks of {n} pairs"),
         },
         s.freeze.len() + s.train_only.len(),
     )
@@ -1344,6 +1380,7 @@ mod tests {
             seq_len: 4096,
             batch: 1,
             reference: ReferenceMode::Resident,
+            reference_block: 0,
             optimizer,
             freeze: Vec::new(),
             train_only: Vec::new(),
@@ -1489,6 +1526,37 @@ mod tests {
         t.freeze = vec!["model.embed_tokens.*".into(), "lm_head.*".into()];
         t.reference = ReferenceMode::Streamed;
         assert!(plan(&m, &t).fits, "{}", plan(&m, &t).total_bytes);
+    }
+
+    /// Issue 13's target: the operator's 27B on one 141 GB H200 with at least 15 % free, for
+    /// SFT at 4096 tokens and a DPO pair at 2 × 2048 with the streamed reference (its two
+    /// units alive only while it runs forward, which is never during a backward) computed in
+    /// blocks of 16 pairs between steps; a block too large for the device is the peak and
+    /// does not fit.
+    #[test]
+    fn the_27b_sft_and_dpo_leave_15_percent_of_an_h200() {
+        let m = qwen3_5_27b();
+        let mut s = settings(OptimizerConfig::Apollo(ApolloConfig::mini()));
+        s.dtype = Dtype::Bf16;
+        s.recompute = true;
+        s.logits_chunk = SUGGESTED_LOGITS_CHUNK;
+        s.freeze = vec!["model.embed_tokens.*".into(), "lm_head.*".into()];
+        s.reference = ReferenceMode::Streamed;
+        s.reference_block = 16;
+        let sft = plan(&m, &s);
+        assert!(sft.headroom >= 0.15, "SFT: {:.3}", sft.headroom);
+        let mut d = s.clone();
+        d.phase = Phase::Dpo;
+        d.seq_len = 2048;
+        let dpo = plan(&m, &d);
+        assert!(dpo.headroom >= 0.15, "DPO: {:.3}", dpo.headroom);
+        assert!(dpo.peak_at.contains("backward"), "{}", dpo.peak_at);
+        let reference = &dpo.items.iter().find(|i| i.name == "reference").unwrap();
+        assert_eq!(reference.bytes, 0, "{}", reference.how);
+        d.reference_block = 256;
+        let huge = plan(&m, &d);
+        assert!(!huge.fits, "{}", huge.total_bytes);
+        assert!(huge.peak_at.contains("block of 256"), "{}", huge.peak_at);
     }
 
     /// Today's code: f32, no recompute, whole logits, a resident reference; the device is

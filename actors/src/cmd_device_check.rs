@@ -233,6 +233,7 @@ fn step(args: StepArgs) -> anyhow::Result<ExitCode> {
             Phase::Dpo => ReferenceMode::Resident,
             _ => ReferenceMode::Streamed,
         },
+        reference_block: 0,
         optimizer: optimizer.clone(),
         freeze: args.freeze.clone(),
         train_only: Vec::new(),

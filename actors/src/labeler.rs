@@ -17,7 +17,7 @@
 //! General examples are half general-kind scenarios, half replay (corpus text, arithmetic,
 //! code, reasoning), so both sources of `[data]` are used.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,16 +26,19 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use dreamloop::config::DreamConfig;
 use dreamloop::convo::{ConvoConfig, ConvoReader};
-use dreamloop::example::{Example, Kind, Target};
+use dreamloop::example::{Example, Kind, PairReference, Target};
 use dreamloop::label::{LabelConfig, Labeler, Phase};
 use dreamloop::metrics::names;
 use dreamloop::mix::BatchPlan;
 use dreamloop::pending::PendingQueue;
 use ractor::{call_t, Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
+use crate::call::{self, ReplyError};
 use crate::generator::GeneratorMsg;
+use crate::monitor::TRAINER;
 use crate::status::{TrainedStep, TRAINED_FILE};
 use crate::telemetry;
+use crate::trainer::TrainerMsg;
 
 /// The pending queue's file name, beside the cursor.
 pub const PENDING_FILE: &str = "convo-pending.json";
@@ -78,6 +81,9 @@ pub struct LabelerState {
     readmit: bool,
     capacity: usize,
     call_timeout: Duration,
+    /// `[train] reference_block` with a streamed reference, else 0 (see
+    /// [`precompute_references`]).
+    reference_block: usize,
 }
 
 /// The labeler actor (see the module docs).
@@ -136,6 +142,11 @@ impl Actor for LabelerActor {
             readmit: true,
             capacity: args.config.queues.examples,
             call_timeout: args.call_timeout,
+            reference_block: if args.config.model.stream_reference {
+                args.config.train.reference_block
+            } else {
+                0
+            },
         })
     }
 
@@ -315,7 +326,7 @@ async fn fill(state: &mut LabelerState, plan: BatchPlan) -> anyhow::Result<Vec<E
             for _ in logged.iter().flatten() {
                 telemetry::queue_popped("examples");
             }
-            Ok(out)
+            Ok(precompute_references(state, &wanted, out).await)
         }
         Err(e) => {
             // Not handed on: back to the queue, so the next request takes them again.
@@ -326,6 +337,112 @@ async fn fill(state: &mut LabelerState, plan: BatchPlan) -> anyhow::Result<Vec<E
             Err(e)
         }
     }
+}
+
+/// With a streamed DPO reference, each pass over its files is made for a block of pairs
+/// (`[train] reference_block`): when the batch about to be trained has pairs without
+/// reference log-probs, they go to the trainer together with queued pairs that have none,
+/// and, if the block still has room and scenarios are labeled as pairs, with scenarios
+/// drawn now for the next batches and queued. The sums come back stored with each pair
+/// (`Example::reference`), in the batch and, durably, in the queue. A failed pass only costs
+/// time: the steps compute their pairs themselves.
+async fn precompute_references(
+    state: &mut LabelerState,
+    wanted: &[(Kind, usize)],
+    mut out: Vec<Example>,
+) -> Vec<Example> {
+    let lacking = |e: &Example| matches!(e.target, Target::Dpo { .. }) && e.reference.is_none();
+    if state.reference_block == 0 || !out.iter().any(lacking) {
+        return out;
+    }
+    let mut block: Vec<Example> = out.iter().filter(|e| lacking(e)).cloned().collect();
+    let room = state.reference_block.saturating_sub(block.len());
+    block.extend(state.from_logs.lacking_reference(room));
+    let room = state.reference_block.saturating_sub(block.len());
+    match draw_ahead(state, wanted, room).await {
+        Ok(ahead) => block.extend(ahead),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "Scenarios for the next batches were not drawn ahead.")
+        }
+    }
+    let pairs = block.len();
+    let timeout = state.call_timeout;
+    let done = call::call(TRAINER, timeout, |reply| {
+        TrainerMsg::PrecomputeReference(block, reply)
+    })
+    .await;
+    let done = match done
+        .map_err(ReplyError::from_call)
+        .and_then(|answer| answer)
+    {
+        Ok(done) => done,
+        Err(e) => {
+            tracing::warn!(error = %e, pairs, "Reference log-probs not precomputed; the steps compute them.");
+            return out;
+        }
+    };
+    let references: HashMap<u64, PairReference> = done
+        .iter()
+        .filter_map(|e| e.reference.map(|r| (e.hash().0, r)))
+        .collect();
+    for e in &mut out {
+        if let Some(r) = references.get(&e.hash().0) {
+            e.reference = Some(*r);
+        }
+    }
+    state.from_logs.set_references(&references);
+    if let Err(e) = state.from_logs.save() {
+        tracing::warn!(error = %e, "The pending queue's reference log-probs were not saved; they are computed again after a restart.");
+    }
+    out
+}
+
+/// Scenarios for the batches after this one, labeled and queued, so that their pairs share
+/// the current pass over the reference: as many whole batches' worth of the behavioural
+/// classes in `wanted` as `room` pairs allow, within the queue's capacity. Nothing when the
+/// phase labels scenarios as SFT. Answers the queued pairs.
+async fn draw_ahead(
+    state: &mut LabelerState,
+    wanted: &[(Kind, usize)],
+    room: usize,
+) -> anyhow::Result<Vec<Example>> {
+    let per_batch: usize = wanted
+        .iter()
+        .filter(|(kind, _)| *kind != Kind::General)
+        .map(|&(_, n)| n)
+        .sum();
+    let free = state.capacity.saturating_sub(state.from_logs.len());
+    if state.labeler.phase() == Phase::Sft || per_batch == 0 {
+        return Ok(Vec::new());
+    }
+    let batches = room.min(free) / per_batch;
+    if batches == 0 {
+        return Ok(Vec::new());
+    }
+    let timeout = ms(state.call_timeout);
+    let gen = generator()?;
+    let mut drawn = Vec::new();
+    for &(kind, n) in wanted.iter().filter(|(kind, _)| *kind != Kind::General) {
+        if n == 0 {
+            continue;
+        }
+        let scenarios = call_t!(gen, GeneratorMsg::Draw, timeout, kind, n * batches)?
+            .map_err(|e| anyhow!(e))?;
+        drawn.extend(scenarios.iter().map(|s| state.labeler.scenario(s)));
+    }
+    let pairs: Vec<Example> = drawn
+        .iter()
+        .filter(|e| matches!(e.target, Target::Dpo { .. }))
+        .cloned()
+        .collect();
+    let queued = state.from_logs.requeue(drawn);
+    // Durable before they are used: drawn scenarios are already in the ledger, so one lost
+    // here is never trained (as one lost with the mixer's pools at a crash).
+    state.from_logs.save()?;
+    for _ in 0..queued {
+        telemetry::queue_pushed("examples");
+    }
+    Ok(pairs)
 }
 
 /// The batch: the log examples taken, topped up with scenarios and replay per class.

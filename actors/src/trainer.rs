@@ -77,6 +77,10 @@ enum Job {
     Restore(PathBuf, oneshot::Sender<Result<u64, ReplyError>>),
     ScaleLr(f64, oneshot::Sender<f64>),
     Position(oneshot::Sender<(u64, f64)>),
+    Precompute(
+        Vec<Example>,
+        oneshot::Sender<Result<Vec<Example>, ReplyError>>,
+    ),
 }
 
 /// The answer to a save: the checkpoint handed back (to commit or abandon) and whether
@@ -102,6 +106,11 @@ pub enum TrainerMsg {
     ScaleLr(f64, RpcReplyPort<f64>),
     /// The step count and the lr of the next step.
     Position(RpcReplyPort<(u64, f64)>),
+    /// The reference log-probs of these DPO pairs in one pass
+    /// (`Trainer::precompute_reference`), stored in each pair's `Example::reference` and
+    /// answered back; SFT examples, untokenizable ones and pairs of a resident reference come
+    /// back as they were (errors: persistent, and the steps compute their pairs).
+    PrecomputeReference(Vec<Example>, RpcReplyPort<Result<Vec<Example>, ReplyError>>),
 }
 
 /// Start-up arguments.
@@ -168,6 +177,9 @@ impl Actor for TrainerActor {
             }
             TrainerMsg::ScaleLr(f, reply) => forward(state, |tx| Job::ScaleLr(f, tx), reply).await,
             TrainerMsg::Position(reply) => forward(state, Job::Position, reply).await,
+            TrainerMsg::PrecomputeReference(examples, reply) => {
+                forward(state, |tx| Job::Precompute(examples, tx), reply).await
+            }
         }
     }
 }
@@ -485,7 +497,38 @@ impl Worker {
             Job::Position(reply) => {
                 let _ = reply.send((self.trainer.step_count(), self.trainer.current_lr()));
             }
+            Job::Precompute(examples, reply) => {
+                let _ = reply.send(self.precompute(examples));
+            }
         }
+    }
+
+    /// See [`TrainerMsg::PrecomputeReference`]: all the pairs in one pass.
+    fn precompute(&self, mut examples: Vec<Example>) -> Result<Vec<Example>, ReplyError> {
+        let mut at = Vec::new();
+        let mut pairs = Vec::new();
+        for (i, example) in examples.iter().enumerate() {
+            if let Ok(Item::Dpo(item)) = tokenize_example(&self.tokenizer, example) {
+                at.push(i);
+                pairs.push(item);
+            }
+        }
+        let started = Instant::now();
+        let computed = self
+            .trainer
+            .precompute_reference(&mut pairs, 0)
+            .map_err(ReplyError::persistent)?;
+        if computed > 0 {
+            tracing::info!(
+                pairs = computed,
+                seconds = started.elapsed().as_secs_f64(),
+                "Reference log-probs computed ahead of their steps."
+            );
+        }
+        for (i, pair) in at.into_iter().zip(pairs) {
+            examples[i].reference = pair.reference;
+        }
+        Ok(examples)
     }
 
     /// The probe suite on a frozen copy of the weights; `None` if cancelled.
@@ -537,7 +580,17 @@ impl Worker {
             }
         }
         match self.trainer.step(&batch) {
-            Ok(report) => StepOutcome::Trained(report),
+            Ok(report) => {
+                let computed = report.dpo_pairs - report.reference_stored;
+                if computed > 0 && matches!(self.reference, Reference::Streamed(_)) {
+                    tracing::info!(
+                        pairs = computed,
+                        step = report.step,
+                        "Reference log-probs computed in the step (a pass over the reference's files)."
+                    );
+                }
+                StepOutcome::Trained(report)
+            }
             Err(e) => StepOutcome::Skipped {
                 non_finite: matches!(
                     e,

@@ -313,6 +313,23 @@ fn memory_settings_train_checkpoint_and_resume_a_mixed_run() {
         pairs > 0,
         "a mixed run trains DPO pairs against the streamed reference"
     );
+    // Every pair's reference log-probs were computed ahead of its step, in blocks: a pass
+    // covers the pairs of several steps (scenarios drawn ahead), and no step read the files.
+    let log = d.log();
+    let passes = log.matches("Reference log-probs computed ahead").count();
+    let dpo_steps = trained
+        .iter()
+        .filter(|r| {
+            r["examples"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|e| e["target"].get("dpo").is_some()))
+        })
+        .count();
+    assert!(
+        passes > 0 && passes < dpo_steps,
+        "{passes} passes for {dpo_steps} steps with pairs\n{log}"
+    );
+    assert!(!log.contains("computed in the step"), "{log}");
     let saved = dreamloop::model::Model::load(
         &latest_dir(&d.state()).expect("LATEST"),
         &dreamloop::model::cpu(),
