@@ -46,6 +46,7 @@ use crate::label::Phase;
 use crate::model::config::{LayerKind, LinearAttnConfig, ModelConfig};
 use crate::model::gdn::CHUNK;
 use crate::train::optim::{ApolloConfig, OptimizerConfig};
+use crate::train::reference::BUCKET_SEQUENCES;
 use crate::train::trainer::glob_match;
 
 /// Bytes assumed for a CUDA device when none is stated: one H200 (141 GB).
@@ -883,31 +884,38 @@ fn moments(
             ..Moment::default()
         });
     }
-    if w.pairs > 0.0 {
-        let sequences = 2.0 * w.pairs;
+    // The reference's forward over `sequences`: a resident copy runs them as one batch; a
+    // streamed one in length buckets of `BUCKET_SEQUENCES` (one bucket's working set, every
+    // bucket's hidden states) with two of its units loaded.
+    let reference_pass = |sequences: f64| -> u64 {
+        let together = match s.reference {
+            ReferenceMode::Resident => sequences,
+            ReferenceMode::Streamed => sequences.min(BUCKET_SEQUENCES as f64),
+        };
         let layer_peak = (0..model.num_hidden_layers)
-            .map(|i| layer_cost(model, i, sequences, w.t).forward)
+            .map(|i| layer_cost(model, i, together, w.t).forward)
             .fold(0.0, f64::max);
+        let hidden_states = match s.reference {
+            ReferenceMode::Resident => 0,
+            ReferenceMode::Streamed => bytes(sequences * w.t * hidden),
+        };
+        reference_units + hidden_states + wide(layer_peak.max(3.0 * chunk(together * w.t) * vocab))
+    };
+    if w.pairs > 0.0 {
         out.push(Moment {
             label: "the DPO reference's forward".into(),
             kept: bytes(head_kept + logits_kept),
-            reference_forward: reference_units
-                + wide(layer_peak.max(3.0 * chunk(sequences * w.t) * vocab)),
+            reference_forward: reference_pass(2.0 * w.pairs),
             ..Moment::default()
         });
         if s.reference == ReferenceMode::Streamed && s.reference_block > 0 {
             // Between steps nothing of the policy's graph is alive: only the block's forward.
-            let sequences = 2.0 * s.reference_block as f64;
-            let layer_peak = (0..model.num_hidden_layers)
-                .map(|i| layer_cost(model, i, sequences, w.t).forward)
-                .fold(0.0, f64::max);
             out.push(Moment {
                 label: format!(
                     "a block of {} DPO pairs through the reference, between steps",
                     s.reference_block
                 ),
-                reference_forward: reference_units
-                    + wide(layer_peak.max(3.0 * chunk(sequences * w.t) * vocab)),
+                reference_forward: reference_pass(2.0 * s.reference_block as f64),
                 ..Moment::default()
             });
         }
@@ -1553,10 +1561,11 @@ mod tests {
         assert!(dpo.peak_at.contains("backward"), "{}", dpo.peak_at);
         let reference = &dpo.items.iter().find(|i| i.name == "reference").unwrap();
         assert_eq!(reference.bytes, 0, "{}", reference.how);
-        d.reference_block = 256;
+        // A block's pass holds every pair's hidden states (4096 pairs: 172 GB).
+        d.reference_block = 4096;
         let huge = plan(&m, &d);
         assert!(!huge.fits, "{}", huge.total_bytes);
-        assert!(huge.peak_at.contains("block of 256"), "{}", huge.peak_at);
+        assert!(huge.peak_at.contains("block of 4096"), "{}", huge.peak_at);
     }
 
     /// Today's code: f32, no recompute, whole logits, a resident reference; the device is

@@ -16,6 +16,11 @@
 //!
 //! General examples are half general-kind scenarios, half replay (corpus text, arithmetic,
 //! code, reasoning), so both sources of `[data]` are used.
+//!
+//! With a streamed DPO reference, the answer's pairs get their reference log-probs from
+//! the trainer in blocks before they are handed on ([`precompute_references`]): a block is
+//! the batch's pairs, queued pairs, and scenarios drawn ahead for the next batches, which
+//! wait in the same durable queue (labeled in the phase of the moment they were drawn).
 
 use std::collections::{HashMap, HashSet};
 use std::io::BufRead;
@@ -73,8 +78,8 @@ pub struct LabelerState {
     labeler: Labeler,
     /// `None` when `[data] logs_dir` is not set.
     reader: Option<ConvoReader>,
-    /// Labeled log examples waiting for a batch, durable (polling stops while it holds
-    /// `[queues] examples` or more).
+    /// Labeled log examples (and scenarios drawn ahead) waiting for a batch, durable
+    /// (polling stops while it holds `[queues] examples` or more).
     from_logs: PendingQueue,
     /// Whether the queue's hashes still have to be (re)admitted to the ledger: true after
     /// start-up, when the previous process may have died between queueing and admitting.

@@ -191,8 +191,12 @@ impl StreamedReference {
         &self.dir
     }
 
-    /// Summed scored log-probs of each sequence: embedding, every layer loaded, applied to the
-    /// whole batch and dropped, then the final norm and the head `chunk` positions at a time.
+    /// Summed scored log-probs of each sequence: embedding, every layer loaded once, applied
+    /// to each bucket of sequences and dropped, then the final norm and the head `chunk`
+    /// positions at a time. The sequences are sorted by length into buckets of at most
+    /// [`BUCKET_SEQUENCES`], each padded only to its own longest: a block of many pairs
+    /// costs one read of the files, the compute of its real tokens, and the working set of
+    /// one bucket.
     pub fn sums(
         &self,
         seqs: &[ScoredSeq],
@@ -209,25 +213,48 @@ impl StreamedReference {
                 passthrough: Vec::new(),
             },
         };
-        let padded = Padded::new(seqs, pad_id);
-        let (batch, width, hidden) = (padded.batch, padded.width, cfg.hidden_size);
+        let hidden = cfg.hidden_size;
         let has_gdn =
             cfg.linear_attn.is_some() && cfg.layer_types.contains(&LayerKind::LinearAttention);
-        let ctx = ForwardContext::new(
-            &cfg.inv_freq(),
-            cfg.sliding_window,
-            has_gdn,
-            (batch, width),
-            Some(&padded.attention),
-            (&self.device, self.precision.dtype()),
-        );
+        // Longest first, so the first bucket's width bounds every other's.
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].ids.len()));
+        let mut buckets: Vec<Bucket> = order
+            .chunks(BUCKET_SEQUENCES)
+            .map(|rows| {
+                let part: Vec<ScoredSeq> = rows.iter().map(|&i| seqs[i].clone()).collect();
+                let padded = Padded::new(&part, pad_id);
+                let ctx = ForwardContext::new(
+                    &cfg.inv_freq(),
+                    cfg.sliding_window,
+                    has_gdn,
+                    (padded.batch, padded.width),
+                    Some(&padded.attention),
+                    (&self.device, self.precision.dtype()),
+                );
+                Bucket {
+                    rows: rows.to_vec(),
+                    padded,
+                    ctx,
+                    x: None,
+                }
+            })
+            .collect();
         let embedding = src.take2("model.embed_tokens.weight", [cfg.vocab_size, hidden])?;
-        let mut x = burn::tensor::module::embedding(embedding.clone(), padded.input(&self.device));
+        for b in &mut buckets {
+            b.x = Some(burn::tensor::module::embedding(
+                embedding.clone(),
+                b.padded.input(&self.device),
+            ));
+        }
         // Kept only when it is also the head.
         let embedding = cfg.tie_word_embeddings.then_some(embedding);
         for i in 0..cfg.num_hidden_layers {
             let layer = DecoderLayer::load(cfg, &mut src, i)?;
-            x = layer.forward(x, &ctx, false).0;
+            for b in &mut buckets {
+                let x = b.x.take().expect("every bucket has its hidden states");
+                b.x = Some(layer.forward(x, &b.ctx, false).0);
+            }
         }
         let (eps, offset) = (cfg.rms_norm_eps, cfg.norm_unit_offset);
         let norm = RmsNorm::load(&mut src, "model.norm", hidden, eps, offset)?;
@@ -246,7 +273,29 @@ impl StreamedReference {
             (None, Some(weight)) => tied_logits(h, weight.clone()),
             (None, None) => unreachable!("a head or a tied embedding was loaded"),
         };
-        let token = token_logprobs(&logits, norm.forward(x), &padded, chunk);
-        Ok(sum_rows(&padded.log_probs(token).scored_host()))
+        let mut out = vec![0.0; seqs.len()];
+        for b in buckets {
+            let x = b.x.expect("every bucket has its hidden states");
+            let token = token_logprobs(&logits, norm.forward(x), &b.padded, chunk);
+            let sums = sum_rows(&b.padded.log_probs(token).scored_host());
+            for (&row, sum) in b.rows.iter().zip(sums) {
+                out[row] = sum;
+            }
+        }
+        Ok(out)
     }
+}
+
+/// Sequences per bucket of a streamed reference pass (see [`StreamedReference::sums`]): one
+/// step's pairs fit one bucket; a block of pairs is several.
+pub const BUCKET_SEQUENCES: usize = 8;
+
+/// Sequences of similar length that go through the layers together.
+struct Bucket {
+    /// Their indices in the caller's order.
+    rows: Vec<usize>,
+    padded: Padded,
+    ctx: ForwardContext,
+    /// Hidden states between layers.
+    x: Option<Tensor<3>>,
 }
