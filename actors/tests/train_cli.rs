@@ -341,6 +341,7 @@ fn hybrid_logprobs_cli_matches_transformers() {
         ("qwen3_5_odd", 3e-4),
         ("qwen3_next_r3", 5e-4),
         ("qwen3_5_vl", 3e-4),
+        ("qwen3_next_rot5", 3e-4),
     ] {
         let dir = hybrid(name);
         let output = Command::new(env!("CARGO_BIN_EXE_dreamloop"))
