@@ -5,7 +5,8 @@
 //! - `tests/fixtures/hybrid_unseen/*`: models of other shapes made by
 //!   `scripts/gen-hybrid-reference.py` (other head counts and ratios, conv kernel 3, partial
 //!   RoPE 0.5, `full_attention_interval` instead of `layer_types`, top-2-of-3 MoE without
-//!   renormalisation beside dense layers, and a multimodal qwen3_5 checkpoint).
+//!   renormalisation beside dense layers, and a multimodal qwen3_5 checkpoint), and an odd
+//!   partial rotary width (`scripts/gen-odd-rotary-reference.py`).
 //! - The chunked delta rule against the recurrent one (values and gradients), and the
 //!   recurrent one's gradient against finite differences.
 //!
@@ -497,7 +498,10 @@ fn odd_partial_rotary_width_matches_transformers() {
     let inv_freq = model.config.inv_freq();
     let want = floats(&reference["rotary"]["inv_freq"]);
     assert_eq!(inv_freq.len(), 3);
-    assert!(max_abs_diff(&inv_freq, &want) <= 1e-7, "{inv_freq:?} vs {want:?}");
+    assert!(
+        max_abs_diff(&inv_freq, &want) <= 1e-7,
+        "{inv_freq:?} vs {want:?}"
+    );
     for case in reference["cases"].as_array().unwrap() {
         let rows = ids_of(case);
         let lp = logprobs(&model.frozen(), &scored(&rows), 0);

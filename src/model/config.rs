@@ -581,7 +581,9 @@ fn rotary_dim(f: &Fields, head_dim: usize, hybrid: bool) -> Result<usize, Config
     if dim == 0 || dim > head_dim {
         return Err(f.invalid(
             "partial_rotary_factor",
-            format!("{factor} gives {dim} rotary channels of head_dim {head_dim}; need 1..=head_dim"),
+            format!(
+                "{factor} gives {dim} rotary channels of head_dim {head_dim}; need 1..=head_dim"
+            ),
         ));
     }
     Ok(dim)
