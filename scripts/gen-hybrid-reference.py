@@ -9,7 +9,7 @@ reference.json, logprobs_input.jsonl} for qwen3_5_odd, qwen3_next_r3, qwen3_5_vl
 <model>/train/{sft,dpo}.jsonl, {sft,dpo}_after.safetensors, losses.json for the first two.
 See tests/fixtures/hybrid_unseen/README.md.
 """
-import copy, json, logging, os, platform, random, shutil, tempfile
+import copy, json, logging, os, platform, random, shutil, sys, tempfile
 
 import torch
 import torch.nn.functional as F
@@ -415,7 +415,8 @@ def completion_logps(model, prompts, completions, check=None):
             for b, s in enumerate(seqs):
                 alone = model(input_ids=torch.tensor([s]), use_cache=False).logits[0, :-1]
                 check.append((logits[b, :len(s) - 1].detach() - alone).abs().max().item())
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
+    logits = logits if logits.dtype == torch.float64 else logits.float()  # the f64 reference stays f64
+    logp = torch.log_softmax(logits, dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
     score = torch.zeros_like(logp)
     for b, (p, c) in enumerate(zip(prompts, completions)):
         score[b, len(p) - 1: len(p) - 1 + len(c)] = 1.0
@@ -428,6 +429,60 @@ def save_trained(model, path):
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         shutil.copyfile(os.path.join(tmp, "model.safetensors"), path)
+
+
+def train_sft(model, sft, extra=None, margins=None, checks=None):
+    """SFT steps over `sft` in batches of BATCH; returns the step losses. `extra`, `margins` and
+    `checks` collect the float32 run's bookkeeping (padding, router margins, padded-vs-alone)."""
+    tap = RouterTap(model)
+    opt = optimizer(model)
+    losses = []
+    for i in range(0, len(sft), BATCH):
+        chunk = sft[i:i + BATCH]
+        logp, score, mask = completion_logps(model, [e["prompt"] for e in chunk], [e["completion"] for e in chunk],
+                                             check=checks)
+        if extra is not None:
+            extra["padding_widths"]["sft"].append((mask == 0).sum(1).tolist())
+        if tap.handles and margins is not None:
+            margins.append(tap.margin(valid=mask.reshape(-1).bool()))  # first call = the padded batch
+        tap.clear()
+        loss = -(logp * score).sum() / score.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    tap.remove()
+    return losses
+
+
+def train_dpo(model, reference, dpo, extra=None, margins=None):
+    """DPO steps over `dpo` (sigmoid loss, summed completion log-probs, `reference` frozen)."""
+    tap = RouterTap(model)
+    opt = optimizer(model)
+    losses = []
+    for i in range(0, len(dpo), BATCH):
+        chunk = dpo[i:i + BATCH]
+        prompts = [e["prompt"] for e in chunk] * 2
+        comps = [e["chosen"] for e in chunk] + [e["rejected"] for e in chunk]
+        logp, score, mask = completion_logps(model, prompts, comps)
+        if extra is not None:
+            extra["padding_widths"]["dpo"].append((mask == 0).sum(1).tolist())
+        if tap.handles and margins is not None:
+            margins.append(tap.margin(valid=mask.reshape(-1).bool()))
+        tap.clear()
+        sums = (logp * score).sum(1)
+        with torch.no_grad():
+            rlogp, rscore, _ = completion_logps(reference, prompts, comps)
+            rsums = (rlogp * rscore).sum(1)
+        n = len(chunk)
+        logits = (sums[:n] - sums[n:]) - (rsums[:n] - rsums[n:])
+        loss = -F.logsigmoid(BETA * logits).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    tap.remove()
+    return losses
 
 
 def train(name, spec, model_dir):
@@ -462,54 +517,17 @@ def train(name, spec, model_dir):
     start = load_file(os.path.join(model_dir, "model.safetensors"))
 
     model = fresh()
-    tap = RouterTap(model)
-    opt = optimizer(model)
     extra["param_groups"] = {"decay": [n for n, p in model.named_parameters() if p.ndim >= 2],
                              "no_decay": [n for n, p in model.named_parameters() if p.ndim < 2]}
     checks = []
-    for i in range(0, len(sft), BATCH):
-        chunk = sft[i:i + BATCH]
-        logp, score, mask = completion_logps(model, [e["prompt"] for e in chunk], [e["completion"] for e in chunk],
-                                             check=checks)
-        extra["padding_widths"]["sft"].append((mask == 0).sum(1).tolist())
-        if tap.handles:
-            margins.append(tap.margin(valid=mask.reshape(-1).bool()))  # first call = the padded batch
-            tap.clear()
-        loss = -(logp * score).sum() / score.sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses["sft"].append(loss.item())
-    tap.remove()
+    losses["sft"] = train_sft(model, sft, extra, margins, checks)
     extra["padded_vs_unbatched_max_abs_logit_diff"] = max(checks)
     save_trained(model, os.path.join(out, "sft_after.safetensors"))
     sft_model = model
 
     model = fresh()
     reference = load(model_dir, cls).eval()
-    tap = RouterTap(model)
-    opt = optimizer(model)
-    for i in range(0, len(dpo), BATCH):
-        chunk = dpo[i:i + BATCH]
-        prompts = [e["prompt"] for e in chunk] * 2
-        comps = [e["chosen"] for e in chunk] + [e["rejected"] for e in chunk]
-        logp, score, mask = completion_logps(model, prompts, comps)
-        extra["padding_widths"]["dpo"].append((mask == 0).sum(1).tolist())
-        if tap.handles:
-            margins.append(tap.margin(valid=mask.reshape(-1).bool()))
-            tap.clear()
-        sums = (logp * score).sum(1)
-        with torch.no_grad():
-            rlogp, rscore, _ = completion_logps(reference, prompts, comps)
-            rsums = (rlogp * rscore).sum(1)
-        n = len(chunk)
-        logits = (sums[:n] - sums[n:]) - (rsums[:n] - rsums[n:])
-        loss = -F.logsigmoid(BETA * logits).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses["dpo"].append(loss.item())
-    tap.remove()
+    losses["dpo"] = train_dpo(model, reference, dpo, extra, margins)
     save_trained(model, os.path.join(out, "dpo_after.safetensors"))
 
     for kind in ("sft", "dpo"):
@@ -541,8 +559,78 @@ def train(name, spec, model_dir):
     return losses, extra
 
 
+def read_train_data(out):
+    """The examples of train/{sft,dpo}.jsonl back as prompt/completion id lists."""
+    sft, dpo = [], []
+    with open(os.path.join(out, "sft.jsonl")) as f:
+        for line in f:
+            e = json.loads(line)
+            cut = e["completion_mask"].index(1)
+            sft.append({"prompt": e["input_ids"][:cut], "completion": e["input_ids"][cut:]})
+    with open(os.path.join(out, "dpo.jsonl")) as f:
+        for line in f:
+            e = json.loads(line)
+            dpo.append({"prompt": e["prompt_input_ids"], "chosen": e["chosen_input_ids"],
+                        "rejected": e["rejected_input_ids"]})
+    return sft, dpo
+
+
+def train_float64(name, spec, model_dir):
+    """The same SFT and DPO steps in float64 from the same float32 start weights (upcast exactly),
+    on the committed train/{sft,dpo}.jsonl. Writes train/{sft,dpo}_after_f64.safetensors (the float64
+    result rounded to float32) and train/f64_reference.json: how far torch's own float32 trajectory
+    ({sft,dpo}_after.safetensors) lands from it, per tensor. The Rust trainer tests derive their
+    tolerance from that spread (see the README)."""
+    out = os.path.join(model_dir, "train")
+    cls = spec["cls"]
+    sft, dpo = read_train_data(out)
+    start = load_file(os.path.join(model_dir, "model.safetensors"))
+    ref = {"note": ("float64 training (same data, optimizer, lr, steps) from the float32 start weights; "
+                    "{sft,dpo}_after_f64.safetensors hold its result rounded to float32"),
+           "versions": VERSIONS, "losses_float64": {}, "rounding_to_float32_max_abs": 0.0,
+           "torch_float32_vs_float64": {}}
+    for kind in ("sft", "dpo"):
+        model = load(model_dir, cls, dtype=torch.float64)
+        model.train()
+        if kind == "sft":
+            losses = train_sft(model, sft)
+        else:
+            reference = load(model_dir, cls, dtype=torch.float64).eval()
+            losses = train_dpo(model, reference, dpo)
+        ref["losses_float64"][kind] = losses
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            exact = load_file(os.path.join(tmp, "model.safetensors"))
+        assert exact.keys() == start.keys(), set(exact) ^ set(start)
+        assert all(t.dtype == torch.float64 for t in exact.values())
+        rounded = {k: v.float().contiguous() for k, v in sorted(exact.items())}
+        ref["rounding_to_float32_max_abs"] = max(
+            ref["rounding_to_float32_max_abs"],
+            max((exact[k] - rounded[k].double()).abs().max().item() for k in exact))
+        save_file(rounded, os.path.join(out, f"{kind}_after_f64.safetensors"), metadata={"format": "pt"})
+        # measured against the rounded values, as the Rust test does (both sides pay the rounding)
+        torch32 = load_file(os.path.join(out, f"{kind}_after.safetensors"))
+        per = {k: (torch32[k].double() - rounded[k].double()).abs().flatten() for k in sorted(exact)}
+        every = torch.cat(list(per.values())).sort().values
+        ref["torch_float32_vs_float64"][kind] = {
+            "worst": every[-1].item(), "p99.9": every[(every.numel() - 1) * 999 // 1000].item(),
+            "elements": every.numel(), "max_abs_per_tensor": {k: d.max().item() for k, d in per.items()}}
+    with open(os.path.join(out, "f64_reference.json"), "w") as f:
+        json.dump(ref, f, indent=1)
+        f.write("\n")
+    return ref
+
+
 # ---------------------------------------------------------------------------------------------
 def main():
+    if sys.argv[1:] == ["--f64-only"]:
+        # only the float64 trajectories, from the committed models and data (nothing else rewritten)
+        for name, spec in MODELS.items():
+            if spec["train"]:
+                ref = train_float64(name, spec, os.path.join(OUT, name))
+                print(name, json.dumps(ref["losses_float64"]))
+        return
+    assert not sys.argv[1:], "usage: gen-hybrid-reference.py [--f64-only]"
     os.makedirs(OUT, exist_ok=True)
     summary = {}
     for name, spec in MODELS.items():
@@ -591,6 +679,7 @@ def main():
         if spec["train"]:
             CALLS.clear()
             losses, extra = train(name, spec, model_dir)
+            train_float64(name, spec, model_dir)
             summary[name]["losses"] = losses
             summary[name]["padded_vs_unbatched"] = extra["padded_vs_unbatched_max_abs_logit_diff"]
             summary[name]["train_moe_router_margin"] = extra.get("train_moe_router_margin")

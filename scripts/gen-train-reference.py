@@ -9,8 +9,13 @@ Constant lr, no clipping.
 
 Run with the bench venv: benches/.venv/bin/python scripts/gen-train-reference.py
 Writes tests/fixtures/train_reference/{sft,dpo}.jsonl and {sft,dpo}_after.safetensors.
+
+With --f64 it runs the same steps in float64 from the same (float32) start weights instead and
+writes only {sft,dpo}_after_f64.safetensors (the float64 result rounded to float32) and
+f64_reference.json: the exact trajectory that `actors/tests/train_cli.rs` compares dreamloop
+with, its tolerance being derived from how far the float32 run above lands from it.
 """
-import json, os, random
+import json, os, random, sys
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +26,9 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 MODEL = os.path.join(ROOT, "tests/fixtures/models/llama_untied")
 OUT = os.path.join(ROOT, "tests/fixtures/train_reference")
 LR, WD, BETA, BATCH = 1e-3, 0.01, 0.1, 2
+F64 = sys.argv[1:] == ["--f64"]
+assert F64 or not sys.argv[1:], "usage: gen-train-reference.py [--f64]"
+DTYPE = torch.float64 if F64 else torch.float32
 torch.manual_seed(0)
 rng = random.Random(1234)
 
@@ -31,7 +39,7 @@ sft = [{"prompt": ids(rng.randrange(3, 9)), "completion": ids(rng.randrange(2, 7
 dpo = [{"prompt": ids(rng.randrange(3, 9)), "chosen": ids(rng.randrange(2, 7)), "rejected": ids(rng.randrange(2, 7))} for _ in range(5)]
 
 def load():
-    m = AutoModelForCausalLM.from_pretrained(MODEL, torch_dtype=torch.float32)
+    m = AutoModelForCausalLM.from_pretrained(MODEL, torch_dtype=DTYPE)
     m.train()
     return m
 
@@ -51,25 +59,39 @@ def completion_logps(model, prompts, completions):
     seqs = [p + c for p, c in zip(prompts, completions)]
     input_ids, mask = padded(seqs)
     logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
+    logits = logits if logits.dtype == torch.float64 else logits.float()  # the f64 run stays f64
+    logp = torch.log_softmax(logits, dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
     score = torch.zeros_like(logp)
     for b, (p, c) in enumerate(zip(prompts, completions)):
         score[b, len(p) - 1: len(p) - 1 + len(c)] = 1.0
     return logp, score
 
+ROUNDING = [0.0]
+
+
 def save(model, name):
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if F64:
+        name = name.replace("_after", "_after_f64")
+        exact = {k: v.detach() for k, v in model.state_dict().items()}
+        tensors = {k: v.float().contiguous() for k, v in exact.items()}
+        ROUNDING[0] = max([ROUNDING[0]] + [(exact[k] - tensors[k].double()).abs().max().item() for k in exact])
+    else:
+        tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, os.path.join(OUT, name), metadata={"format": "pt"})
 
 os.makedirs(OUT, exist_ok=True)
-with open(os.path.join(OUT, "sft.jsonl"), "w") as f:
-    for e in sft:
-        f.write(json.dumps({"input_ids": e["prompt"] + e["completion"],
-                            "completion_mask": [0] * len(e["prompt"]) + [1] * len(e["completion"])}) + "\n")
-with open(os.path.join(OUT, "dpo.jsonl"), "w") as f:
-    for e in dpo:
-        f.write(json.dumps({"prompt_input_ids": e["prompt"], "chosen_input_ids": e["chosen"],
-                            "rejected_input_ids": e["rejected"]}) + "\n")
+lines = {"sft": [json.dumps({"input_ids": e["prompt"] + e["completion"],
+                             "completion_mask": [0] * len(e["prompt"]) + [1] * len(e["completion"])}) + "\n"
+                 for e in sft],
+         "dpo": [json.dumps({"prompt_input_ids": e["prompt"], "chosen_input_ids": e["chosen"],
+                             "rejected_input_ids": e["rejected"]}) + "\n" for e in dpo]}
+for kind, text in lines.items():
+    path = os.path.join(OUT, f"{kind}.jsonl")
+    if F64:  # the float32 run's data, drawn by the same rng: check it, do not rewrite it
+        assert open(path).read() == "".join(text), f"{path} is not what this script draws"
+    else:
+        with open(path, "w") as f:
+            f.write("".join(text))
 
 losses = {"sft": [], "dpo": []}
 model = load()
@@ -104,7 +126,15 @@ for i in range(0, len(dpo), BATCH):
     opt.step()
     losses["dpo"].append(loss.item())
 save(model, "dpo_after.safetensors")
-with open(os.path.join(OUT, "losses.json"), "w") as f:
-    json.dump({"lr": LR, "weight_decay": WD, "beta": BETA, "batch_size": BATCH, "losses": losses,
-               "torch": torch.__version__}, f, indent=1)
+if F64:
+    with open(os.path.join(OUT, "f64_reference.json"), "w") as f:
+        json.dump({"note": "the same steps in float64 from the float32 start weights; "
+                           "{sft,dpo}_after_f64.safetensors hold the result rounded to float32",
+                   "losses_float64": losses, "rounding_to_float32_max_abs": ROUNDING[0],
+                   "torch": torch.__version__}, f, indent=1)
+        f.write("\n")
+else:
+    with open(os.path.join(OUT, "losses.json"), "w") as f:
+        json.dump({"lr": LR, "weight_decay": WD, "beta": BETA, "batch_size": BATCH, "losses": losses,
+                   "torch": torch.__version__}, f, indent=1)
 print(json.dumps(losses))

@@ -293,6 +293,16 @@ pub struct SupervisorSection {
     pub call_timeout_seconds: u64,
     /// Seconds between two status lines on stderr (a TTY also gets a live line).
     pub status_every_seconds: u64,
+    /// `trained.jsonl` is sealed into a numbered segment once it reaches this size, so a
+    /// start reads back only the segments it needs (`dreamloop::segmented`).
+    #[serde(default = "default_trained_segment_bytes")]
+    pub trained_segment_bytes: u64,
+}
+
+/// 16 MiB: ~2,000 steps of batch 8 at ~1 KB per example; a start parses at most about that
+/// much more than the steps since GOOD.
+fn default_trained_segment_bytes() -> u64 {
+    16 << 20
 }
 
 /// The whole file.
@@ -549,6 +559,12 @@ impl DreamConfig {
                 "must be at least 1".into(),
             );
         }
+        if s.trained_segment_bytes == 0 {
+            bad(
+                "supervisor.trained_segment_bytes",
+                "must be at least 1".into(),
+            );
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -729,6 +745,7 @@ impl DreamConfig {
                 window_seconds: 600,
                 call_timeout_seconds: 600,
                 status_every_seconds: 30,
+                trained_segment_bytes: default_trained_segment_bytes(),
             },
         }
     }

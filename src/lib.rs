@@ -19,6 +19,7 @@ pub mod pending;
 pub mod plan;
 pub mod rollback;
 pub mod scenario;
+pub mod segmented;
 pub mod selfcheck;
 pub mod sink;
 pub mod train;

@@ -2,7 +2,8 @@
 //! type, help text, unit and labels. Code refers to names through the constants in
 //! [`names`]; the exporter (`actors/src/telemetry.rs`) describes exactly these metrics, and
 //! `tests/observability.rs` checks that every name the Grafana dashboards and the alert rules
-//! query is listed here and that every entry follows the naming rule below.
+//! query is listed here and that every entry follows the naming rule below;
+//! `actors/tests/daemon_metrics.rs` that a real run emits each of them (not only registers it).
 //!
 //! This module only describes metrics. It does not record values (the core has no metrics
 //! runtime; the actors do that) and knows nothing of Prometheus beyond its naming rules.

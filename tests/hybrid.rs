@@ -5,7 +5,8 @@
 //! - `tests/fixtures/hybrid_unseen/*`: models of other shapes made by
 //!   `scripts/gen-hybrid-reference.py` (other head counts and ratios, conv kernel 3, partial
 //!   RoPE 0.5, `full_attention_interval` instead of `layer_types`, top-2-of-3 MoE without
-//!   renormalisation beside dense layers, and a multimodal qwen3_5 checkpoint).
+//!   renormalisation beside dense layers, and a multimodal qwen3_5 checkpoint), and an odd
+//!   partial rotary width (`scripts/gen-odd-rotary-reference.py`).
 //! - The chunked delta rule against the recurrent one (values and gradients), and the
 //!   recurrent one's gradient against finite differences.
 //!
@@ -481,6 +482,33 @@ fn unseen_hybrid_configs_match_transformers() {
             let label = case["name"].as_str().unwrap_or("?");
             assert!(diff <= atol, "{name}/{label}: log-probs differ by {diff}");
         }
+    }
+}
+
+/// An odd partial rotary width, as transformers handles it: head_dim 20 × 0.25 gives `dim` 5,
+/// `inv_freq` has ⌈5/2⌉ = 3 entries (exponents 0, 2/5, 4/5) and 6 channels are rotated
+/// (`scripts/gen-odd-rotary-reference.py`). Rounding the width to 4 or 6 instead moves the
+/// fixture's log-probs by 1.06 / 0.44 (`reference.json`), far beyond the tolerance.
+#[test]
+fn odd_partial_rotary_width_matches_transformers() {
+    let dir = root().join("hybrid_unseen/qwen3_next_rot5");
+    let reference = read_json(&dir.join("reference.json"));
+    let model = Model::load(&dir, &cpu()).unwrap();
+    assert_eq!(model.config.rotary_dim, 5);
+    let inv_freq = model.config.inv_freq();
+    let want = floats(&reference["rotary"]["inv_freq"]);
+    assert_eq!(inv_freq.len(), 3);
+    assert!(
+        max_abs_diff(&inv_freq, &want) <= 1e-7,
+        "{inv_freq:?} vs {want:?}"
+    );
+    for case in reference["cases"].as_array().unwrap() {
+        let rows = ids_of(case);
+        let lp = logprobs(&model.frozen(), &scored(&rows), 0);
+        let got: Vec<f32> = lp.scored_host().into_iter().flatten().collect();
+        let diff = max_abs_diff(&got, &floats(&case["logprobs"]));
+        let label = case["name"].as_str().unwrap_or("?");
+        assert!(diff <= ATOL, "{label}: log-probs differ by {diff}");
     }
 }
 

@@ -365,6 +365,12 @@ fn hybrid_config_errors_name_the_field() {
     v["rope_parameters"]["partial_rotary_factor"] = json!(0.01);
     assert_eq!(field_of(v), "partial_rotary_factor");
 
+    // An odd width is transformers' too: 32 × 0.15625 = 5 → arange(0, 5, 2), 3 frequencies.
+    let mut v = hybrid_base();
+    v["rope_parameters"]["partial_rotary_factor"] = json!(0.15625);
+    let c = parse(v).unwrap();
+    assert_eq!((c.rotary_dim, c.inv_freq().len()), (5, 3));
+
     let mut text = hybrid_base();
     text.as_object_mut().unwrap().remove("rms_norm_eps");
     let v = json!({"model_type": "qwen3_5", "text_config": text});

@@ -20,6 +20,8 @@ use dreamloop::general::{Corpus, GeneralReplay};
 use dreamloop::scenario::{Generator, GeneratorConfig, Ledger, LedgerPolicy, Library};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
+use crate::telemetry;
+
 /// Draws per request before giving up on replay duplicates (arithmetic repeats sometimes).
 const REPLAY_ATTEMPTS: usize = 1000;
 
@@ -105,6 +107,7 @@ impl Actor for GeneratorActor {
             position,
             "Generator ready."
         );
+        telemetry::set_ledger_entries(generator.ledger().len());
         Ok(GeneratorState { generator, replay })
     }
 
@@ -116,12 +119,18 @@ impl Actor for GeneratorActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             GeneratorMsg::Draw(kind, n, reply) => {
+                let skipped = state.generator.duplicates_skipped();
                 let drawn: Result<Vec<Scenario>, _> =
                     (0..n).map(|_| state.generator.next_of(kind)).collect();
+                let new = drawn.as_ref().map_or(0, Vec::len);
+                let duplicates = state.generator.duplicates_skipped() - skipped;
+                telemetry::record_generated(kind.as_str(), new, duplicates);
+                telemetry::set_ledger_entries(state.generator.ledger().len());
                 let _ = reply.send(drawn.map_err(|e| e.to_string()));
             }
             GeneratorMsg::Replay(n, reply) => {
                 let _ = reply.send(replay(state, n));
+                telemetry::set_ledger_entries(state.generator.ledger().len());
             }
             GeneratorMsg::Admit(hashes, reply) => {
                 let ledger = state.generator.ledger_mut();
@@ -129,6 +138,7 @@ impl Actor for GeneratorActor {
                     .into_iter()
                     .map(|h| ledger.insert(dreamloop::example::ExampleHash(h)))
                     .collect();
+                telemetry::set_ledger_entries(ledger.len());
                 let _ = reply.send(admitted.map_err(|e| e.to_string()));
             }
             GeneratorMsg::Known(hashes, reply) => {
@@ -153,26 +163,29 @@ impl Actor for GeneratorActor {
     }
 }
 
-/// `n` replay examples whose hashes were new to the ledger.
+/// `n` replay examples whose hashes were new to the ledger (counted as `general` scenarios;
+/// the draws the ledger already held as skipped duplicates).
 fn replay(state: &mut GeneratorState, n: usize) -> Result<Vec<Example>, String> {
     let mut out = Vec::with_capacity(n);
     let mut attempts = 0;
-    while out.len() < n {
+    let drawn = loop {
+        if out.len() == n {
+            break Ok(());
+        }
         attempts += 1;
         if attempts > REPLAY_ATTEMPTS + n {
-            return Err(format!(
+            break Err(format!(
                 "general replay produced {REPLAY_ATTEMPTS} duplicates; the sources are exhausted"
             ));
         }
         let example = state.replay.next_example();
-        if state
-            .generator
-            .ledger_mut()
-            .insert(example.hash())
-            .map_err(|e| e.to_string())?
-        {
-            out.push(example);
+        match state.generator.ledger_mut().insert(example.hash()) {
+            Ok(true) => out.push(example),
+            Ok(false) => {}
+            Err(e) => break Err(e.to_string()),
         }
-    }
-    Ok(out)
+    };
+    let duplicates = attempts.saturating_sub(out.len()) as u64;
+    telemetry::record_generated(Kind::General.as_str(), out.len(), duplicates);
+    drawn.map(|()| out)
 }

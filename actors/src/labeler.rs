@@ -23,7 +23,7 @@
 //! wait in the same durable queue (labeled in the phase of the moment they were drawn).
 
 use std::collections::{HashMap, HashSet};
-use std::io::BufRead;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,12 +36,13 @@ use dreamloop::label::{LabelConfig, Labeler, Phase};
 use dreamloop::metrics::names;
 use dreamloop::mix::BatchPlan;
 use dreamloop::pending::PendingQueue;
+use dreamloop::segmented::read_newest_first;
 use ractor::{call_t, Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::call::{self, ReplyError};
 use crate::generator::GeneratorMsg;
 use crate::monitor::TRAINER;
-use crate::status::{TrainedStep, TRAINED_FILE};
+use crate::status::{TrainedStep, TRAINED_FILE, TRAINED_STEM};
 use crate::telemetry;
 use crate::trainer::TrainerMsg;
 
@@ -115,7 +116,7 @@ impl Actor for LabelerActor {
         let pending_path = dir.join(PENDING_FILE);
         let (mut from_logs, in_flight) = PendingQueue::open(&pending_path)?;
         if !in_flight.is_empty() {
-            let trained = trained_among(&dir.join(TRAINED_FILE), &in_flight)?;
+            let trained = trained_among(dir, &in_flight)?;
             let untrained: Vec<Example> = in_flight
                 .into_iter()
                 .filter(|e| !trained.contains(&e.hash().0))
@@ -194,29 +195,36 @@ fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
 
-/// Which of `examples` `trained.jsonl` shows trained (read line by line; only the hashes
-/// asked about are kept). A missing file shows none.
-fn trained_among(path: &Path, examples: &[Example]) -> anyhow::Result<HashSet<u64>> {
+/// Records `trained.jsonl` is searched back for the in-flight examples. In flight means
+/// handed to the latest batch, which was trained (if at all) after every earlier hand-out's
+/// batch, so its record is the newest one; the rest is margin for batches queued ahead of
+/// the trainer (`[queues] trainer`).
+const IN_FLIGHT_LOOKBACK: usize = 16;
+
+/// Which of `examples` the newest records of `trained.jsonl` show trained (read newest first,
+/// stopping once all are found or [`IN_FLIGHT_LOOKBACK`] records were read; only the hashes
+/// asked about are kept). A missing log shows none.
+fn trained_among(state_dir: &Path, examples: &[Example]) -> anyhow::Result<HashSet<u64>> {
     let wanted: HashSet<u64> = examples.iter().map(|e| e.hash().0).collect();
     let mut found = HashSet::new();
-    let file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    for line in std::io::BufReader::new(file).lines() {
-        let line = line.with_context(|| format!("reading {}", path.display()))?;
-        // A torn last line (a crash mid-append) is not a record: skip it.
-        let Ok(record) = serde_json::from_str::<TrainedStep>(&line) else {
-            continue;
-        };
-        for e in &record.examples {
-            let h = e.hash().0;
-            if wanted.contains(&h) {
-                found.insert(h);
-            }
+    let mut read = 0;
+    // A torn last line (a crash mid-append) is not a record: read_newest_first skips it.
+    read_newest_first(state_dir, TRAINED_STEM, |record: TrainedStep| {
+        read += 1;
+        found.extend(
+            record
+                .examples
+                .iter()
+                .map(|e| e.hash().0)
+                .filter(|h| wanted.contains(h)),
+        );
+        if found.len() == wanted.len() || read >= IN_FLIGHT_LOOKBACK {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
         }
-    }
+    })
+    .with_context(|| format!("reading {}", state_dir.join(TRAINED_FILE).display()))?;
     Ok(found)
 }
 

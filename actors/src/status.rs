@@ -7,25 +7,30 @@
 //! - `trained.jsonl`: one line per optimizer step with the examples it trained on
 //!   (append-only, fsynced). The rollback quarantines the examples of the abandoned steps
 //!   from it, also after a restart, and tests read it to check that no example is ever
-//!   trained twice. It grows by ~1 KB per example; rotating it is left to the operator.
+//!   trained twice. It grows by ~1 KB per example, so it is kept as segments
+//!   (`dreamloop::segmented`): sealed into `trained.<n>.jsonl` at `[supervisor]
+//!   trained_segment_bytes`, and a start reads back, newest first, only as far as GOOD.
 //! - `state.json` inside each checkpoint: the [`RunState`] the loop resumes with.
 //! - `dreamloop.pid`: the running daemon's pid, for `dreamloop pause|resume|checkpoint|stop`.
 
+use std::ops::ControlFlow;
 use std::path::Path;
 
 use anyhow::Context;
 use dreamloop::convo::Cursor;
-use dreamloop::events::{read_jsonl, JsonlWriter};
 use dreamloop::example::Example;
 use dreamloop::label::Phase;
 use dreamloop::mix::MixerState;
 use dreamloop::rollback::{EvalMetrics, PolicyState, RollbackReason, Verdict};
+use dreamloop::segmented::{read_newest_first, SegmentedLog};
 use serde::{Deserialize, Serialize};
 
 /// `status.json`.
 pub const STATUS_FILE: &str = "status.json";
-/// `trained.jsonl`.
+/// `trained.jsonl`: the segment being written; sealed ones are `trained.<n>.jsonl`.
 pub const TRAINED_FILE: &str = "trained.jsonl";
+/// The segmented log's stem (`dreamloop::segmented`).
+pub const TRAINED_STEM: &str = "trained";
 /// `dreamloop.pid`.
 pub const PID_FILE: &str = "dreamloop.pid";
 /// The loop's state inside a checkpoint.
@@ -163,32 +168,48 @@ pub struct TrainedStep {
 /// `trained.jsonl` plus, in memory, the current timeline's steps after the GOOD checkpoint
 /// (what a rollback quarantines).
 pub struct TrainedLog {
-    writer: JsonlWriter,
+    writer: SegmentedLog,
     /// Steps of the current timeline newer than GOOD, oldest first.
     since_good: Vec<TrainedStep>,
 }
 
 impl TrainedLog {
     /// Opens the log and rebuilds the current timeline after `good` up to `resumed` (the
-    /// step the weights were restored at): a step number not above its predecessor starts
-    /// a rewound timeline (a crash or a rollback), so older records of those steps drop out.
-    pub fn open(state_dir: &Path, good: Option<u64>, resumed: u64) -> anyhow::Result<TrainedLog> {
-        let path = state_dir.join(TRAINED_FILE);
-        let (records, warnings) = read_jsonl::<TrainedStep>(&path)?;
+    /// step the weights were restored at), reading segments newest first and only as far as
+    /// needed.
+    ///
+    /// A step number not above its predecessor starts a rewound timeline (a crash or a
+    /// rollback), so a record belongs to the current timeline exactly when every later record
+    /// has a higher step. Read backwards that is "lower than every step seen so far", and once
+    /// the lowest step seen is `good + 1` no older record can be on the timeline after GOOD.
+    pub fn open(
+        state_dir: &Path,
+        good: Option<u64>,
+        resumed: u64,
+        segment_bytes: u64,
+    ) -> anyhow::Result<TrainedLog> {
+        let floor = good.unwrap_or(0);
+        let mut lowest = u64::MAX;
+        let mut timeline: Vec<TrainedStep> = Vec::new();
+        let warnings = read_newest_first(state_dir, TRAINED_STEM, |r: TrainedStep| {
+            if r.step < lowest {
+                lowest = r.step;
+                if r.step > floor && r.step <= resumed {
+                    timeline.push(r);
+                }
+            }
+            if lowest <= floor + 1 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })?;
         for w in warnings {
             tracing::warn!(%w, "trained.jsonl line skipped.");
         }
-        let mut timeline: Vec<TrainedStep> = Vec::new();
-        for r in records {
-            while timeline.last().is_some_and(|last| last.step >= r.step) {
-                timeline.pop();
-            }
-            timeline.push(r);
-        }
-        let floor = good.unwrap_or(0);
-        timeline.retain(|r| r.step > floor && r.step <= resumed);
+        timeline.reverse();
         Ok(TrainedLog {
-            writer: JsonlWriter::open(&path)?,
+            writer: SegmentedLog::open(state_dir, TRAINED_STEM, segment_bytes)?,
             since_good: timeline,
         })
     }
@@ -215,5 +236,88 @@ impl TrainedLog {
             .partition(|r| r.step > to);
         self.since_good = kept;
         gone
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dreamloop::example::{Kind, Target};
+
+    /// Step `step`'s record, its one example tagged `tag` (which timeline wrote it).
+    fn record(step: u64, tag: &str) -> TrainedStep {
+        TrainedStep {
+            step,
+            examples: vec![Example {
+                kind: Kind::General,
+                prompt: Vec::new(),
+                target: Target::Sft {
+                    completion: format!("{tag}{step}"),
+                },
+                direction: None,
+                provenance: String::new(),
+                reference: None,
+            }],
+        }
+    }
+
+    fn tags(steps: &[TrainedStep]) -> Vec<String> {
+        steps
+            .iter()
+            .map(|r| match &r.examples[0].target {
+                Target::Sft { completion } => completion.clone(),
+                Target::Dpo { .. } => unreachable!("only SFT records are written here"),
+            })
+            .collect()
+    }
+
+    /// Every record in its own segment (a 1-byte bound seals before each append): steps
+    /// 1–6, a crash resumed from step 4's checkpoint (5 and 6 again, then 7), a restart, a
+    /// rollback to GOOD 5, step 6 once more. Each reopen sees the timeline the whole history
+    /// defines, and the rollback quarantines exactly the newest timeline's steps.
+    #[test]
+    fn the_timeline_survives_restarts_across_rotations() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut log = TrainedLog::open(dir.path(), None, 0, 1).expect("open");
+        for step in 1..=6 {
+            log.append(record(step, "a")).expect("append");
+        }
+        drop(log);
+        // The crash: weights of step 4 (GOOD 2) come back; 5 and 6 are redone.
+        let mut log = TrainedLog::open(dir.path(), Some(2), 4, 1).expect("reopen");
+        assert_eq!(tags(&log.since_good), ["a3", "a4"]);
+        for step in 5..=7 {
+            log.append(record(step, "b")).expect("append");
+        }
+        drop(log);
+        let mut log = TrainedLog::open(dir.path(), Some(2), 7, 1).expect("reopen");
+        assert_eq!(tags(&log.since_good), ["a3", "a4", "b5", "b6", "b7"]);
+        log.mark_good(5);
+        assert_eq!(tags(&log.roll_back(5)), ["b6", "b7"]);
+        log.append(record(6, "c")).expect("append");
+        drop(log);
+        let log = TrainedLog::open(dir.path(), Some(5), 6, 1).expect("reopen");
+        assert_eq!(tags(&log.since_good), ["c6"]);
+        // Abandoned timelines stay on disk: 6 + 3 + 1 records, one segment each.
+        let segments = dreamloop::segmented::segments(dir.path(), TRAINED_STEM).expect("list");
+        assert_eq!(segments.len(), 10);
+    }
+
+    /// A start reads back only to GOOD: the segments before it are not opened (here the
+    /// oldest is replaced by a directory, which fails any read).
+    #[test]
+    fn a_start_does_not_read_segments_older_than_good() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut log = TrainedLog::open(dir.path(), None, 0, 1).expect("open");
+        for step in 1..=8 {
+            log.append(record(step, "a")).expect("append");
+        }
+        drop(log);
+        let oldest = dir.path().join("trained.00000001.jsonl");
+        std::fs::remove_file(&oldest).expect("remove");
+        std::fs::create_dir(&oldest).expect("mkdir");
+        let log = TrainedLog::open(dir.path(), Some(6), 8, 1).expect("reopen");
+        assert_eq!(tags(&log.since_good), ["a7", "a8"]);
+        assert!(TrainedLog::open(dir.path(), None, 8, 1).is_err());
     }
 }

@@ -240,7 +240,12 @@ async fn run_inner(
     }
     let good = run_state.as_ref().and_then(|r| r.policy.good_step);
     let mut driver = Driver {
-        trained: TrainedLog::open(&state_dir, good, resumed_step)?,
+        trained: TrainedLog::open(
+            &state_dir,
+            good,
+            resumed_step,
+            config.supervisor.trained_segment_bytes,
+        )?,
         config: config.clone(),
         opts,
         control,

@@ -320,6 +320,24 @@ pub fn queue_popped(queue: &str) {
     counter(names::QUEUE_POPPED_TOTAL, &[("queue", queue)]).increment(1);
 }
 
+/// A checkpoint was loaded back into the trainer (at start-up, after a trainer restart, or
+/// by a rollback).
+pub fn checkpoint_restored() {
+    counter(names::CHECKPOINT_RESTORES_TOTAL, &[]).increment(1);
+}
+
+/// The generator drew `n` new scenarios of `kind` (`clear_direction`, `flawed_direction`, or
+/// `general` for replay examples) and skipped `duplicates` draws the ledger already held.
+pub fn record_generated(kind: &str, n: usize, duplicates: u64) {
+    counter(names::GENERATOR_SCENARIOS_TOTAL, &[("kind", kind)]).increment(n as u64);
+    counter(names::GENERATOR_DUPLICATES_SKIPPED_TOTAL, &[]).increment(duplicates);
+}
+
+/// The never-repeat ledger now holds `entries` hashes.
+pub fn set_ledger_entries(entries: usize) {
+    gauge(names::LEDGER_ENTRIES, &[]).set(entries as f64);
+}
+
 /// The supervisor restarted `actor` (`labels::ACTOR`).
 pub fn actor_restarted(actor: &str) {
     counter(names::ACTOR_RESTARTS_TOTAL, &[("actor", actor)]).increment(1);

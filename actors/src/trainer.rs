@@ -40,6 +40,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::oneshot;
 
 use crate::call::ReplyError;
+use crate::telemetry;
 
 /// Panics injected so far in this process (see the module docs).
 static PANICS: AtomicU32 = AtomicU32::new(0);
@@ -422,6 +423,7 @@ impl Worker {
                     Trainer::restore_as(dir, reference.clone(), &device, precision)
                         .with_context(|| format!("restoring the trainer from {}", dir.display()))?;
                 take_configured_settings(&mut trainer, config);
+                telemetry::checkpoint_restored();
                 (trainer, reference, restored_tokenizer(spec, dir, &plain)?)
             }
         };
@@ -481,6 +483,7 @@ impl Worker {
                     Trainer::restore_as(&dir, self.reference.clone(), &self.device, self.precision)
                         .map(|mut t| {
                             take_configured_settings(&mut t, &self.config);
+                            telemetry::checkpoint_restored();
                             self.trainer = t;
                             self.trainer.step_count()
                         });

@@ -3,7 +3,9 @@
 //! `torch.optim.AdamW`, constant lr, no clipping) on the tiny `llama_untied` fixture;
 //! `tests/fixtures/hybrid_unseen/*/train/` the same procedure on two hybrid Gated-DeltaNet
 //! models (`scripts/gen-hybrid-reference.py`), and their `logprobs_input.jsonl` scores
-//! `dreamloop logprobs` against transformers.
+//! `dreamloop logprobs` against transformers. Each trajectory exists in float32 and float64;
+//! dreamloop is compared with the float64 one, within a multiple of how far torch's own float32
+//! run lands from it ([`Float32Floor`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -31,86 +33,98 @@ fn tensors(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     out
 }
 
-fn train_and_compare(loss: &str, data: &str, want: &str) {
-    let fixtures = root().join("tests/fixtures");
-    train_and_compare_at(
-        &fixtures.join("models/llama_untied"),
-        &fixtures.join("train_reference"),
-        loss,
-        data,
-        want,
-        &DENSE,
-    );
+/// How far a float32 run of a fixture's training steps may land from the exact trajectory.
+///
+/// Each `train/` fixture holds torch's float32 result (`{sft,dpo}_after.safetensors`) and the same
+/// steps run in float64 from the same start weights (`{sft,dpo}_after_f64.safetensors`, rounded
+/// to float32). How far torch's float32 lands from float64 is this problem's float32 floor: Adam
+/// divides by `sqrt(v)`, so the few elements whose gradient is at float-noise level move by a
+/// visible fraction of lr in any float32 implementation, and which elements, and how far, depends
+/// on the CPU's kernels. dreamloop is held to `K` times torch's own figures, measured against
+/// float64, so the bound is the same on every CPU (comparing two float32 runs, as this test once
+/// did, measured the noise of both and failed on an AVX-512 Xeon).
+struct Float32Floor {
+    /// torch's worst element, over the SFT and the DPO run.
+    worst: f64,
+    /// torch's 99.9th percentile over every element, the larger of the two runs.
+    bulk: f64,
+    /// How many of torch's elements lie beyond `K · bulk`, the larger of the two runs.
+    beyond: usize,
 }
 
-/// How close dreamloop's trained weights must be to PyTorch's.
-struct Tolerance {
-    /// Every element within this.
-    worst: f32,
-    /// What counts as close for one element.
-    close: f32,
-    /// At most this fraction of a tensor's elements beyond `close` ...
-    off_fraction: f64,
-    /// ... or this many, whichever is more.
-    off_count: usize,
+/// How much noisier than torch's float32 a correct dreamloop may be. Measured (README of
+/// `hybrid_unseen`, "How the training tests' tolerance is derived"): two correct float32 runs
+/// differ from each other's figures by up to 1.8x in the worst element and 2.6x in the count
+/// beyond `K · bulk` (dreamloop against torch; torch on two CPUs: 1.5x), so 4 leaves 1.5x of
+/// headroom; a missing weight decay puts ~10^5 elements beyond, 1500x the allowance.
+const K: f64 = 4.0;
+
+/// |a − b| over every element, per tensor (by name).
+fn diffs(a: &Path, b: &Path) -> Vec<(String, Vec<f64>)> {
+    let (a, b) = (tensors(a), tensors(b));
+    assert_eq!(a.len(), b.len(), "tensor counts differ");
+    a.into_iter()
+        .zip(b)
+        .map(|((name, shape, x), (bname, bshape, y))| {
+            assert_eq!((&name, &shape), (&bname, &bshape));
+            let d = x
+                .iter()
+                .zip(&y)
+                .map(|(p, q)| (f64::from(*p) - f64::from(*q)).abs())
+                .collect();
+            (name, d)
+        })
+        .collect()
 }
 
-/// Adam divides by sqrt(v), so an element whose gradient is at float-noise level (DPO's
-/// chosen − rejected cancels in places) can move by a fraction of lr in either
-/// implementation (seen: 1e-4 on one element, against torch in float64 as well).
-const DENSE: Tolerance = Tolerance {
-    worst: 5e-4,
-    close: 2e-6,
-    off_fraction: 1e-3,
-    off_count: 0,
-};
-
-/// The hybrid models' forward is itself ~5x noisier in float32 (the fixtures' f32-vs-f64
-/// spread: 5.6e-6..4.3e-5 in log-probs against 1.4e-6 for llama), so a few elements per
-/// tensor carry float noise through Adam's normalisation. Measured against the same training
-/// run in float64 (qwen3_5_odd, DPO): torch's own float32 run is off by up to 2.0e-5
-/// (`lm_head`), dreamloop's by up to 2.8e-5 (4 of 144 elements of one `in_proj_a`); every
-/// other tensor of both is within 9e-6 (so `close` is 1e-5), and the losses agree to every
-/// printed digit. The single worst element is bounded as for the dense models (lr/2), for
-/// the same reason: on an Intel Xeon (AVX-512 kernels) one of 6144 elements of qwen3_next_r3's
-/// `in_proj_qkvz` moved 1.15e-4 (0.115·lr) from torch in SFT while the rest of that tensor
-/// stayed within 1e-6; what catches a real defect is the count beyond `close`.
-const HYBRID: Tolerance = Tolerance {
-    worst: 5e-4,
-    close: 1e-5,
-    off_fraction: 1e-3,
-    off_count: 8,
-};
-
-fn train_and_compare_at(
-    model: &Path,
-    reference: &Path,
-    loss: &str,
-    data: &str,
-    want: &str,
-    tol: &Tolerance,
-) {
-    train_and_compare_with(model, reference, loss, data, want, tol, &[]);
+fn float32_floor(reference: &Path) -> Float32Floor {
+    let runs: Vec<Vec<f64>> = ["sft", "dpo"]
+        .iter()
+        .map(|kind| {
+            diffs(
+                &reference.join(format!("{kind}_after.safetensors")),
+                &reference.join(format!("{kind}_after_f64.safetensors")),
+            )
+            .into_iter()
+            .flat_map(|(_, d)| d)
+            .collect()
+        })
+        .collect();
+    let worst = runs.iter().flatten().cloned().fold(0.0, f64::max);
+    let bulk = runs
+        .iter()
+        .map(|all| {
+            let mut sorted = all.clone();
+            sorted.sort_by(f64::total_cmp);
+            sorted[(sorted.len() - 1) * 999 / 1000]
+        })
+        .fold(0.0, f64::max);
+    let beyond = runs
+        .iter()
+        .map(|all| all.iter().filter(|d| **d > K * bulk).count())
+        .max()
+        .expect("two runs");
+    Float32Floor {
+        worst,
+        bulk,
+        beyond,
+    }
 }
 
-/// [`train_and_compare_at`] with more arguments for `dreamloop train`.
-fn train_and_compare_with(
-    model: &Path,
-    reference: &Path,
-    loss: &str,
-    data: &str,
-    want: &str,
-    tol: &Tolerance,
-    extra: &[&str],
-) {
-    let out = tempfile::tempdir().unwrap();
+/// Runs `dreamloop train` with the fixtures' settings; returns the trained weights' path.
+fn train(model: &Path, data: &Path, loss: &str, out: &Path) -> PathBuf {
+    train_with(model, data, loss, out, &[])
+}
+
+/// [`train`] with more arguments for `dreamloop train`.
+fn train_with(model: &Path, data: &Path, loss: &str, out: &Path, extra: &[&str]) -> PathBuf {
     let status = Command::new(env!("CARGO_BIN_EXE_dreamloop"))
         .args(["train", "--model"])
         .arg(model)
         .arg("--data")
-        .arg(reference.join(data))
+        .arg(data)
         .arg("--out")
-        .arg(out.path())
+        .arg(out)
         .args([
             "--loss",
             loss,
@@ -129,39 +143,55 @@ fn train_and_compare_with(
         .status()
         .unwrap();
     assert!(status.success(), "dreamloop train failed");
-    let got = tensors(&out.path().join("model.safetensors"));
-    let want = tensors(&reference.join(want));
-    assert_eq!(got.len(), want.len());
-    let start = tensors(&model.join("model.safetensors"));
+    out.join("model.safetensors")
+}
+
+/// Trains `loss` on `reference/<loss>.jsonl` and holds the result to the float32 floor around
+/// `reference/<loss>_after_f64.safetensors`: every element within `K · worst`, and at most
+/// `K · beyond` elements of the whole model beyond `K · bulk`.
+fn train_and_compare_exact(model: &Path, reference: &Path, loss: &str) {
+    let floor = float32_floor(reference);
+    let out = tempfile::tempdir().unwrap();
+    let got = train(
+        model,
+        &reference.join(format!("{loss}.jsonl")),
+        loss,
+        out.path(),
+    );
+    let exact = reference.join(format!("{loss}_after_f64.safetensors"));
+    let (worst_allowed, close) = (K * floor.worst, K * floor.bulk);
     let mut failures = Vec::new();
-    for (((name, shape, g), (wname, wshape, w)), (_, _, s)) in got.iter().zip(&want).zip(&start) {
-        assert_eq!((name, shape), (wname, wshape));
-        let diffs: Vec<f32> = g.iter().zip(w).map(|(a, b)| (a - b).abs()).collect();
-        let worst = diffs.iter().cloned().fold(0.0f32, f32::max);
-        let off = diffs.iter().filter(|d| **d > tol.close).count();
+    let mut beyond = Vec::new();
+    for (name, d) in diffs(&got, &exact) {
+        let worst = d.iter().cloned().fold(0.0, f64::max);
+        let off = d.iter().filter(|x| **x > close).count();
         if std::env::var_os("TRAIN_CLI_VERBOSE").is_some() {
             eprintln!(
-                "{loss}: {name}: worst {worst:.2e}, {off}/{} over {}",
-                diffs.len(),
-                tol.close
+                "{loss}: {name}: worst {worst:.2e}, {off}/{} beyond {close:.2e}",
+                d.len()
             );
         }
-        assert!(
-            worst < tol.worst,
-            "{loss}: {name} differs from torch by {worst}"
-        );
-        if off as f64 > (tol.off_fraction * diffs.len() as f64).max(tol.off_count as f64) {
+        if worst > worst_allowed {
             failures.push(format!(
-                "{loss}: {name}: {off} of {} elements differ by more than {} (worst {worst:.2e})",
-                diffs.len(),
-                tol.close
+                "{loss}: {name} is {worst:.2e} from float64 (torch's float32: {:.2e} at worst)",
+                floor.worst
             ));
         }
-        let moved = w
-            .iter()
-            .zip(s)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        if off > 0 {
+            beyond.push((off, name));
+        }
+    }
+    let total: usize = beyond.iter().map(|(n, _)| n).sum();
+    if total as f64 > K * floor.beyond as f64 {
+        beyond.sort();
+        failures.push(format!(
+            "{loss}: {total} elements are more than {close:.2e} from float64 (torch's float32: {}), most in {:?}",
+            floor.beyond,
+            beyond.iter().rev().take(3).collect::<Vec<_>>()
+        ));
+    }
+    for (name, d) in diffs(&exact, &model.join("model.safetensors")) {
+        let moved = d.iter().cloned().fold(0.0, f64::max);
         assert!(
             moved > 1e-4,
             "{loss}: {name} did not move in the reference ({moved})"
@@ -170,9 +200,76 @@ fn train_and_compare_with(
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// How close dreamloop's trained weights must be to PyTorch's float32 ones (the DPO run of the
+/// dense fixture only; every other trajectory is held to the float64 one).
+struct Tolerance {
+    /// Every element within this.
+    worst: f32,
+    /// What counts as close for one element.
+    close: f32,
+    /// At most this fraction of a tensor's elements beyond `close`.
+    off_fraction: f64,
+}
+
+/// Measured against float64, dreamloop's dense DPO run is noisier than torch's float32 one
+/// beyond the factor `K` allows: worst element 2.7e-4 (`layers.1.mlp.gate_proj`) against
+/// torch's 1.1e-5, and 274 elements beyond 3e-7 against torch's 7, spread over every tensor but
+/// the embedding (its SFT run and both hybrid models are within 1.8x of torch). Until that is
+/// understood this run keeps the element-wise comparison with torch's float32 result: an element
+/// whose gradient is at float-noise level (chosen − rejected cancels in places) can move by a
+/// fraction of lr, so the worst is bounded by lr/2 and the check is the share beyond `close`.
+const DENSE_DPO: Tolerance = Tolerance {
+    worst: 5e-4,
+    close: 2e-6,
+    off_fraction: 1e-3,
+};
+
+fn train_and_compare_float32(
+    model: &Path,
+    reference: &Path,
+    loss: &str,
+    tol: &Tolerance,
+    extra: &[&str],
+) {
+    let out = tempfile::tempdir().unwrap();
+    let got = train_with(
+        model,
+        &reference.join(format!("{loss}.jsonl")),
+        loss,
+        out.path(),
+        extra,
+    );
+    let mut failures = Vec::new();
+    for (name, d) in diffs(&got, &reference.join(format!("{loss}_after.safetensors"))) {
+        let worst = d.iter().cloned().fold(0.0, f64::max);
+        let off = d.iter().filter(|x| **x > f64::from(tol.close)).count();
+        assert!(
+            worst < f64::from(tol.worst),
+            "{loss}: {name} differs from torch by {worst}"
+        );
+        if off as f64 > tol.off_fraction * d.len() as f64 {
+            failures.push(format!(
+                "{loss}: {name}: {off} of {} elements differ by more than {} (worst {worst:.2e})",
+                d.len(),
+                tol.close
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+fn dense() -> (PathBuf, PathBuf) {
+    let fixtures = root().join("tests/fixtures");
+    (
+        fixtures.join("models/llama_untied"),
+        fixtures.join("train_reference"),
+    )
+}
+
 #[test]
 fn sft_matches_torch_with_trl_semantics() {
-    train_and_compare("sft", "sft.jsonl", "sft_after.safetensors");
+    let (model, reference) = dense();
+    train_and_compare_exact(&model, &reference, "sft");
 }
 
 /// Three DPO steps, the first at policy = reference (DPO logits exactly 0), where a wrong
@@ -180,7 +277,8 @@ fn sft_matches_torch_with_trl_semantics() {
 /// carry it into steps 2 and 3 (session 2 found and fixed it; see `train::loss::log_sigmoid`).
 #[test]
 fn dpo_matches_torch_with_trl_semantics() {
-    train_and_compare("dpo", "dpo.jsonl", "dpo_after.safetensors");
+    let (model, reference) = dense();
+    train_and_compare_float32(&model, &reference, "dpo", &DENSE_DPO, &[]);
 }
 
 /// The same three DPO steps with the reference streamed from the starting model's files and
@@ -188,17 +286,10 @@ fn dpo_matches_torch_with_trl_semantics() {
 /// step's pairs, and a block of 5 all of them at once): the same weights as torch's.
 #[test]
 fn dpo_with_a_streamed_precomputed_reference_matches_torch() {
-    let fixtures = root().join("tests/fixtures");
+    let (model, reference) = dense();
     for block in ["2", "5"] {
-        train_and_compare_with(
-            &fixtures.join("models/llama_untied"),
-            &fixtures.join("train_reference"),
-            "dpo",
-            "dpo.jsonl",
-            "dpo_after.safetensors",
-            &DENSE,
-            &["--stream-reference", "--reference-block", block],
-        );
+        let extra = ["--stream-reference", "--reference-block", block];
+        train_and_compare_float32(&model, &reference, "dpo", &DENSE_DPO, &extra);
     }
 }
 
@@ -244,16 +335,11 @@ fn hybrid(name: &str) -> PathBuf {
     root().join("tests/fixtures/hybrid_unseen").join(name)
 }
 
-/// SFT then DPO (3 steps each) on `hybrid_unseen/<name>` against its torch trajectories.
+/// SFT then DPO (3 steps each) on `hybrid_unseen/<name>` against its exact trajectories.
 fn train_hybrid(name: &str) {
     let model = hybrid(name);
-    let reference = model.join("train");
-    for (loss, want) in [
-        ("sft", "sft_after.safetensors"),
-        ("dpo", "dpo_after.safetensors"),
-    ] {
-        let data = format!("{loss}.jsonl");
-        train_and_compare_at(&model, &reference, loss, &data, want, &HYBRID);
+    for loss in ["sft", "dpo"] {
+        train_and_compare_exact(&model, &model.join("train"), loss);
     }
 }
 
@@ -280,6 +366,7 @@ fn hybrid_logprobs_cli_matches_transformers() {
         ("qwen3_5_odd", 3e-4),
         ("qwen3_next_r3", 5e-4),
         ("qwen3_5_vl", 3e-4),
+        ("qwen3_next_rot5", 3e-4),
     ] {
         let dir = hybrid(name);
         let output = Command::new(env!("CARGO_BIN_EXE_dreamloop"))

@@ -200,8 +200,9 @@ pub struct ModelConfig {
     pub layer_types: Vec<LayerKind>,
     /// Gated DeltaNet shape, for configs with linear-attention layers.
     pub linear_attn: Option<LinearAttnConfig>,
-    /// Channels of each head that RoPE rotates (`partial_rotary_factor · head_dim`); the rest
-    /// pass through unrotated.
+    /// transformers' rotary `dim`: `partial_rotary_factor · head_dim`, truncated. It sets the
+    /// frequencies (`base^(−2i/dim)`, `i < ⌈dim/2⌉`); RoPE rotates `2·⌈dim/2⌉` channels of each
+    /// head (one more than `dim` when it is odd, as transformers does) and the rest pass through.
     pub rotary_dim: usize,
     /// `q_proj` also produces a per-head output gate: `attn · sigmoid(gate)` (hybrid families).
     pub attn_output_gate: bool,
@@ -468,12 +469,13 @@ impl ModelConfig {
         self.num_attention_heads / self.num_key_value_heads
     }
 
-    /// RoPE inverse frequencies (`rotary_dim / 2` values), as transformers computes them.
+    /// RoPE inverse frequencies (`⌈rotary_dim / 2⌉` values), as transformers computes them.
     pub fn inv_freq(&self) -> Vec<f32> {
         let dim = self.rotary_dim;
         // transformers computes `base ** (arange(0, dim, 2).float() / dim)` in float32;
-        // mirror that rounding.
-        let base: Vec<f32> = (0..dim / 2)
+        // mirror that rounding. `arange(0, dim, 2)` has ⌈dim/2⌉ entries, so an odd `dim` (head_dim
+        // 20 × 0.25 = 5) gives 3 frequencies and the tables (`cat(freqs, freqs)`) rotate 6 channels.
+        let base: Vec<f32> = (0..dim.div_ceil(2))
             .map(|i| 1.0 / (self.rope_theta as f32).powf((2 * i) as f32 / dim as f32))
             .collect();
         match &self.rope_scaling {
@@ -560,7 +562,8 @@ fn layer_types(f: &Fields, layers: usize, hybrid: bool) -> Result<Vec<LayerKind>
 
 /// `partial_rotary_factor · head_dim` (transformers truncates); the factor sits in
 /// `rope_parameters` or at the top level, default 1 (0.25 for the hybrid families, as their
-/// configs default it).
+/// configs default it). An odd result is transformers' too (see [`ModelConfig::inv_freq`]); the
+/// rotated width `2·⌈dim/2⌉` fits because `head_dim` is even.
 fn rotary_dim(f: &Fields, head_dim: usize, hybrid: bool) -> Result<usize, ConfigError> {
     let nested = match f.get("rope_parameters").and_then(Value::as_object) {
         Some(obj) => Fields {
@@ -575,10 +578,12 @@ fn rotary_dim(f: &Fields, head_dim: usize, hybrid: bool) -> Result<usize, Config
         .or(f.opt_f64("partial_rotary_factor")?)
         .unwrap_or(if hybrid { 0.25 } else { 1.0 });
     let dim = (head_dim as f64 * factor) as usize;
-    if dim == 0 || dim % 2 != 0 || dim > head_dim {
+    if dim == 0 || dim > head_dim {
         return Err(f.invalid(
             "partial_rotary_factor",
-            format!("{factor} gives {dim} rotary channels of head_dim {head_dim}; need an even number in 2..=head_dim"),
+            format!(
+                "{factor} gives {dim} rotary channels of head_dim {head_dim}; need 1..=head_dim"
+            ),
         ));
     }
     Ok(dim)

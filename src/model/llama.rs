@@ -369,7 +369,8 @@ impl Attention {
 }
 
 /// `x·cos + rotate_half(x)·sin` with `rotate_half(x) = cat(-x₂, x₁)` (HF's non-interleaved RoPE)
-/// on the first `rotary_dim` channels (the tables' width); the rest pass through (partial RoPE).
+/// on the first `2·inv_freq.len()` channels (the tables' width: `rotary_dim` rounded up to
+/// even, as transformers rotates an odd partial width); the rest pass through (partial RoPE).
 ///
 /// # Shapes
 /// `x: [batch, heads, seq, head_dim]`, `cos`/`sin`: `[1, 1, seq, rotary_dim]`
@@ -511,7 +512,7 @@ pub struct CausalLm {
     pub model: DecoderModel,
     /// Absent when the embedding is tied (the file then has no `lm_head.weight`).
     pub lm_head: Option<Linear>,
-    /// RoPE inverse frequencies (`rotary_dim / 2`); derived from the config, not a parameter.
+    /// RoPE inverse frequencies (`⌈rotary_dim / 2⌉`); derived from the config, not a parameter.
     #[module(skip)]
     pub inv_freq: Vec<f32>,
     /// Sliding-window width (mistral), if any.

@@ -247,8 +247,13 @@ impl Daemon {
         read_lines(&self.state().join("events.jsonl"))
     }
 
+    /// Every record of `trained.jsonl`, its sealed segments first (oldest to newest).
     pub fn trained(&self) -> Vec<Value> {
-        read_lines(&self.state().join("trained.jsonl"))
+        dreamloop::segmented::segments(&self.state(), "trained")
+            .expect("list trained.jsonl segments")
+            .iter()
+            .flat_map(|p| read_lines(p))
+            .collect()
     }
 }
 

@@ -1,0 +1,154 @@
+//! Every catalogued metric is emitted by a real run, not only registered: the exporter
+//! pre-registers every counter series at 0 (telemetry.rs), so a scrape that merely lists a
+//! name proves nothing. One short `dreamloop run` of the tiny model provokes each event the
+//! catalogue counts — conversation logs with a malformed line, both example formats
+//! (`phase = "mixed"`), a trainer that panics once, a checkpoint that hits a full disk, an
+//! evaluation that breaches and rolls back, a second breach that pauses for the operator (the
+//! baseline evaluations are the MarkGoods) — and the scrape taken then must show each counter
+//! above 0, each gauge set and each histogram observed. ~35 s on 2 cores.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use common::{Daemon, Overrides};
+use dreamloop::metrics::{MetricKind, CATALOGUE};
+
+// A timeout, not a speed bound: generous so a loaded 2-core machine still passes.
+const LIMIT: Duration = Duration::from_secs(300);
+
+/// Counters whose event this run does not provoke, each with the reason; they must still be
+/// exported (registered at 0). Everything else must have been emitted.
+const NOT_PROVOKED: &[(&str, &str)] = &[
+    (
+        "dreamloop_train_non_finite_steps_total",
+        "no fault hook makes a loss non-finite on demand",
+    ),
+    (
+        "dreamloop_generator_duplicates_skipped_total",
+        "a short run over the shipped templates draws no duplicate (the core generator's tests \
+         count them: scenario::generate)",
+    ),
+];
+
+/// A loopback address with a port that was free a moment ago.
+fn free_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local address")
+}
+
+/// The body of `GET /metrics`.
+fn scrape(addr: SocketAddr) -> String {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.contains(" 200 "), "{head}");
+    body.to_string()
+}
+
+/// Sample values by metric name (series of one name summed; labels dropped).
+fn samples(body: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for line in body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (series, value) = line.rsplit_once(' ').expect("`series value`");
+        let name = series.split('{').next().expect("a name");
+        let value: f64 = value.parse().unwrap_or(f64::NAN);
+        *out.entry(name.to_string()).or_insert(0.0) += value;
+    }
+    out
+}
+
+/// `n` OpenAI-chat lines, each one SFT example, and a malformed one.
+fn log_lines(n: usize) -> String {
+    let mut text: String = (0..n)
+        .map(|i| {
+            format!(
+                r#"{{"messages":[{{"role":"user","content":"Please count to {i}."}},{{"role":"assistant","content":"1 to {i}, counted.","label":"good"}}]}}"#
+            ) + "\n"
+        })
+        .collect();
+    text.push_str("{not json\n");
+    text
+}
+
+#[test]
+fn every_catalogued_metric_is_emitted_by_a_run() {
+    let mut d = Daemon::new(&Overrides::default());
+    let logs = d.dir.path().join("logs");
+    std::fs::create_dir_all(&logs).expect("logs dir");
+    std::fs::write(logs.join("chat.jsonl"), log_lines(6)).expect("write log");
+    d.rewrite(&Overrides {
+        phase: "mixed".into(),
+        train: "lr = 0.5".into(),
+        data: format!("replay_ratio = 0.25\nlogs_dir = \"{}\"", logs.display()),
+        eval: "every_n_steps = 3".into(),
+        checkpoint: "every_n_steps = 2\non_write_error = \"continue\"".into(),
+        // Breaches at every evaluation (as daemon_rollback.rs): the first rolls back, the
+        // second exceeds max_rollbacks and pauses for the operator.
+        rollback: [
+            "patience = 1",
+            "max_perplexity_increase = 0.0001",
+            "max_flawed_accuracy_drop = 0.0",
+            "max_clear_accuracy_drop = 0.0",
+            "max_general_accuracy_drop = 0.0",
+            "min_accuracy_gain = 1.0",
+            "min_margin_gain = 1000.0",
+            "max_rollbacks = 1",
+        ]
+        .join("\n"),
+        ..Overrides::default()
+    });
+    let addr = free_port();
+    d.start(
+        &["--metrics-addr", &addr.to_string()],
+        &[
+            ("DREAMLOOP_FAULT_PANIC_AT_STEP", "1"),
+            ("DREAMLOOP_FAULT_DISK_FULL_AT_STEP", "2"),
+        ],
+    );
+    d.wait_status(LIMIT, "the policy's pause", |s| {
+        s["paused_by_policy"] == true
+    });
+    let body = scrape(addr);
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit(LIMIT).success(), "{}", d.log());
+
+    let values = samples(&body);
+    let mut silent = Vec::new();
+    for def in CATALOGUE {
+        let exempt = NOT_PROVOKED.iter().any(|(name, _)| *name == def.name);
+        // A gauge exists once set (none is pre-registered but the four process-state ones,
+        // which install() sets); a counter or histogram must have counted something.
+        let (series, emitted): (String, fn(f64) -> bool) = match def.kind {
+            MetricKind::Counter => (def.name.to_string(), |v| v > 0.0),
+            MetricKind::Gauge => (def.name.to_string(), |v| !v.is_nan()),
+            MetricKind::Histogram => (format!("{}_count", def.name), |v| v > 0.0),
+        };
+        match values.get(&series) {
+            None => silent.push(format!("{} is not exported", def.name)),
+            Some(&v) if !exempt && !emitted(v) => {
+                silent.push(format!("{} was never emitted ({series} = {v})", def.name))
+            }
+            Some(_) => {}
+        }
+    }
+    assert!(
+        silent.is_empty(),
+        "{}\n--- scrape ---\n{body}",
+        silent.join("\n")
+    );
+    // The run did what it was set up to do (so the check above measured those events).
+    assert_eq!(values["dreamloop_policy_paused"], 1.0, "{body}");
+    assert!(values["dreamloop_convo_lines_malformed_total"] >= 1.0);
+}
