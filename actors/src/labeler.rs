@@ -61,6 +61,10 @@ pub enum LabelerMsg {
     SetPhase(Phase),
     /// Persist the log cursor (at a checkpoint).
     SaveCursor(RpcReplyPort<Result<(), String>>),
+    /// Queue these examples again, durably: they were trained only in steps a crash or a
+    /// trainer restart abandoned (the weights that learned them are gone). Answers how many
+    /// were not queued already.
+    Requeue(Vec<Example>, RpcReplyPort<Result<usize, ReplyError>>),
 }
 
 /// Start-up arguments.
@@ -168,6 +172,16 @@ impl Actor for LabelerActor {
                 let _ = reply.send(filled.map_err(|e| format!("{e:#}")));
             }
             LabelerMsg::SetPhase(phase) => state.labeler.set_phase(phase),
+            LabelerMsg::Requeue(examples, reply) => {
+                let queued = state.from_logs.requeue(examples);
+                let saved = state.from_logs.save().map_err(ReplyError::persistent);
+                if saved.is_ok() {
+                    for _ in 0..queued {
+                        telemetry::queue_pushed("examples");
+                    }
+                }
+                let _ = reply.send(saved.map(|()| queued));
+            }
             LabelerMsg::SaveCursor(reply) => {
                 // The queue first, for the same reason as in `poll_logs`.
                 let saved = match &state.reader {

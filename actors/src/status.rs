@@ -171,6 +171,9 @@ pub struct TrainedLog {
     writer: SegmentedLog,
     /// Steps of the current timeline newer than GOOD, oldest first.
     since_good: Vec<TrainedStep>,
+    /// Steps of the current timeline after the one resumed from (a crash since the last
+    /// checkpoint), found at open: trained, but never in the surviving weights.
+    abandoned: Vec<TrainedStep>,
 }
 
 impl TrainedLog {
@@ -191,10 +194,13 @@ impl TrainedLog {
         let floor = good.unwrap_or(0);
         let mut lowest = u64::MAX;
         let mut timeline: Vec<TrainedStep> = Vec::new();
+        let mut abandoned: Vec<TrainedStep> = Vec::new();
         let warnings = read_newest_first(state_dir, TRAINED_STEM, |r: TrainedStep| {
             if r.step < lowest {
                 lowest = r.step;
-                if r.step > floor && r.step <= resumed {
+                if r.step > resumed {
+                    abandoned.push(r);
+                } else if r.step > floor {
                     timeline.push(r);
                 }
             }
@@ -208,10 +214,18 @@ impl TrainedLog {
             tracing::warn!(%w, "trained.jsonl line skipped.");
         }
         timeline.reverse();
+        abandoned.reverse();
         Ok(TrainedLog {
             writer: SegmentedLog::open(state_dir, TRAINED_STEM, segment_bytes)?,
             since_good: timeline,
+            abandoned,
         })
+    }
+
+    /// The steps a crash abandoned (see `abandoned`), once: their examples were trained only
+    /// in weights that were lost, so they go back to the queue.
+    pub fn take_abandoned(&mut self) -> Vec<TrainedStep> {
+        std::mem::take(&mut self.abandoned)
     }
 
     /// Records a trained step.
@@ -229,7 +243,8 @@ impl TrainedLog {
         self.since_good.retain(|r| r.step > step);
     }
 
-    /// The steps after `to` (removed from the timeline): what a rollback to `to` quarantines.
+    /// The steps after `to` (removed from the timeline): what a rollback to `to` quarantines,
+    /// and what a trainer restarted from checkpoint `to` abandoned.
     pub fn roll_back(&mut self, to: u64) -> Vec<TrainedStep> {
         let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.since_good)
             .into_iter()
@@ -286,12 +301,17 @@ mod tests {
         // The crash: weights of step 4 (GOOD 2) come back; 5 and 6 are redone.
         let mut log = TrainedLog::open(dir.path(), Some(2), 4, 1).expect("reopen");
         assert_eq!(tags(&log.since_good), ["a3", "a4"]);
+        // What 5 and 6 were trained on died with their weights: handed back once.
+        assert_eq!(tags(&log.take_abandoned()), ["a5", "a6"]);
+        assert!(log.take_abandoned().is_empty());
         for step in 5..=7 {
             log.append(record(step, "b")).expect("append");
         }
         drop(log);
         let mut log = TrainedLog::open(dir.path(), Some(2), 7, 1).expect("reopen");
         assert_eq!(tags(&log.since_good), ["a3", "a4", "b5", "b6", "b7"]);
+        // The redone 5 and 6 replaced the abandoned ones: nothing is handed back twice.
+        assert!(log.take_abandoned().is_empty());
         log.mark_good(5);
         assert_eq!(tags(&log.roll_back(5)), ["b6", "b7"]);
         log.append(record(6, "c")).expect("append");

@@ -34,6 +34,7 @@ use dreamloop::checkpoint::{
 };
 use dreamloop::config::{DreamConfig, OnWriteError};
 use dreamloop::events::{rfc3339_utc, Event, EventLog};
+use dreamloop::example::Example;
 use dreamloop::label::Phase;
 use dreamloop::mix::MixerState;
 use dreamloop::model::weights::WeightsDigest;
@@ -383,6 +384,8 @@ enum Flow {
 impl Driver {
     async fn run_loop(&mut self) -> Result<u8, StepError> {
         self.sync_position().await?;
+        let abandoned = self.trained.take_abandoned();
+        self.requeue(abandoned).await?;
         self.apply_configured_lr().await?;
         let needs_baseline = {
             let shared = self.shared.lock().expect("shared state lock");
@@ -686,10 +689,30 @@ impl Driver {
     async fn sync_position(&mut self) -> Result<(), StepError> {
         let (step, lr) = self.ask(TRAINER, TrainerMsg::Position).await?;
         if step != self.step {
-            tracing::warn!(from = self.step, to = step, "The trainer restarted from an earlier checkpoint; steps since are redone with new examples.");
+            tracing::warn!(from = self.step, to = step, "The trainer restarted from an earlier checkpoint; the examples of the steps since are queued again.");
+            let abandoned = self.trained.roll_back(step);
+            self.requeue(abandoned).await?;
         }
         self.step = step;
         self.lr = lr;
+        Ok(())
+    }
+
+    /// Queues the examples of `steps` again (see [`LabelerMsg::Requeue`]).
+    async fn requeue(&mut self, steps: Vec<TrainedStep>) -> Result<(), StepError> {
+        let examples: Vec<Example> = steps.into_iter().flat_map(|s| s.examples).collect();
+        if examples.is_empty() {
+            return Ok(());
+        }
+        let n = examples.len();
+        let queued = self
+            .try_ask(LABELER, |reply| LabelerMsg::Requeue(examples, reply))
+            .await?;
+        tracing::info!(
+            examples = n,
+            queued,
+            "Examples of steps lost with the weights are queued again."
+        );
         Ok(())
     }
 

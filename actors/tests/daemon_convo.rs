@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Overrides};
+use common::{surviving_timeline, Daemon, Overrides};
 use dreamloop::example::Example;
 
 /// `n` OpenAI-chat lines, each one SFT example (an assistant turn marked good).
@@ -21,16 +21,19 @@ fn log_lines(n: usize) -> String {
         .collect()
 }
 
-/// How often each log line (by provenance `file:line`) appears in trained.jsonl.
+/// How often each log line (by provenance `file:line`) is accounted for: trained in
+/// trained.jsonl's surviving timeline, or quarantined by a rollback. Steps a crash abandoned
+/// were trained into weights that are gone, so they do not count.
 fn trained_lines(d: &Daemon) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
-    for record in d.trained() {
-        for e in record["examples"].as_array().cloned().unwrap_or_default() {
-            let e: Example = serde_json::from_value(e).expect("an Example");
-            if let Some((source, _turn)) = e.provenance.split_once("#turn=") {
-                if source.contains("chat.jsonl") {
-                    *counts.entry(source.to_string()).or_insert(0) += 1;
-                }
+    let trained = surviving_timeline(d.trained())
+        .into_iter()
+        .flat_map(|r| r["examples"].as_array().cloned().unwrap_or_default());
+    for e in trained.chain(d.quarantined()) {
+        let e: Example = serde_json::from_value(e).expect("an Example");
+        if let Some((source, _turn)) = e.provenance.split_once("#turn=") {
+            if source.contains("chat.jsonl") {
+                *counts.entry(source.to_string()).or_insert(0) += 1;
             }
         }
     }
@@ -62,6 +65,81 @@ fn wait_trained(d: &mut Daemon, at_least: usize, limit: Duration) -> BTreeMap<St
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A SIGKILL long after the last checkpoint: the steps since were trained into weights that
+/// died with the process, so their log lines are queued again at the restart and trained in
+/// the surviving timeline, once (before, they stayed in the ledger and were never trained).
+#[test]
+fn log_lines_of_steps_lost_in_a_crash_are_trained_again() {
+    const LINES: usize = 16;
+    let mut d = Daemon::new(&Overrides::default());
+    let logs = d.dir.path().join("logs");
+    std::fs::create_dir_all(&logs).expect("logs dir");
+    std::fs::write(logs.join("chat.jsonl"), log_lines(LINES)).expect("write log");
+    d.rewrite(&Overrides {
+        data: format!("logs_dir = \"{}\"", logs.display()),
+        // Only the step-0 baseline is checkpointed before the kill.
+        checkpoint: "every_n_steps = 1000".into(),
+        eval: "every_n_steps = 1000".into(),
+        ..Overrides::default()
+    });
+    d.start(&[], &[]);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let lost = loop {
+        let all: usize = d.trained().iter().map(|r| tagged_lines(r).len()).sum();
+        if all >= 4 {
+            break all;
+        }
+        assert!(Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    d.signal(libc::SIGKILL);
+    d.wait_exit(Duration::from_secs(10));
+    assert_eq!(
+        d.status().and_then(|s| s["latest_step"].as_u64()),
+        Some(0),
+        "the kill came after a checkpoint other than the baseline"
+    );
+
+    d.start(&[], &[]);
+    let counts = wait_trained(&mut d, LINES, Duration::from_secs(600));
+    d.signal(libc::SIGTERM);
+    assert!(
+        d.wait_exit(Duration::from_secs(120)).success(),
+        "{}",
+        d.log()
+    );
+    let counts = trained_lines(&d)
+        .into_iter()
+        .chain(counts)
+        .collect::<BTreeMap<_, _>>();
+    assert_eq!(
+        counts.len(),
+        LINES,
+        "{lost} trained before the kill; {counts:?}"
+    );
+    for (line, n) in trained_lines(&d) {
+        assert_eq!(n, 1, "{line} trained {n} times");
+    }
+    assert!(d
+        .log()
+        .contains("Examples of steps lost with the weights are queued again."));
+}
+
+/// The log lines (`chat.jsonl:N`) of one trained.jsonl record.
+fn tagged_lines(record: &serde_json::Value) -> Vec<String> {
+    record["examples"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|e| {
+            let e: Example = serde_json::from_value(e).ok()?;
+            let (source, _) = e.provenance.split_once("#turn=")?;
+            source.contains("chat.jsonl").then(|| source.to_string())
+        })
+        .collect()
 }
 
 #[test]

@@ -248,6 +248,14 @@ impl Daemon {
     }
 
     /// Every record of `trained.jsonl`, its sealed segments first (oldest to newest).
+    /// The examples rollbacks quarantined (`quarantine/examples.jsonl`).
+    pub fn quarantined(&self) -> Vec<Value> {
+        read_lines(&self.state().join("quarantine/examples.jsonl"))
+            .into_iter()
+            .map(|r| r["example"].clone())
+            .collect()
+    }
+
     pub fn trained(&self) -> Vec<Value> {
         dreamloop::segmented::segments(&self.state(), "trained")
             .expect("list trained.jsonl segments")
@@ -255,6 +263,25 @@ impl Daemon {
             .flat_map(|p| read_lines(p))
             .collect()
     }
+}
+
+/// The surviving timeline of `records` (every `trained*.jsonl` segment, oldest first): a step
+/// number not above its predecessor starts a rewound timeline (a crash or a rollback), and the
+/// records it replaces drop out — the rule `TrainedLog::open` applies. What the weights on
+/// disk were trained on (up to the steps after the last checkpoint).
+pub fn surviving_timeline(records: Vec<Value>) -> Vec<Value> {
+    let mut timeline: Vec<Value> = Vec::new();
+    for r in records {
+        let step = r["step"].as_u64().unwrap_or(0);
+        while timeline
+            .last()
+            .is_some_and(|last| last["step"].as_u64().unwrap_or(0) >= step)
+        {
+            timeline.pop();
+        }
+        timeline.push(r);
+    }
+    timeline
 }
 
 impl Drop for Daemon {
