@@ -12,12 +12,13 @@
 //! `trained.jsonl` is sealed into segments every 256 KiB here, so restarts read across them.
 //!
 //! `cargo bench --profile dev -p dreamloop-actors --bench soak` (or `SOAK_SECONDS=120` for a
-//! short run). It prints a summary and exits 1 when a check fails.
+//! short run; `DREAMLOOP_BIN=<copy of the binary>` keeps later builds out of a long run). It
+//! prints a summary and exits 1 when a check fails.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -297,15 +298,16 @@ fn main() {
             *trained.entry(n).or_default() += 1;
         }
     }
-    let quarantined: Vec<u64> = read_jsonl(&state.join("quarantine/examples.jsonl"))
+    let quarantined: BTreeSet<u64> = read_jsonl(&state.join("quarantine/examples.jsonl"))
         .iter()
         .flat_map(tags)
         .collect();
-    let pending: Vec<u64> = std::fs::read_to_string(state.join("convo-pending.json"))
+    let pending: BTreeSet<u64> = std::fs::read_to_string(state.join("convo-pending.json"))
         .ok()
         .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .map(|v| tags(&v))
+        .map(|v| tags(&v).into_iter().collect())
         .unwrap_or_default();
+    let trained_and_quarantined = trained.keys().filter(|n| quarantined.contains(n)).count();
     let twice: Vec<u64> = trained
         .iter()
         .filter(|(_, &c)| c > 1)
@@ -322,6 +324,8 @@ fn main() {
     let lost: Vec<u64> = (0..seen)
         .filter(|n| !trained.contains_key(n) && !quarantined.contains(n) && !pending.contains(n))
         .collect();
+    let mut twice = twice;
+    twice.extend(trained.keys().filter(|n| quarantined.contains(n)).copied());
     let mut modes = Vec::new();
     bad_modes(&state, &mut modes);
 
@@ -336,7 +340,7 @@ fn main() {
     println!("- exit after SIGTERM: {exit}");
     println!("- log lines written: {written}, rotations: {rotations}");
     println!(
-        "- trained once: {}, quarantined: {}, still queued: {}, not read yet: {}, trained twice: {}, lost: {}",
+        "- lines trained once: {}, quarantined: {}, still queued: {}, not read yet: {}, trained twice (or trained and quarantined: {trained_and_quarantined}): {}, lost: {}",
         trained.values().filter(|&&c| c == 1).count(),
         quarantined.len(),
         pending.len(),

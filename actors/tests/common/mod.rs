@@ -157,7 +157,12 @@ impl Daemon {
 
     /// `dreamloop run --config … <extra>` with optional extra environment.
     pub fn start(&mut self, extra: &[&str], env: &[(&str, &str)]) {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dreamloop"));
+        // `DREAMLOOP_BIN` pins a copy of the binary for runs long enough to outlive a rebuild
+        // (the soak bench); tests use the one cargo built for them.
+        let bin = std::env::var_os("DREAMLOOP_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_dreamloop")));
+        let mut cmd = Command::new(bin);
         cmd.arg("run")
             .arg("--config")
             .arg(self.config())
