@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context};
+use anyhow::Context;
 use dreamloop::config::DreamConfig;
 use dreamloop::convo::{ConvoConfig, ConvoReader};
 use dreamloop::example::{Example, Kind, PairReference, Target};
@@ -37,7 +37,7 @@ use dreamloop::metrics::names;
 use dreamloop::mix::BatchPlan;
 use dreamloop::pending::PendingQueue;
 use dreamloop::segmented::read_newest_first;
-use ractor::{call_t, Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::call::{self, ReplyError};
 use crate::generator::GeneratorMsg;
@@ -56,7 +56,7 @@ pub const GENERATOR: &str = "generator";
 /// Messages of the labeler actor.
 pub enum LabelerMsg {
     /// Examples for the classes of the plan, exactly as many of each.
-    Fill(BatchPlan, RpcReplyPort<Result<Vec<Example>, String>>),
+    Fill(BatchPlan, RpcReplyPort<Result<Vec<Example>, ReplyError>>),
     /// Label later scenarios for another phase.
     SetPhase(Phase),
     /// Persist the log cursor (at a checkpoint).
@@ -169,7 +169,7 @@ impl Actor for LabelerActor {
         match msg {
             LabelerMsg::Fill(plan, reply) => {
                 let filled = fill(state, plan).await;
-                let _ = reply.send(filled.map_err(|e| format!("{e:#}")));
+                let _ = reply.send(filled);
             }
             LabelerMsg::SetPhase(phase) => state.labeler.set_phase(phase),
             LabelerMsg::Requeue(examples, reply) => {
@@ -199,14 +199,27 @@ impl Actor for LabelerActor {
     }
 }
 
-fn generator() -> anyhow::Result<ActorRef<GeneratorMsg>> {
-    ractor::registry::where_is(GENERATOR)
-        .map(ActorRef::from)
-        .ok_or_else(|| anyhow!("the generator is not running"))
+/// A call to the generator that it answers with a result: a failed call keeps its severity
+/// (a timeout, or a generator being restarted, is transient); its error answer (exhausted
+/// templates, a full ledger) is persistent.
+async fn ask_generator<T: Send + 'static>(
+    timeout: Duration,
+    build: impl FnOnce(RpcReplyPort<Result<T, String>>) -> GeneratorMsg,
+) -> Result<T, ReplyError> {
+    call::call(GENERATOR, timeout, build)
+        .await
+        .map_err(ReplyError::from_call)?
+        .map_err(|e| ReplyError::persistent(format!("the generator: {e}")))
 }
 
-fn ms(d: Duration) -> u64 {
-    d.as_millis() as u64
+/// A call to the generator that always answers.
+async fn ask_generator_plain<T: Send + 'static>(
+    timeout: Duration,
+    build: impl FnOnce(RpcReplyPort<T>) -> GeneratorMsg,
+) -> Result<T, ReplyError> {
+    call::call(GENERATOR, timeout, build)
+        .await
+        .map_err(ReplyError::from_call)
 }
 
 /// Records `trained.jsonl` is searched back for the in-flight examples. In flight means
@@ -252,28 +265,27 @@ fn format_label(e: &Example) -> &'static str {
 
 /// Admits every queued hash to the ledger once after start-up: the previous process may
 /// have queued them (durably) and died before admitting them.
-async fn readmit(state: &mut LabelerState) -> anyhow::Result<()> {
+async fn readmit(state: &mut LabelerState) -> Result<(), ReplyError> {
     if !state.readmit {
         return Ok(());
     }
     let hashes: Vec<u64> = state.from_logs.hashes().collect();
     if !hashes.is_empty() {
-        let timeout = ms(state.call_timeout);
-        call_t!(generator()?, GeneratorMsg::Admit, timeout, hashes)?.map_err(|e| anyhow!(e))?;
+        ask_generator(state.call_timeout, |r| GeneratorMsg::Admit(hashes, r)).await?;
     }
     state.readmit = false;
     Ok(())
 }
 
 /// Polls the logs into the queue while it has room.
-async fn poll_logs(state: &mut LabelerState) -> anyhow::Result<()> {
+async fn poll_logs(state: &mut LabelerState) -> Result<(), ReplyError> {
     let Some(reader) = state.reader.as_mut() else {
         return Ok(());
     };
     if state.from_logs.len() >= state.capacity {
         return Ok(());
     }
-    let poll = reader.poll()?;
+    let poll = reader.poll().map_err(ReplyError::persistent)?;
     telemetry::counter(names::CONVO_LINES_READ_TOTAL, &[])
         .increment((poll.conversations.len() + poll.malformed.len()) as u64);
     telemetry::counter(names::CONVO_LINES_MALFORMED_TOTAL, &[])
@@ -297,12 +309,12 @@ async fn poll_logs(state: &mut LabelerState) -> anyhow::Result<()> {
             }
         }
     }
-    let timeout = ms(state.call_timeout);
+    let timeout = state.call_timeout;
     let fresh = if examples.is_empty() {
         Vec::new()
     } else {
         let hashes = examples.iter().map(|e| e.hash().0).collect();
-        let known = call_t!(generator()?, GeneratorMsg::Known, timeout, hashes)?;
+        let known = ask_generator_plain(timeout, |r| GeneratorMsg::Known(hashes, r)).await?;
         examples
             .into_iter()
             .zip(known)
@@ -313,13 +325,12 @@ async fn poll_logs(state: &mut LabelerState) -> anyhow::Result<()> {
     let queued = state.from_logs.requeue(fresh);
     // Durable before the cursor moves past these lines and before the ledger learns their
     // hashes: a crash in between re-reads the lines and finds them queued, never lost.
-    state.from_logs.save()?;
-    reader.save_cursor()?;
+    state.from_logs.save().map_err(ReplyError::persistent)?;
+    reader.save_cursor().map_err(ReplyError::persistent)?;
     if hashes.is_empty() {
         return Ok(());
     }
-    let admitted = call_t!(generator()?, GeneratorMsg::Admit, timeout, hashes.clone())?
-        .map_err(|e| anyhow!(e))?;
+    let admitted = ask_generator(timeout, |r| GeneratorMsg::Admit(hashes.clone(), r)).await?;
     // Only a scenario drawn since the check can have taken a hash; that copy wins.
     let taken: HashSet<u64> = hashes
         .iter()
@@ -328,7 +339,7 @@ async fn poll_logs(state: &mut LabelerState) -> anyhow::Result<()> {
         .collect();
     if !taken.is_empty() {
         state.from_logs.remove(&taken);
-        state.from_logs.save()?;
+        state.from_logs.save().map_err(ReplyError::persistent)?;
     }
     for _ in 0..queued - taken.len() {
         telemetry::queue_pushed("examples");
@@ -336,7 +347,7 @@ async fn poll_logs(state: &mut LabelerState) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn fill(state: &mut LabelerState, plan: BatchPlan) -> anyhow::Result<Vec<Example>> {
+async fn fill(state: &mut LabelerState, plan: BatchPlan) -> Result<Vec<Example>, ReplyError> {
     readmit(state).await?;
     poll_logs(state).await?;
     let wanted = [
@@ -347,7 +358,7 @@ async fn fill(state: &mut LabelerState, plan: BatchPlan) -> anyhow::Result<Vec<E
     // The previous batch was trained (or abandoned) before this request: the loop asks
     // for one batch at a time. These become the in-flight batch on disk.
     let logged = state.from_logs.take(&wanted);
-    state.from_logs.save()?;
+    state.from_logs.save().map_err(ReplyError::persistent)?;
     match fill_rest(state, &wanted, &logged).await {
         Ok(out) => {
             for _ in logged.iter().flatten() {
@@ -360,7 +371,7 @@ async fn fill(state: &mut LabelerState, plan: BatchPlan) -> anyhow::Result<Vec<E
             state
                 .from_logs
                 .requeue(logged.into_iter().flatten().collect());
-            state.from_logs.save()?;
+            state.from_logs.save().map_err(ReplyError::persistent)?;
             Err(e)
         }
     }
@@ -432,7 +443,7 @@ async fn draw_ahead(
     state: &mut LabelerState,
     wanted: &[(Kind, usize)],
     room: usize,
-) -> anyhow::Result<Vec<Example>> {
+) -> Result<Vec<Example>, ReplyError> {
     let per_batch: usize = wanted
         .iter()
         .filter(|(kind, _)| *kind != Kind::General)
@@ -446,15 +457,14 @@ async fn draw_ahead(
     if batches == 0 {
         return Ok(Vec::new());
     }
-    let timeout = ms(state.call_timeout);
-    let gen = generator()?;
+    let timeout = state.call_timeout;
     let mut drawn = Vec::new();
     for &(kind, n) in wanted.iter().filter(|(kind, _)| *kind != Kind::General) {
         if n == 0 {
             continue;
         }
-        let scenarios = call_t!(gen, GeneratorMsg::Draw, timeout, kind, n * batches)?
-            .map_err(|e| anyhow!(e))?;
+        let scenarios =
+            ask_generator(timeout, |r| GeneratorMsg::Draw(kind, n * batches, r)).await?;
         drawn.extend(scenarios.iter().map(|s| state.labeler.scenario(s)));
     }
     let pairs: Vec<Example> = drawn
@@ -465,7 +475,7 @@ async fn draw_ahead(
     let queued = state.from_logs.requeue(drawn);
     // Durable before they are used: drawn scenarios are already in the ledger, so one lost
     // here is never trained (as one lost with the mixer's pools at a crash).
-    state.from_logs.save()?;
+    state.from_logs.save().map_err(ReplyError::persistent)?;
     for _ in 0..queued {
         telemetry::queue_pushed("examples");
     }
@@ -477,9 +487,8 @@ async fn fill_rest(
     state: &mut LabelerState,
     wanted: &[(Kind, usize)],
     logged: &[Vec<Example>],
-) -> anyhow::Result<Vec<Example>> {
-    let timeout = ms(state.call_timeout);
-    let gen = generator()?;
+) -> Result<Vec<Example>, ReplyError> {
+    let timeout = state.call_timeout;
     let mut out = Vec::with_capacity(wanted.iter().map(|&(_, n)| n).sum());
     for (&(kind, n), logged) in wanted.iter().zip(logged) {
         let mut missing = n - logged.len();
@@ -487,18 +496,82 @@ async fn fill_rest(
         if kind == Kind::General {
             let replayed = missing - missing / 2;
             if replayed > 0 {
-                out.extend(
-                    call_t!(gen, GeneratorMsg::Replay, timeout, replayed)?
-                        .map_err(|e| anyhow!(e))?,
-                );
+                out.extend(ask_generator(timeout, |r| GeneratorMsg::Replay(replayed, r)).await?);
             }
             missing /= 2;
         }
         if missing > 0 {
-            let scenarios = call_t!(gen, GeneratorMsg::Draw, timeout, kind, missing)?
-                .map_err(|e| anyhow!(e))?;
+            let scenarios =
+                ask_generator(timeout, |r| GeneratorMsg::Draw(kind, missing, r)).await?;
             out.extend(scenarios.iter().map(|s| state.labeler.scenario(s)));
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::call::Severity;
+
+    /// A generator that answers `Draw` with an error and never answers `Replay`.
+    struct FakeGenerator;
+
+    impl Actor for FakeGenerator {
+        type Msg = GeneratorMsg;
+        type State = ();
+        type Arguments = ();
+
+        async fn pre_start(
+            &self,
+            _myself: ActorRef<GeneratorMsg>,
+            _args: (),
+        ) -> Result<(), ActorProcessingErr> {
+            Ok(())
+        }
+
+        async fn handle(
+            &self,
+            _myself: ActorRef<GeneratorMsg>,
+            msg: GeneratorMsg,
+            _state: &mut (),
+        ) -> Result<(), ActorProcessingErr> {
+            match msg {
+                GeneratorMsg::Draw(_, _, reply) => {
+                    let _ = reply.send(Err("the templates are exhausted".into()));
+                }
+                // Held, never answered: the caller times out.
+                GeneratorMsg::Replay(_, reply) => std::mem::forget(reply),
+                _ => {}
+            }
+            Ok(())
+        }
+    }
+
+    /// The labeler used to answer every failure as a `String`, which the mixer took as
+    /// persistent: a generator that only timed out stopped the daemon with exit 78. Now a
+    /// failed call is transient (retried against the restart budget) and only the
+    /// generator's own error answer is persistent.
+    #[tokio::test]
+    async fn a_generator_timeout_is_transient_and_its_error_answer_persistent() {
+        let timeout = Duration::from_millis(200);
+        let missing = ask_generator(timeout, |r| GeneratorMsg::Replay(1, r))
+            .await
+            .unwrap_err();
+        assert_eq!(missing.severity, Severity::Transient, "{missing}");
+        let (actor, handle) = Actor::spawn(Some(GENERATOR.into()), FakeGenerator, ())
+            .await
+            .expect("spawn the fake generator");
+        let slow = ask_generator(timeout, |r| GeneratorMsg::Replay(1, r))
+            .await
+            .unwrap_err();
+        assert_eq!(slow.severity, Severity::Transient, "{slow}");
+        let refused = ask_generator(timeout, |r| GeneratorMsg::Draw(Kind::General, 1, r))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.severity, Severity::Persistent, "{refused}");
+        assert!(refused.message.contains("exhausted"), "{refused}");
+        actor.stop(None);
+        handle.await.expect("the fake generator stops");
+    }
 }

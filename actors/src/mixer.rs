@@ -22,9 +22,9 @@ pub const LABELER: &str = "labeler";
 
 /// Messages of the mixer actor.
 pub enum MixerMsg {
-    /// The next batch. A failed call to the labeler is passed on with its severity; an
-    /// error answer of the labeler (missing logs, exhausted templates, a full ledger) and a
-    /// short delivery are persistent.
+    /// The next batch. A failed call to the labeler, and the labeler's error answer, are
+    /// passed on with their severity (a generator that timed out is transient; missing logs,
+    /// exhausted templates, a full ledger are persistent); a short delivery is persistent.
     NextBatch(RpcReplyPort<Result<Batch, ReplyError>>),
     /// Changes the replay ratio from the next batch on (rollback, SIGHUP); a refused ratio
     /// is persistent.
@@ -117,7 +117,10 @@ async fn next_batch(state: &mut MixerActorState) -> Result<Batch, ReplyError> {
         })
         .await
         .map_err(ReplyError::from_call)?
-        .map_err(|e| ReplyError::persistent(format!("the labeler: {e}")))?;
+        .map_err(|e| ReplyError {
+            severity: e.severity,
+            message: format!("the labeler: {e}"),
+        })?;
         for example in examples {
             state.pools.push(example);
         }
