@@ -268,6 +268,7 @@ async fn run_inner(
         last_rollback: None,
         restarts: 0,
         skipped: 0,
+        non_finite_since_eval: 0,
         last_status_line: Instant::now(),
         tty: std::io::stderr().is_terminal(),
         last_loss: None,
@@ -354,6 +355,8 @@ struct Driver {
     last_rollback: Option<LastRollback>,
     restarts: u32,
     skipped: u64,
+    /// Non-finite steps skipped since the last evaluation (a storm triggers one).
+    non_finite_since_eval: u32,
     last_status_line: Instant,
     tty: bool,
     last_loss: Option<f64>,
@@ -762,6 +765,23 @@ impl Driver {
                 if non_finite {
                     telemetry::record_non_finite_step();
                     self.tell(MONITOR, MonitorMsg::NonFiniteStep);
+                    // A skipped step does not advance the count, so a storm would never
+                    // reach the next scheduled evaluation: judge the weights as soon as it is
+                    // one (the policy's non-finite rule rolls back).
+                    self.non_finite_since_eval += 1;
+                    let bound = self
+                        .shared
+                        .lock()
+                        .expect("shared state lock")
+                        .policy
+                        .max_non_finite_steps;
+                    if self.non_finite_since_eval > bound {
+                        tracing::warn!(
+                            steps = self.non_finite_since_eval,
+                            "A storm of non-finite steps: evaluating now."
+                        );
+                        self.evaluate_and_act().await?;
+                    }
                 }
                 return Ok(());
             }
@@ -882,6 +902,7 @@ impl Driver {
     /// Evaluates the current weights and carries out the verdict; after a rollback the
     /// restored GOOD weights are evaluated again (the policy re-measures its baseline).
     async fn evaluate_and_act(&mut self) -> Result<(), StepError> {
+        self.non_finite_since_eval = 0;
         loop {
             self.cancel_eval.store(false, Ordering::SeqCst);
             if self.deferred.contains(&Control::Shutdown) {

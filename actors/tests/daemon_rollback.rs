@@ -143,3 +143,32 @@ fn a_regression_is_rolled_back_to_good_bit_for_bit() {
         .take(6)
         .all(|r| r["example"]["kind"] == "clear_direction"));
 }
+
+/// A storm of non-finite steps is judged when it happens. Weight decay of 1e30 makes the
+/// first update blow the weights up, so every later loss is non-finite and every step is
+/// skipped. A skipped step does not advance the step count, so before, the scheduled
+/// evaluation never came and the loop skipped steps forever; now more than
+/// `max_non_finite_steps` of them trigger an evaluation, and the policy rolls back to GOOD.
+#[test]
+fn a_storm_of_non_finite_steps_is_rolled_back() {
+    let mut d = Daemon::new(&Overrides {
+        eval: "every_n_steps = 1000".into(),
+        checkpoint: "every_n_steps = 1000".into(),
+        rollback: "max_non_finite_steps = 3\nmax_rollbacks = 1".into(),
+        ..Overrides::default()
+    });
+    let text = std::fs::read_to_string(d.config())
+        .expect("config")
+        .replace("weight_decay = 0.0", "weight_decay = 1e30");
+    std::fs::write(d.config(), text).expect("config");
+    d.start(&[], &[]);
+    let s = d.wait_status(LIMIT, "a rollback", |s| !s["last_rollback"].is_null());
+    let rb = &s["last_rollback"];
+    assert_eq!(rb["reason"], "non_finite", "{s}");
+    assert_eq!(rb["to"], 0, "{s}");
+    assert!(d
+        .log()
+        .contains("A storm of non-finite steps: evaluating now."));
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit(LIMIT).success(), "{}", d.log());
+}
