@@ -14,7 +14,7 @@
 //! - `dreamloop.pid`: the running daemon's pid, for `dreamloop pause|resume|checkpoint|stop`.
 
 use std::ops::ControlFlow;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use dreamloop::convo::Cursor;
@@ -165,59 +165,27 @@ pub struct TrainedStep {
     pub examples: Vec<Example>,
 }
 
-/// `trained.jsonl` plus, in memory, the current timeline's steps after the GOOD checkpoint
-/// (what a rollback quarantines).
+/// `trained.jsonl` (and its sealed segments). Nothing of the timeline is held in memory: a
+/// rollback, or a trainer restarted from an earlier checkpoint, reads the steps it abandons
+/// back from the files, newest first and only as far as it goes back (the full text of every
+/// step since GOOD used to stay in memory, without bound while GOOD did not move).
 pub struct TrainedLog {
     writer: SegmentedLog,
-    /// Steps of the current timeline newer than GOOD, oldest first.
-    since_good: Vec<TrainedStep>,
+    /// The state directory the segments are in.
+    dir: PathBuf,
     /// Steps of the current timeline after the one resumed from (a crash since the last
     /// checkpoint), found at open: trained, but never in the surviving weights.
     abandoned: Vec<TrainedStep>,
 }
 
 impl TrainedLog {
-    /// Opens the log and rebuilds the current timeline after `good` up to `resumed` (the
-    /// step the weights were restored at), reading segments newest first and only as far as
-    /// needed.
-    ///
-    /// A step number not above its predecessor starts a rewound timeline (a crash or a
-    /// rollback), so a record belongs to the current timeline exactly when every later record
-    /// has a higher step. Read backwards that is "lower than every step seen so far", and once
-    /// the lowest step seen is `good + 1` no older record can be on the timeline after GOOD.
-    pub fn open(
-        state_dir: &Path,
-        good: Option<u64>,
-        resumed: u64,
-        segment_bytes: u64,
-    ) -> anyhow::Result<TrainedLog> {
-        let floor = good.unwrap_or(0);
-        let mut lowest = u64::MAX;
-        let mut timeline: Vec<TrainedStep> = Vec::new();
-        let mut abandoned: Vec<TrainedStep> = Vec::new();
-        let warnings = read_newest_first(state_dir, TRAINED_STEM, |r: TrainedStep| {
-            if r.step < lowest {
-                lowest = r.step;
-                if r.step > resumed {
-                    abandoned.push(r);
-                } else if r.step > floor {
-                    timeline.push(r);
-                }
-            }
-            if lowest <= floor + 1 {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        })?;
-        for w in warnings {
-            tracing::warn!(%w, "trained.jsonl line skipped.");
-        }
-        timeline.reverse();
-        abandoned.reverse();
+    /// Opens the log and finds the steps a crash abandoned: those of the current timeline
+    /// after `resumed` (the step the weights were restored at).
+    pub fn open(state_dir: &Path, resumed: u64, segment_bytes: u64) -> anyhow::Result<TrainedLog> {
+        let abandoned = timeline_between(state_dir, resumed, u64::MAX)?;
         Ok(TrainedLog {
             writer: SegmentedLog::open(state_dir, TRAINED_STEM, segment_bytes)?,
-            since_good: timeline,
+            dir: state_dir.to_path_buf(),
             abandoned,
         })
     }
@@ -228,30 +196,49 @@ impl TrainedLog {
         std::mem::take(&mut self.abandoned)
     }
 
-    /// Records a trained step.
+    /// Records a trained step (a step not above the last starts a new timeline: a rollback
+    /// or a restart redoes steps).
     pub fn append(&mut self, record: TrainedStep) -> anyhow::Result<()> {
         self.writer.append(&record)?;
-        // A restarted trainer redoes steps from its checkpoint: those records replace the
-        // abandoned ones in the timeline.
-        self.since_good.retain(|r| r.step < record.step);
-        self.since_good.push(record);
         Ok(())
     }
 
-    /// A new GOOD at `step`: nothing at or before it can be rolled back any more.
-    pub fn mark_good(&mut self, step: u64) {
-        self.since_good.retain(|r| r.step > step);
+    /// The current timeline's steps after `to` up to `current` (the loop's step), read back
+    /// from the files: what a rollback to `to` quarantines, and what a trainer restarted from
+    /// checkpoint `to` abandoned. The next step recorded (`to + 1`) ends them.
+    pub fn roll_back(&mut self, to: u64, current: u64) -> anyhow::Result<Vec<TrainedStep>> {
+        timeline_between(&self.dir, to, current)
     }
+}
 
-    /// The steps after `to` (removed from the timeline): what a rollback to `to` quarantines,
-    /// and what a trainer restarted from checkpoint `to` abandoned.
-    pub fn roll_back(&mut self, to: u64) -> Vec<TrainedStep> {
-        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.since_good)
-            .into_iter()
-            .partition(|r| r.step > to);
-        self.since_good = kept;
-        gone
+/// The current timeline's records with `after < step ≤ upto`, oldest first, reading the
+/// segments newest first and no further back than needed.
+///
+/// A step number not above its predecessor starts a rewound timeline (a crash or a rollback),
+/// so a record belongs to the current timeline exactly when every later record has a higher
+/// step. Read backwards that is "lower than every step seen so far", and once the lowest step
+/// seen is `after + 1` no older record can be on the timeline after `after`.
+fn timeline_between(dir: &Path, after: u64, upto: u64) -> anyhow::Result<Vec<TrainedStep>> {
+    let mut lowest = u64::MAX;
+    let mut out: Vec<TrainedStep> = Vec::new();
+    let warnings = read_newest_first(dir, TRAINED_STEM, |r: TrainedStep| {
+        if r.step < lowest {
+            lowest = r.step;
+            if r.step > after && r.step <= upto {
+                out.push(r);
+            }
+        }
+        if lowest <= after + 1 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })?;
+    for w in warnings {
+        tracing::warn!(%w, "trained.jsonl line skipped.");
     }
+    out.reverse();
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -288,47 +275,52 @@ mod tests {
 
     /// Every record in its own segment (a 1-byte bound seals before each append): steps
     /// 1–6, a crash resumed from step 4's checkpoint (5 and 6 again, then 7), a restart, a
-    /// rollback to GOOD 5, step 6 once more. Each reopen sees the timeline the whole history
-    /// defines, and the rollback quarantines exactly the newest timeline's steps.
+    /// rollback to GOOD 5, step 6 once more. Each reopen and each rollback sees the timeline
+    /// the whole history defines, read back from the files.
     #[test]
     fn the_timeline_survives_restarts_across_rotations() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut log = TrainedLog::open(dir.path(), None, 0, 1).expect("open");
+        let mut log = TrainedLog::open(dir.path(), 0, 1).expect("open");
         for step in 1..=6 {
             log.append(record(step, "a")).expect("append");
         }
         drop(log);
-        // The crash: weights of step 4 (GOOD 2) come back; 5 and 6 are redone.
-        let mut log = TrainedLog::open(dir.path(), Some(2), 4, 1).expect("reopen");
-        assert_eq!(tags(&log.since_good), ["a3", "a4"]);
+        // The crash: weights of step 4 come back; 5 and 6 are redone.
+        let mut log = TrainedLog::open(dir.path(), 4, 1).expect("reopen");
         // What 5 and 6 were trained on died with their weights: handed back once.
         assert_eq!(tags(&log.take_abandoned()), ["a5", "a6"]);
         assert!(log.take_abandoned().is_empty());
+        // A rollback before any new step goes back over the resumed timeline only, not
+        // over the abandoned tail (handed back already).
+        assert_eq!(tags(&log.roll_back(2, 4).expect("read")), ["a3", "a4"]);
         for step in 5..=7 {
             log.append(record(step, "b")).expect("append");
         }
         drop(log);
-        let mut log = TrainedLog::open(dir.path(), Some(2), 7, 1).expect("reopen");
-        assert_eq!(tags(&log.since_good), ["a3", "a4", "b5", "b6", "b7"]);
+        let mut log = TrainedLog::open(dir.path(), 7, 1).expect("reopen");
         // The redone 5 and 6 replaced the abandoned ones: nothing is handed back twice.
         assert!(log.take_abandoned().is_empty());
-        log.mark_good(5);
-        assert_eq!(tags(&log.roll_back(5)), ["b6", "b7"]);
+        assert_eq!(
+            tags(&log.roll_back(2, 7).expect("read")),
+            ["a3", "a4", "b5", "b6", "b7"]
+        );
+        assert_eq!(tags(&log.roll_back(5, 7).expect("read")), ["b6", "b7"]);
         log.append(record(6, "c")).expect("append");
         drop(log);
-        let log = TrainedLog::open(dir.path(), Some(5), 6, 1).expect("reopen");
-        assert_eq!(tags(&log.since_good), ["c6"]);
+        let mut log = TrainedLog::open(dir.path(), 6, 1).expect("reopen");
+        assert_eq!(tags(&log.roll_back(5, 6).expect("read")), ["c6"]);
         // Abandoned timelines stay on disk: 6 + 3 + 1 records, one segment each.
         let segments = dreamloop::segmented::segments(dir.path(), TRAINED_STEM).expect("list");
         assert_eq!(segments.len(), 10);
     }
 
-    /// A start reads back only to GOOD: the segments before it are not opened (here the
-    /// oldest is replaced by a directory, which fails any read).
+    /// A start reads back only to the step resumed from, and a rollback only to GOOD: the
+    /// segments before are not opened (here the oldest is replaced by a directory, which
+    /// fails any read).
     #[test]
-    fn a_start_does_not_read_segments_older_than_good() {
+    fn reads_stop_at_the_step_they_go_back_to() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut log = TrainedLog::open(dir.path(), None, 0, 1).expect("open");
+        let mut log = TrainedLog::open(dir.path(), 0, 1).expect("open");
         for step in 1..=8 {
             log.append(record(step, "a")).expect("append");
         }
@@ -336,8 +328,9 @@ mod tests {
         let oldest = dir.path().join("trained.00000001.jsonl");
         std::fs::remove_file(&oldest).expect("remove");
         std::fs::create_dir(&oldest).expect("mkdir");
-        let log = TrainedLog::open(dir.path(), Some(6), 8, 1).expect("reopen");
-        assert_eq!(tags(&log.since_good), ["a7", "a8"]);
-        assert!(TrainedLog::open(dir.path(), None, 8, 1).is_err());
+        let mut log = TrainedLog::open(dir.path(), 8, 1).expect("reopen");
+        assert!(log.take_abandoned().is_empty());
+        assert_eq!(tags(&log.roll_back(6, 8).expect("read")), ["a7", "a8"]);
+        assert!(log.roll_back(0, 8).is_err());
     }
 }

@@ -239,11 +239,9 @@ async fn run_inner(
              `dreamloop resume` continues."
         );
     }
-    let good = run_state.as_ref().and_then(|r| r.policy.good_step);
     let mut driver = Driver {
         trained: TrainedLog::open(
             &state_dir,
-            good,
             resumed_step,
             config.supervisor.trained_segment_bytes,
         )?,
@@ -693,7 +691,10 @@ impl Driver {
         let (step, lr) = self.ask(TRAINER, TrainerMsg::Position).await?;
         if step != self.step {
             tracing::warn!(from = self.step, to = step, "The trainer restarted from an earlier checkpoint; the examples of the steps since are queued again.");
-            let abandoned = self.trained.roll_back(step);
+            let abandoned = self
+                .trained
+                .roll_back(step, self.step)
+                .map_err(StepError::Local)?;
             self.requeue(abandoned).await?;
         }
         self.step = step;
@@ -972,7 +973,6 @@ impl Driver {
                     }
                     self.try_ask(CHECKPOINTER, |reply| CheckpointerMsg::MarkGood(step, reply))
                         .await?;
-                    self.trained.mark_good(step);
                     self.record(Event::MarkGood {
                         metrics: ev.record.metrics,
                     });
@@ -1085,7 +1085,7 @@ impl Driver {
             .ask(TRAINER, |reply| TrainerMsg::ScaleLr(factor, reply))
             .await?;
         self.checkpoint_soon = true;
-        let gone = self.trained.roll_back(to);
+        let gone = self.trained.roll_back(to, from).map_err(StepError::Local)?;
         let count = self
             .try_ask(CHECKPOINTER, |reply| {
                 CheckpointerMsg::Quarantine(gone, from, to, reply)
