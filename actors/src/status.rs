@@ -163,6 +163,11 @@ pub struct TrainedStep {
     pub step: u64,
     /// The examples.
     pub examples: Vec<Example>,
+    /// A marker, not a step: the timeline went back to `step` (a rollback, a trainer
+    /// restarted from an earlier checkpoint, a start after a crash), so the records after it
+    /// are no longer on the current timeline even before the next step is recorded.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rewind: bool,
 }
 
 /// `trained.jsonl` (and its sealed segments). Nothing of the timeline is held in memory: a
@@ -203,6 +208,18 @@ impl TrainedLog {
         Ok(())
     }
 
+    /// Records that the timeline went back to `to` (see [`TrainedStep::rewind`]): once the
+    /// steps after it are quarantined or queued again, a crash before the next step must not
+    /// hand them back once more.
+    pub fn rewind(&mut self, to: u64) -> anyhow::Result<()> {
+        self.writer.append(&TrainedStep {
+            step: to,
+            examples: Vec::new(),
+            rewind: true,
+        })?;
+        Ok(())
+    }
+
     /// The current timeline's steps after `to` up to `current` (the loop's step), read back
     /// from the files: what a rollback to `to` quarantines, and what a trainer restarted from
     /// checkpoint `to` abandoned. The next step recorded (`to + 1`) ends them.
@@ -222,7 +239,10 @@ fn timeline_between(dir: &Path, after: u64, upto: u64) -> anyhow::Result<Vec<Tra
     let mut lowest = u64::MAX;
     let mut out: Vec<TrainedStep> = Vec::new();
     let warnings = read_newest_first(dir, TRAINED_STEM, |r: TrainedStep| {
-        if r.step < lowest {
+        if r.rewind {
+            // Older records after `r.step` are off the timeline; `r.step` itself is not.
+            lowest = lowest.min(r.step + 1);
+        } else if r.step < lowest {
             lowest = r.step;
             if r.step > after && r.step <= upto {
                 out.push(r);
@@ -260,6 +280,7 @@ mod tests {
                 provenance: String::new(),
                 reference: None,
             }],
+            rewind: false,
         }
     }
 
@@ -312,6 +333,31 @@ mod tests {
         // Abandoned timelines stay on disk: 6 + 3 + 1 records, one segment each.
         let segments = dreamloop::segmented::segments(dir.path(), TRAINED_STEM).expect("list");
         assert_eq!(segments.len(), 10);
+    }
+
+    /// A rewind marker ends the steps after it at once: a crash right after a rollback (or
+    /// after queueing a crash's steps again) hands nothing back a second time.
+    #[test]
+    fn a_rewind_marker_ends_the_steps_after_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut log = TrainedLog::open(dir.path(), 0, 1).expect("open");
+        for step in 1..=5 {
+            log.append(record(step, "a")).expect("append");
+        }
+        assert_eq!(
+            tags(&log.roll_back(2, 5).expect("read")),
+            ["a3", "a4", "a5"]
+        );
+        log.rewind(2).expect("rewind");
+        drop(log);
+        let mut log = TrainedLog::open(dir.path(), 2, 1).expect("reopen");
+        assert!(log.take_abandoned().is_empty());
+        assert_eq!(tags(&log.roll_back(0, 2).expect("read")), ["a1", "a2"]);
+        log.append(record(3, "b")).expect("append");
+        assert_eq!(
+            tags(&log.roll_back(0, 3).expect("read")),
+            ["a1", "a2", "b3"]
+        );
     }
 
     /// A start reads back only to the step resumed from, and a rollback only to GOOD: the

@@ -386,7 +386,10 @@ impl Driver {
     async fn run_loop(&mut self) -> Result<u8, StepError> {
         self.sync_position().await?;
         let abandoned = self.trained.take_abandoned();
-        self.requeue(abandoned).await?;
+        if !abandoned.is_empty() {
+            self.requeue(abandoned).await?;
+            self.trained.rewind(self.step).map_err(StepError::Local)?;
+        }
         self.apply_configured_lr().await?;
         let needs_baseline = {
             let shared = self.shared.lock().expect("shared state lock");
@@ -696,6 +699,7 @@ impl Driver {
                 .roll_back(step, self.step)
                 .map_err(StepError::Local)?;
             self.requeue(abandoned).await?;
+            self.trained.rewind(step).map_err(StepError::Local)?;
         }
         self.step = step;
         self.lr = lr;
@@ -756,6 +760,7 @@ impl Driver {
                     .append(TrainedStep {
                         step: report.step,
                         examples,
+                        rewind: false,
                     })
                     .map_err(StepError::Local)?;
                 self.status_line(&report);
@@ -1060,6 +1065,16 @@ impl Driver {
         policy: &PolicyState,
     ) -> Result<(usize, String), StepError> {
         let from = self.step;
+        // The abandoned steps' examples are quarantined, and the rewind recorded, before
+        // LATEST moves: a crash in between must not find them after the restored step, where
+        // they would count as steps a crash lost (those are queued again; these must not be).
+        let gone = self.trained.roll_back(to, from).map_err(StepError::Local)?;
+        let count = self
+            .try_ask(CHECKPOINTER, |reply| {
+                CheckpointerMsg::Quarantine(gone, from, to, reply)
+            })
+            .await?;
+        self.trained.rewind(to).map_err(StepError::Local)?;
         let (dir, good_run) = self
             .try_ask(CHECKPOINTER, |reply| CheckpointerMsg::RollbackTo(to, reply))
             .await?;
@@ -1085,12 +1100,6 @@ impl Driver {
             .ask(TRAINER, |reply| TrainerMsg::ScaleLr(factor, reply))
             .await?;
         self.checkpoint_soon = true;
-        let gone = self.trained.roll_back(to, from).map_err(StepError::Local)?;
-        let count = self
-            .try_ask(CHECKPOINTER, |reply| {
-                CheckpointerMsg::Quarantine(gone, from, to, reply)
-            })
-            .await?;
         Ok((count, restored_digest))
     }
 

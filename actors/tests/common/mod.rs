@@ -278,6 +278,16 @@ pub fn surviving_timeline(records: Vec<Value>) -> Vec<Value> {
     let mut timeline: Vec<Value> = Vec::new();
     for r in records {
         let step = r["step"].as_u64().unwrap_or(0);
+        if r["rewind"] == true {
+            // A marker: the timeline went back to `step` (the record at `step` stays).
+            while timeline
+                .last()
+                .is_some_and(|last| last["step"].as_u64().unwrap_or(0) > step)
+            {
+                timeline.pop();
+            }
+            continue;
+        }
         while timeline
             .last()
             .is_some_and(|last| last["step"].as_u64().unwrap_or(0) >= step)
