@@ -102,29 +102,28 @@ fn log_lines_of_steps_lost_in_a_crash_are_trained_again() {
         "the kill came after a checkpoint other than the baseline"
     );
 
+    restart_and_train_every_line(&mut d, LINES, &format!("{lost} trained before the kill"));
+    assert!(d
+        .log()
+        .contains("Examples of steps lost with the weights are queued again."));
+}
+
+/// Starts `d` again, waits until every one of `lines` log lines is accounted for, stops it
+/// cleanly, and checks that each is accounted for exactly once.
+fn restart_and_train_every_line(d: &mut Daemon, lines: usize, context: &str) {
     d.start(&[], &[]);
-    let counts = wait_trained(&mut d, LINES, Duration::from_secs(600));
+    wait_trained(d, lines, Duration::from_secs(600));
     d.signal(libc::SIGTERM);
     assert!(
         d.wait_exit(Duration::from_secs(120)).success(),
         "{}",
         d.log()
     );
-    let counts = trained_lines(&d)
-        .into_iter()
-        .chain(counts)
-        .collect::<BTreeMap<_, _>>();
-    assert_eq!(
-        counts.len(),
-        LINES,
-        "{lost} trained before the kill; {counts:?}"
-    );
-    for (line, n) in trained_lines(&d) {
-        assert_eq!(n, 1, "{line} trained {n} times");
+    let counts = trained_lines(d);
+    assert_eq!(counts.len(), lines, "{context}: {counts:?}");
+    for (line, n) in &counts {
+        assert_eq!(*n, 1, "{line} trained {n} times: {counts:?}");
     }
-    assert!(d
-        .log()
-        .contains("Examples of steps lost with the weights are queued again."));
 }
 
 /// The log lines (`chat.jsonl:N`) of one trained.jsonl record.
@@ -169,19 +168,7 @@ fn log_examples_read_past_are_trained_after_a_sigkill() {
         "the kill came too late to test anything: {before:?}"
     );
 
-    d.start(&[], &[]);
-    let counts = wait_trained(&mut d, LINES, Duration::from_secs(600));
-    d.signal(libc::SIGTERM);
-    assert!(
-        d.wait_exit(Duration::from_secs(120)).success(),
-        "{}",
-        d.log()
-    );
-    let counts_after = trained_lines(&d);
-    assert_eq!(counts_after.len(), LINES, "{counts:?}");
-    for (line, n) in &counts_after {
-        assert_eq!(*n, 1, "{line} trained {n} times: {counts_after:?}");
-    }
+    restart_and_train_every_line(&mut d, LINES, "");
     use std::os::unix::fs::PermissionsExt;
     for name in ["convo-pending.json", "convo-cursor.json", "status.json"] {
         let mode = std::fs::metadata(d.state().join(name))
