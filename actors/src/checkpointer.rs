@@ -50,6 +50,9 @@ pub enum CheckpointerMsg {
         u64,
         RpcReplyPort<Result<usize, ReplyError>>,
     ),
+    /// The checkpoint a restarted trainer resumes from: LATEST if its manifest verifies,
+    /// else the newest that does (`CheckpointStore::resume_point`), none before the first.
+    ResumePoint(RpcReplyPort<Result<Option<PathBuf>, ReplyError>>),
 }
 
 /// Start-up arguments.
@@ -125,6 +128,15 @@ impl Actor for CheckpointerActor {
             }
             CheckpointerMsg::RollbackTo(step, reply) => {
                 let _ = reply.send(roll_back(state, step).map_err(ReplyError::persistent));
+            }
+            CheckpointerMsg::ResumePoint(reply) => {
+                let point = state.store.resume_point().map(|(point, warnings)| {
+                    for w in warnings {
+                        tracing::warn!(?w, "Trainer restart: a checkpoint was passed over.");
+                    }
+                    point.map(|c| c.path)
+                });
+                let _ = reply.send(point.map_err(ReplyError::persistent));
             }
             CheckpointerMsg::Quarantine(steps, from, to, reply) => {
                 let mut count = 0;

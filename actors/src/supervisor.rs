@@ -1442,7 +1442,23 @@ impl Actor for SupervisorActor {
     }
 }
 
-/// The checkpoint LATEST names, if any (a restarted trainer resumes from it).
+/// Where a restarted trainer starts: the checkpoint store's resume point (LATEST if its
+/// manifest verifies, else the newest that does), asked of the checkpointer, which owns the
+/// store. Before, a restart loaded whatever LATEST named, unverified. If the checkpointer
+/// does not answer, LATEST as named (the trainer's load fails on a torn one, which counts
+/// against the restart budget).
+async fn restart_point(state_dir: &Path, timeout: Duration) -> Start {
+    let answer = call::call(CHECKPOINTER, timeout, CheckpointerMsg::ResumePoint).await;
+    match call::flatten(CHECKPOINTER, answer) {
+        Ok(point) => point.map_or(Start::Fresh, Start::Restore),
+        Err(e) => {
+            tracing::warn!(error = %e, "No verified resume point; the trainer restarts from LATEST as named.");
+            latest_checkpoint(state_dir).map_or(Start::Fresh, Start::Restore)
+        }
+    }
+}
+
+/// The checkpoint LATEST names, if any.
 fn latest_checkpoint(state_dir: &Path) -> Option<PathBuf> {
     let dir = state_dir.join(CHECKPOINTS_DIR);
     let text = std::fs::read_to_string(dir.join(LATEST_POINTER)).ok()?;
@@ -1503,7 +1519,7 @@ async fn spawn_child(
             let start = if first {
                 args.first_start.clone()
             } else {
-                latest_checkpoint(&state_dir).map_or(Start::Fresh, Start::Restore)
+                restart_point(&state_dir, args.timeout).await
             };
             Actor::spawn_linked(
                 Some(name.into()),

@@ -163,6 +163,42 @@ fn a_full_disk_with_on_write_error_continue_trains_on() {
     );
 }
 
+/// A trainer restarted in-process resumes from a verified checkpoint, as a start does:
+/// LATEST still names the corrupt step 4 that the start passed over, and before, the
+/// restarted trainer loaded it (one flipped byte loads without an error).
+#[test]
+fn a_restarted_trainer_passes_over_a_corrupt_latest() {
+    let mut d = Daemon::new(&disk_full_config("pause"));
+    d.start(&["--max-steps", "4"], &[]);
+    assert!(d.wait_exit(LIMIT).success(), "{}", d.log());
+    let weights = latest_dir(&d.state())
+        .expect("LATEST")
+        .join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).expect("weights");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&weights, bytes).expect("corrupt");
+
+    // Resumed from step 2; the trainer dies about to take step 3 and is restarted.
+    d.start(
+        &["--max-steps", "6"],
+        &[("DREAMLOOP_FAULT_PANIC_AT_STEP", "3")],
+    );
+    assert!(d.wait_exit(LIMIT).success(), "{}", d.log());
+    assert_eq!(step(&d.status().expect("status")), 6);
+    // The restart resumed at 2 again (steps 3 to 6 trained), not at the corrupt 4.
+    let steps: Vec<u64> = d
+        .trained()
+        .iter()
+        .filter(|r| r["rewind"] != true)
+        .map(|r| r["step"].as_u64().expect("step"))
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4, 3, 4, 5, 6], "{}", d.log());
+    assert!(d
+        .log()
+        .contains("Trainer restart: a checkpoint was passed over."));
+}
+
 #[test]
 fn a_corrupted_latest_is_detected_and_the_run_resumes_from_the_one_before() {
     let mut d = Daemon::new(&disk_full_config("pause"));
