@@ -301,7 +301,7 @@ fn main() {
 
     // Where each line went.
     let state = d.state();
-    let timeline = surviving_timeline(d.trained());
+    let timeline = surviving_timeline(d.trained_log());
     let mut trained: HashMap<u64, usize> = HashMap::new();
     for record in &timeline {
         for n in tags(&record["examples"]) {

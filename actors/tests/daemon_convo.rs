@@ -26,7 +26,7 @@ fn log_lines(n: usize) -> String {
 /// were trained into weights that are gone, so they do not count.
 fn trained_lines(d: &Daemon) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
-    let trained = surviving_timeline(d.trained())
+    let trained = surviving_timeline(d.trained_log())
         .into_iter()
         .flat_map(|r| r["examples"].as_array().cloned().unwrap_or_default());
     for e in trained.chain(d.quarantined()) {

@@ -35,14 +35,6 @@ fn expected_resume(state: &Path) -> u64 {
     steps.last().copied().unwrap_or(0)
 }
 
-/// trained.jsonl's step records, without the rewind markers.
-fn steps(d: &Daemon) -> Vec<serde_json::Value> {
-    d.trained()
-        .into_iter()
-        .filter(|r| r["rewind"] != true)
-        .collect()
-}
-
 #[test]
 fn twenty_sigkills_never_repeat_an_example_nor_load_a_torn_checkpoint() {
     let mut d = Daemon::new(&Overrides {
@@ -60,7 +52,7 @@ fn twenty_sigkills_never_repeat_an_example_nor_load_a_torn_checkpoint() {
     };
     let mut torn_writes = 0;
     for round in 0..20 {
-        let lines_before = steps(&d).len();
+        let lines_before = d.trained().len();
         // Debris of a checkpoint write the kill interrupted (removed by the next start-up).
         let debris = std::fs::read_dir(d.state().join("checkpoints"))
             .map(|rd| {
@@ -74,7 +66,7 @@ fn twenty_sigkills_never_repeat_an_example_nor_load_a_torn_checkpoint() {
         // Wait until this run has trained 1–3 steps, then kill 0–60 ms later.
         let wanted = lines_before + 1 + (next() % 3) as usize;
         let deadline = std::time::Instant::now() + Duration::from_secs(180);
-        while steps(&d).len() < wanted {
+        while d.trained().len() < wanted {
             assert!(
                 std::time::Instant::now() < deadline,
                 "round {round}: no progress\n{}",
@@ -86,7 +78,7 @@ fn twenty_sigkills_never_repeat_an_example_nor_load_a_torn_checkpoint() {
         d.signal(libc::SIGKILL);
         d.wait_exit(Duration::from_secs(10));
         // The first step this run trained continues the checkpoint it must have resumed from.
-        let first_new = steps(&d)[lines_before]["step"].as_u64().expect("step");
+        let first_new = d.trained()[lines_before]["step"].as_u64().expect("step");
         assert_eq!(
             first_new,
             resume + 1,
@@ -96,16 +88,15 @@ fn twenty_sigkills_never_repeat_an_example_nor_load_a_torn_checkpoint() {
     }
     // A last clean run: it resumes, trains, stops.
     let resume = expected_resume(&d.state());
-    let lines_before = steps(&d).len();
+    let lines_before = d.trained().len();
     d.start(&["--max-steps", &(resume + 2).to_string()], &[]);
     assert!(
         d.wait_exit(Duration::from_secs(180)).success(),
         "{}",
         d.log()
     );
-    assert_eq!(steps(&d)[lines_before]["step"].as_u64(), Some(resume + 1));
-    let trained = d.trained();
-    let hashes = trained_hashes(&surviving_timeline(trained));
+    assert_eq!(d.trained()[lines_before]["step"].as_u64(), Some(resume + 1));
+    let hashes = trained_hashes(&surviving_timeline(d.trained_log()));
     let unique: HashSet<_> = hashes.iter().collect();
     assert_eq!(
         unique.len(),

@@ -261,11 +261,21 @@ impl Daemon {
             .collect()
     }
 
-    pub fn trained(&self) -> Vec<Value> {
+    /// Every record of trained.jsonl and its sealed segments, oldest first, rewind markers
+    /// included (what [`surviving_timeline`] reads).
+    pub fn trained_log(&self) -> Vec<Value> {
         dreamloop::segmented::segments(&self.state(), "trained")
             .expect("list trained.jsonl segments")
             .iter()
             .flat_map(|p| read_lines(p))
+            .collect()
+    }
+
+    /// The step records of [`Daemon::trained_log`] (rewind markers left out).
+    pub fn trained(&self) -> Vec<Value> {
+        self.trained_log()
+            .into_iter()
+            .filter(|r| r["rewind"] != true)
             .collect()
     }
 }
