@@ -169,13 +169,7 @@ fn main() {
         // Thresholds the tiny model's probe noise cannot reach: with the defaults nearly every
         // evaluation rolled back to step 0 and the run trained ~30 steps in 30 minutes (a
         // 2026-12-07 run). Rollbacks and quarantine have their own tests.
-        rollback: [
-            "max_perplexity_increase = 100.0",
-            "max_flawed_accuracy_drop = 1.0",
-            "max_clear_accuracy_drop = 1.0",
-            "max_general_accuracy_drop = 1.0",
-        ]
-        .join("\n"),
+        rollback: common::noise_proof_rollback(),
         ..Overrides::default()
     });
     eprintln!(

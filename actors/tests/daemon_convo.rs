@@ -73,17 +73,15 @@ fn wait_trained(d: &mut Daemon, at_least: usize, limit: Duration) -> BTreeMap<St
 #[test]
 fn log_lines_of_steps_lost_in_a_crash_are_trained_again() {
     const LINES: usize = 16;
-    let mut d = Daemon::new(&Overrides::default());
-    let logs = d.dir.path().join("logs");
-    std::fs::create_dir_all(&logs).expect("logs dir");
-    std::fs::write(logs.join("chat.jsonl"), log_lines(LINES)).expect("write log");
-    d.rewrite(&Overrides {
-        data: format!("logs_dir = \"{}\"", logs.display()),
-        // Only the step-0 baseline is checkpointed before the kill.
-        checkpoint: "every_n_steps = 1000".into(),
-        eval: "every_n_steps = 1000".into(),
-        ..Overrides::default()
-    });
+    let mut d = daemon_with_log(
+        LINES,
+        Overrides {
+            // Only the step-0 baseline is checkpointed before the kill.
+            checkpoint: "every_n_steps = 1000".into(),
+            eval: "every_n_steps = 1000".into(),
+            ..Overrides::default()
+        },
+    );
     d.start(&[], &[]);
     let deadline = Instant::now() + Duration::from_secs(300);
     let lost = loop {
@@ -126,6 +124,19 @@ fn restart_and_train_every_line(d: &mut Daemon, lines: usize, context: &str) {
     }
 }
 
+/// A daemon whose `logs_dir` holds `chat.jsonl` with `lines` lines, configured by `o`.
+fn daemon_with_log(lines: usize, o: Overrides) -> Daemon {
+    let d = Daemon::new(&Overrides::default());
+    let logs = d.dir.path().join("logs");
+    std::fs::create_dir_all(&logs).expect("logs dir");
+    std::fs::write(logs.join("chat.jsonl"), log_lines(lines)).expect("write log");
+    d.rewrite(&Overrides {
+        data: format!("logs_dir = \"{}\"", logs.display()),
+        ..o
+    });
+    d
+}
+
 /// The log lines (`chat.jsonl:N`) of one trained.jsonl record.
 fn tagged_lines(record: &serde_json::Value) -> Vec<String> {
     record["examples"]
@@ -144,14 +155,7 @@ fn tagged_lines(record: &serde_json::Value) -> Vec<String> {
 #[test]
 fn log_examples_read_past_are_trained_after_a_sigkill() {
     const LINES: usize = 12;
-    let mut d = Daemon::new(&Overrides::default());
-    let logs = d.dir.path().join("logs");
-    std::fs::create_dir_all(&logs).expect("logs dir");
-    std::fs::write(logs.join("chat.jsonl"), log_lines(LINES)).expect("write log");
-    d.rewrite(&Overrides {
-        data: format!("logs_dir = \"{}\"", logs.display()),
-        ..Overrides::default()
-    });
+    let mut d = daemon_with_log(LINES, Overrides::default());
 
     // One poll reads (and admits) all twelve lines; kill once a few are trained and a
     // checkpoint has saved the cursor past all of them.

@@ -85,13 +85,7 @@ fn resumes_from_latest_with_everything() {
     // timelines (steps 1..8 again, by design in trained.jsonl) are not what this test is
     // about: thresholds no probe noise reaches.
     let mut d = Daemon::new(&Overrides {
-        rollback: [
-            "max_perplexity_increase = 100.0",
-            "max_flawed_accuracy_drop = 1.0",
-            "max_clear_accuracy_drop = 1.0",
-            "max_general_accuracy_drop = 1.0",
-        ]
-        .join("\n"),
+        rollback: common::noise_proof_rollback(),
         ..Overrides::default()
     });
     d.start(&["--max-steps", "4"], &[]);

@@ -280,6 +280,18 @@ impl Daemon {
     }
 }
 
+/// `[rollback]` thresholds the tiny model's probe noise cannot reach: one probe flip would
+/// otherwise be a breach, and two in a row a rollback.
+pub fn noise_proof_rollback() -> String {
+    [
+        "max_perplexity_increase = 100.0",
+        "max_flawed_accuracy_drop = 1.0",
+        "max_clear_accuracy_drop = 1.0",
+        "max_general_accuracy_drop = 1.0",
+    ]
+    .join("\n")
+}
+
 /// The surviving timeline of `records` (every `trained*.jsonl` segment, oldest first): a step
 /// number not above its predecessor starts a rewound timeline (a crash or a rollback), and the
 /// records it replaces drop out — the rule `TrainedLog::open` applies. What the weights on
