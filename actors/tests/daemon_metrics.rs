@@ -96,17 +96,7 @@ fn every_catalogued_metric_is_emitted_by_a_run() {
         checkpoint: "every_n_steps = 2\non_write_error = \"continue\"".into(),
         // Breaches at every evaluation (as daemon_rollback.rs): the first rolls back, the
         // second exceeds max_rollbacks and pauses for the operator.
-        rollback: [
-            "patience = 1",
-            "max_perplexity_increase = 0.0001",
-            "max_flawed_accuracy_drop = 0.0",
-            "max_clear_accuracy_drop = 0.0",
-            "max_general_accuracy_drop = 0.0",
-            "min_accuracy_gain = 1.0",
-            "min_margin_gain = 1000.0",
-            "max_rollbacks = 1",
-        ]
-        .join("\n"),
+        rollback: common::always_breach(&["max_rollbacks = 1"]),
         ..Overrides::default()
     });
     let addr = free_port();

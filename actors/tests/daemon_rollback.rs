@@ -19,20 +19,12 @@ fn a_regression_is_rolled_back_to_good_bit_for_bit() {
         data: "replay_ratio = 0.0".into(),
         eval: "every_n_steps = 3".into(),
         checkpoint: "every_n_steps = 1000".into(),
-        rollback: [
-            "patience = 1",
-            "max_perplexity_increase = 0.0001",
-            "max_flawed_accuracy_drop = 0.0",
-            "max_clear_accuracy_drop = 0.0",
-            "max_general_accuracy_drop = 0.0",
-            "min_accuracy_gain = 1.0",
-            "min_margin_gain = 1000.0",
+        rollback: common::always_breach(&[
             "lr_factor_on_rollback = 0.5",
             "replay_ratio_step = 0.15",
             "max_replay_ratio = 0.4",
             "max_rollbacks = 1",
-        ]
-        .join("\n"),
+        ]),
         ..Overrides::default()
     });
     // accept_share 1.0: clear-direction examples only.

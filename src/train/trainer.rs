@@ -503,25 +503,38 @@ impl Trainer {
             block
         };
         for part in missing.chunks(block) {
-            let seqs: Vec<ScoredSeq> = part
-                .iter()
-                .map(|&i| chosen[i].clone())
-                .chain(part.iter().map(|&i| rejected[i].clone()))
-                .collect();
-            check_completions(&seqs)?;
-            let sums = self
-                .reference
-                .sums(&seqs, self.settings.pad_id, self.settings.logits_chunk)
-                .map_err(ModelError::from)?;
-            for (k, &i) in part.iter().enumerate() {
+            let sums = self.reference_pass(&chosen, &rejected, part)?;
+            for (&i, (c, r)) in part.iter().zip(sums) {
                 items[i].reference = Some(PairReference {
-                    chosen: sums[k],
-                    rejected: sums[part.len() + k],
+                    chosen: c,
+                    rejected: r,
                     key: keys[i],
                 });
             }
         }
         Ok(missing.len())
+    }
+
+    /// The reference's summed log-probs of the pairs `rows` (indices into `chosen` and
+    /// `rejected`), in one pass: `(chosen, rejected)` per row.
+    fn reference_pass(
+        &self,
+        chosen: &[ScoredSeq],
+        rejected: &[ScoredSeq],
+        rows: &[usize],
+    ) -> Result<Vec<(f64, f64)>, TrainError> {
+        let seqs: Vec<ScoredSeq> = rows
+            .iter()
+            .map(|&i| chosen[i].clone())
+            .chain(rows.iter().map(|&i| rejected[i].clone()))
+            .collect();
+        check_completions(&seqs)?;
+        let sums = self
+            .reference
+            .sums(&seqs, self.settings.pad_id, self.settings.logits_chunk)
+            .map_err(ModelError::from)?;
+        let (c, r) = sums.split_at(rows.len());
+        Ok(c.iter().copied().zip(r.iter().copied()).collect())
     }
 
     /// The chosen and rejected sequences of `pairs` as the step scores them, and how many
@@ -564,18 +577,10 @@ impl Trainer {
         let missing: Vec<usize> = (0..n).filter(|&i| stored[i].is_none()).collect();
         let (mut ref_c, mut ref_r) = (vec![0.0; n], vec![0.0; n]);
         if !missing.is_empty() {
-            let seqs: Vec<ScoredSeq> = missing
-                .iter()
-                .map(|&i| chosen[i].clone())
-                .chain(missing.iter().map(|&i| rejected[i].clone()))
-                .collect();
-            let sums = self
-                .reference
-                .sums(&seqs, self.settings.pad_id, self.settings.logits_chunk)
-                .map_err(ModelError::from)?;
-            for (k, &i) in missing.iter().enumerate() {
-                ref_c[i] = sums[k];
-                ref_r[i] = sums[missing.len() + k];
+            let sums = self.reference_pass(chosen, rejected, &missing)?;
+            for (&i, (c, r)) in missing.iter().zip(sums) {
+                ref_c[i] = c;
+                ref_r[i] = r;
             }
         }
         for (i, r) in stored.iter().enumerate() {

@@ -280,6 +280,25 @@ impl Daemon {
     }
 }
 
+/// `[rollback]` thresholds every evaluation after the baseline breaches (patience 1, no
+/// drop allowed, an unreachable gain), with `extra` lines after them.
+pub fn always_breach(extra: &[&str]) -> String {
+    [
+        "patience = 1",
+        "max_perplexity_increase = 0.0001",
+        "max_flawed_accuracy_drop = 0.0",
+        "max_clear_accuracy_drop = 0.0",
+        "max_general_accuracy_drop = 0.0",
+        "min_accuracy_gain = 1.0",
+        "min_margin_gain = 1000.0",
+    ]
+    .iter()
+    .chain(extra)
+    .copied()
+    .collect::<Vec<_>>()
+    .join("\n")
+}
+
 /// `[rollback]` thresholds the tiny model's probe noise cannot reach: one probe flip would
 /// otherwise be a breach, and two in a row a rollback.
 pub fn noise_proof_rollback() -> String {
