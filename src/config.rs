@@ -305,6 +305,242 @@ fn default_trained_segment_bytes() -> u64 {
     16 << 20
 }
 
+/// `[dream]`: scenarios written by a model behind an OpenAI-compatible server
+/// (`crate::dream`). The table is optional: absent, the daemon does not dream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DreamSection {
+    /// Base URL of the server, `http://host:port`; loopback unless `allow_remote`.
+    #[serde(default = "default_dream_server")]
+    pub server: String,
+    /// The served model's name (sent as `model`; names the dreams' provenance).
+    pub model: String,
+    /// Sampling temperature of dreams.
+    #[serde(default = "default_dream_temperature")]
+    pub temperature: f64,
+    /// Nucleus sampling mass.
+    #[serde(default = "default_dream_top_p")]
+    pub top_p: f64,
+    /// Most tokens one answer may take.
+    #[serde(default = "default_dream_max_tokens")]
+    pub max_tokens: u32,
+    /// The server's sampling seed; absent: the server's own (fresh answers each call).
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Longest wait for an answer (headers, then body) once connected.
+    #[serde(default = "default_dream_timeout")]
+    pub timeout_seconds: u64,
+    /// Longest wait for the connection.
+    #[serde(default = "default_dream_connect_timeout")]
+    pub connect_timeout_seconds: u64,
+    /// Requests in flight at once (the server's parallel slots bound what helps).
+    #[serde(default = "default_dream_concurrency")]
+    pub concurrency: usize,
+    /// A file holding the API key; at most one of this and `api_key_env`.
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
+    /// An environment variable holding the API key.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Allows a server that is not on loopback. The request carries the prompts (and the API
+    /// key) in clear text over http, so leaving the machine must be a written decision.
+    #[serde(default)]
+    pub allow_remote: bool,
+    /// Ask for `response_format: {"type": "json_object"}` (grammar-constrained JSON).
+    #[serde(default = "default_true")]
+    pub json_mode: bool,
+    /// Relative weights of accept, push-back and general dreams among the accepted ones.
+    #[serde(default = "default_dream_kind_weights")]
+    pub kind_weights: [f64; 3],
+    /// Template exemplars shown per request (1 or 2).
+    #[serde(default = "default_dream_exemplars")]
+    pub exemplars: usize,
+    /// Longest system prompt of a dream, in characters.
+    #[serde(default = "default_dream_max_system_chars")]
+    pub max_system_chars: usize,
+    /// Longest user turn of a dream, in characters.
+    #[serde(default = "default_dream_max_chars")]
+    pub max_user_chars: usize,
+    /// Longest preferred or rejected reply of a dream, in characters.
+    #[serde(default = "default_dream_max_chars")]
+    pub max_reply_chars: usize,
+    /// MinHash similarity at or above which a dream is a near duplicate (of a recent dream,
+    /// a probe or an exemplar); measured in BENCHMARKS.md.
+    #[serde(default = "default_near_duplicate_threshold")]
+    pub near_duplicate_threshold: f64,
+    /// Recent accepted dreams the near-duplicate filter compares against.
+    #[serde(default = "default_near_duplicate_window")]
+    pub near_duplicate_window: usize,
+}
+
+fn default_dream_server() -> String {
+    "http://127.0.0.1:8080".into()
+}
+fn default_dream_temperature() -> f64 {
+    0.8
+}
+fn default_dream_top_p() -> f64 {
+    0.95
+}
+fn default_dream_max_tokens() -> u32 {
+    2048
+}
+fn default_dream_timeout() -> u64 {
+    120
+}
+fn default_dream_connect_timeout() -> u64 {
+    5
+}
+fn default_dream_concurrency() -> usize {
+    1
+}
+fn default_true() -> bool {
+    true
+}
+fn default_dream_kind_weights() -> [f64; 3] {
+    [0.45, 0.45, 0.1]
+}
+fn default_dream_exemplars() -> usize {
+    2
+}
+fn default_dream_max_system_chars() -> usize {
+    400
+}
+fn default_dream_max_chars() -> usize {
+    1500
+}
+fn default_near_duplicate_threshold() -> f64 {
+    crate::dream::neardup::DEFAULT_THRESHOLD
+}
+fn default_near_duplicate_window() -> usize {
+    10_000
+}
+
+impl DreamSection {
+    /// The client's settings.
+    pub fn client_settings(&self) -> crate::dream::ClientSettings {
+        use crate::dream::KeySource;
+        crate::dream::ClientSettings {
+            server: self.server.clone(),
+            model: self.model.clone(),
+            sampling: crate::dream::Sampling {
+                temperature: self.temperature,
+                top_p: self.top_p,
+                max_tokens: self.max_tokens,
+                seed: self.seed,
+            },
+            connect_timeout: std::time::Duration::from_secs(self.connect_timeout_seconds),
+            read_timeout: std::time::Duration::from_secs(self.timeout_seconds),
+            api_key: match (&self.api_key_file, &self.api_key_env) {
+                (Some(path), _) => Some(KeySource::File(path.clone())),
+                (None, Some(name)) => Some(KeySource::Env(name.clone())),
+                (None, None) => None,
+            },
+        }
+    }
+
+    /// The dreamer's settings; `seed` and `stream` as for the template generator.
+    pub fn dreamer_config(&self, seed: u64, stream: u64) -> crate::dream::DreamerConfig {
+        crate::dream::DreamerConfig {
+            kind_weights: self.kind_weights,
+            exemplars: self.exemplars,
+            limits: crate::dream::Limits {
+                max_system_chars: self.max_system_chars,
+                max_user_chars: self.max_user_chars,
+                max_reply_chars: self.max_reply_chars,
+            },
+            near_duplicate_threshold: self.near_duplicate_threshold,
+            near_duplicate_window: self.near_duplicate_window,
+            seed,
+            stream,
+        }
+    }
+
+    /// Every problem of the table, as `(field, reason)` with `dream.` paths.
+    fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        match crate::dream::is_loopback(&self.server) {
+            Err(reason) => out.push(("dream.server", reason)),
+            Ok(false) if !self.allow_remote => out.push((
+                "dream.server",
+                format!(
+                    "`{}` is not a loopback address; prompts (and the API key) travel in clear                      text over http. Use 127.0.0.1 or [::1], or set `dream.allow_remote = true`",
+                    self.server
+                ),
+            )),
+            Ok(_) => {}
+        }
+        if self.model.trim().is_empty() {
+            out.push(("dream.model", "must name the served model".into()));
+        }
+        if !(self.temperature.is_finite() && (0.0..=2.0).contains(&self.temperature)) {
+            out.push((
+                "dream.temperature",
+                format!("must be in [0, 2], got {}", self.temperature),
+            ));
+        }
+        if !(self.top_p.is_finite() && self.top_p > 0.0 && self.top_p <= 1.0) {
+            out.push((
+                "dream.top_p",
+                format!("must be in (0, 1], got {}", self.top_p),
+            ));
+        }
+        for (field, value) in [
+            ("dream.max_tokens", u64::from(self.max_tokens)),
+            ("dream.timeout_seconds", self.timeout_seconds),
+            (
+                "dream.connect_timeout_seconds",
+                self.connect_timeout_seconds,
+            ),
+            ("dream.max_system_chars", self.max_system_chars as u64),
+            ("dream.max_user_chars", self.max_user_chars as u64),
+            ("dream.max_reply_chars", self.max_reply_chars as u64),
+        ] {
+            if value == 0 {
+                out.push((field, "must be at least 1".into()));
+            }
+        }
+        if !(1..=64).contains(&self.concurrency) {
+            out.push((
+                "dream.concurrency",
+                format!("must be in 1..=64, got {}", self.concurrency),
+            ));
+        }
+        match (&self.api_key_file, &self.api_key_env) {
+            (Some(_), Some(_)) => out.push((
+                "dream.api_key_file",
+                "set one of api_key_file and api_key_env, not both".into(),
+            )),
+            (_, Some(name)) if name.trim().is_empty() => out.push((
+                "dream.api_key_env",
+                "must name an environment variable".into(),
+            )),
+            _ => {}
+        }
+        let w = &self.kind_weights;
+        if w.iter().any(|w| !(w.is_finite() && *w >= 0.0)) || w.iter().sum::<f64>() <= 0.0 {
+            out.push((
+                "dream.kind_weights",
+                format!("must be three finite weights ≥ 0 (accept, push_back, general) with a positive sum, got {w:?}"),
+            ));
+        }
+        if !(1..=2).contains(&self.exemplars) {
+            out.push((
+                "dream.exemplars",
+                format!("must be 1 or 2, got {}", self.exemplars),
+            ));
+        }
+        let t = self.near_duplicate_threshold;
+        if !(t.is_finite() && t > 0.0 && t <= 1.0) {
+            out.push((
+                "dream.near_duplicate_threshold",
+                format!("must be in (0, 1], got {t}"),
+            ));
+        }
+        out
+    }
+}
+
 /// The whole file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -336,6 +572,9 @@ pub struct DreamConfig {
     pub queues: QueueSection,
     /// `[supervisor]`.
     pub supervisor: SupervisorSection,
+    /// `[dream]`; absent: no dreaming.
+    #[serde(default)]
+    pub dream: Option<DreamSection>,
 }
 
 /// The settings a SIGHUP applies without a restart.
@@ -565,6 +804,11 @@ impl DreamConfig {
                 "must be at least 1".into(),
             );
         }
+        if let Some(dream) = &self.dream {
+            for (field, reason) in dream.problems() {
+                bad(field, reason);
+            }
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -670,6 +914,7 @@ impl DreamConfig {
             ("checkpoint", a.checkpoint != b.checkpoint),
             ("queues", a.queues != b.queues),
             ("supervisor", a.supervisor != b.supervisor),
+            ("dream", a.dream != b.dream),
         ] {
             if differs {
                 out.push(name);
@@ -747,6 +992,7 @@ impl DreamConfig {
                 status_every_seconds: 30,
                 trained_segment_bytes: default_trained_segment_bytes(),
             },
+            dream: None,
         }
     }
 }
@@ -864,5 +1110,107 @@ mod tests {
         assert!(a.cold_differences(&b).is_empty());
         b.train.batch_size = 4;
         assert_eq!(a.cold_differences(&b), vec!["train"]);
+    }
+
+    /// The commented `[dream]` block of the defaults file, uncommented, is valid and says
+    /// what the code's defaults are (so the documentation cannot drift from them).
+    #[test]
+    fn the_documented_dream_table_matches_the_defaults() {
+        let text = std::fs::read_to_string(dir().join("config/dreamloop.toml")).expect("read");
+        let start = text
+            .find("\n# [dream]\n")
+            .expect("a commented [dream] table");
+        let block: String = text[start..]
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| !l.starts_with("api_key"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let section: DreamConfigDreamOnly = toml::from_str(&block).expect("the block parses");
+        let d = section.dream;
+        let defaults: DreamSection =
+            toml::from_str("model = \"SmolLM2-135M-Instruct\"").expect("defaults");
+        assert_eq!(d, defaults);
+        assert_eq!(d.server, "http://127.0.0.1:8080");
+        assert!(!d.allow_remote);
+        assert_eq!(
+            d.near_duplicate_threshold,
+            crate::dream::neardup::DEFAULT_THRESHOLD
+        );
+        let mut c = DreamConfig::tiny(Path::new("scenarios"), Path::new("state"));
+        c.dream = Some(d);
+        c.validate().expect("valid");
+    }
+
+    /// Only the `[dream]` table of a file.
+    #[derive(Deserialize)]
+    struct DreamConfigDreamOnly {
+        dream: DreamSection,
+    }
+
+    #[test]
+    fn dream_validation_names_each_field() {
+        let mut c = DreamConfig::tiny(Path::new("scenarios"), Path::new("state"));
+        let ok: DreamSection = toml::from_str("model = \"m\"").expect("defaults");
+        c.dream = Some(DreamSection {
+            server: "http://192.168.1.20:8080".into(),
+            temperature: -1.0,
+            top_p: 0.0,
+            concurrency: 0,
+            api_key_file: Some("k".into()),
+            api_key_env: Some("K".into()),
+            kind_weights: [0.0; 3],
+            exemplars: 3,
+            near_duplicate_threshold: 1.5,
+            timeout_seconds: 0,
+            ..ok.clone()
+        });
+        let errors = c.validate().expect_err("invalid");
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "dream.server",
+                "dream.temperature",
+                "dream.top_p",
+                "dream.timeout_seconds",
+                "dream.concurrency",
+                "dream.api_key_file",
+                "dream.kind_weights",
+                "dream.exemplars",
+                "dream.near_duplicate_threshold",
+            ]
+        );
+        assert!(errors[0].reason.contains("allow_remote"), "{}", errors[0]);
+        // The same LAN server, allowed in writing.
+        c.dream = Some(DreamSection {
+            server: "http://192.168.1.20:8080".into(),
+            allow_remote: true,
+            ..ok.clone()
+        });
+        c.validate().expect("allowed");
+        for bad in ["https://127.0.0.1:8443", "127.0.0.1:8080"] {
+            c.dream = Some(DreamSection {
+                server: bad.into(),
+                allow_remote: true,
+                ..ok.clone()
+            });
+            let errors = c.validate().expect_err(bad);
+            assert_eq!(errors[0].field, "dream.server", "{bad}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_dream_key_is_a_parse_error() {
+        let text = std::fs::read_to_string(dir().join("config/dreamloop.toml")).expect("read");
+        let text = format!("{text}\n[dream]\nmodel = \"m\"\nserver_url = \"x\"\n");
+        match DreamConfig::parse(&text, Path::new("x.toml")) {
+            Err(ConfigError::Parse { message, .. }) => {
+                assert!(message.contains("server_url"), "{message}")
+            }
+            other => panic!("expected a parse error, got {other:?}"),
+        }
+        let without = DreamConfig::load(&dir().join("config/dreamloop.toml")).expect("valid");
+        assert_eq!(without.dream, None);
     }
 }

@@ -191,7 +191,8 @@ impl Example {
 pub struct Scenario {
     /// What the preferred response demonstrates.
     pub kind: Kind,
-    /// The template it was rendered from (its provenance).
+    /// The template it was rendered from, or `dream:{model}@{server}` for a scenario a model
+    /// wrote (`crate::dream`): its provenance.
     pub template_id: String,
     /// Rendered system and earlier turns, ending with the final user turn.
     pub prompt: Vec<Message>,

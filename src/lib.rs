@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod convo;
+pub mod dream;
 pub mod durable;
 pub mod eval;
 pub mod events;
