@@ -442,8 +442,9 @@ fn has_phrase(hay: &str, phrase: &str) -> bool {
     let check_before = word(phrase.chars().next());
     let check_after = word(phrase.chars().next_back());
     hay.match_indices(phrase).any(|(i, _)| {
-        !(check_before && word(hay[..i].chars().next_back()))
-            && !(check_after && word(hay[i + phrase.len()..].chars().next()))
+        let glued_before = check_before && word(hay[..i].chars().next_back());
+        let glued_after = check_after && word(hay[i + phrase.len()..].chars().next());
+        !(glued_before || glued_after)
     })
 }
 
