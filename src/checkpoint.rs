@@ -108,6 +108,16 @@ pub fn parse_step_dir_name(name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// The checkpoint directory that `<state_dir>/checkpoints/LATEST` names, if the pointer
+/// parses and the directory exists. Unverified: [`CheckpointStore::resume_point`] checks
+/// manifests; this is the fallback when the store cannot be asked.
+pub fn latest_named(state_dir: &Path) -> Option<PathBuf> {
+    let dir = state_dir.join(CHECKPOINTS_DIR);
+    let step = read_pointer(&dir, LATEST_POINTER).ok()??;
+    let path = dir.join(step_dir_name(step));
+    path.is_dir().then_some(path)
+}
+
 /// Errors of the checkpoint store. Every variant names the path concerned.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {

@@ -173,14 +173,7 @@ pub mod labels {
     /// The supervised actors (DESIGN.md §2).
     pub const ACTOR: Label = Label {
         name: "actor",
-        values: LabelValues::OneOf(&[
-            "generator",
-            "labeler",
-            "mixer",
-            "trainer",
-            "monitor",
-            "checkpointer",
-        ]),
+        values: LabelValues::OneOf(&["generator", "labeler", "mixer", "trainer", "checkpointer"]),
     };
     /// The crate version of the running binary.
     pub const VERSION: Label = Label {

@@ -217,6 +217,19 @@ impl Mixer {
         self.step().0
     }
 
+    /// What the pools lack for the next batch: [`Mixer::plan`] minus what they hold, per
+    /// class (none when they hold enough). The mixer actor asks its labeler for exactly this,
+    /// so the pools never grow beyond one batch plus an over-delivery.
+    pub fn lacking(&self, pools: &Pools) -> BatchPlan {
+        let plan = self.plan();
+        let have = pools.available();
+        BatchPlan {
+            general: plan.general.saturating_sub(have.general),
+            accept: plan.accept.saturating_sub(have.accept),
+            push_back: plan.push_back.saturating_sub(have.push_back),
+        }
+    }
+
     /// The next batch, taken from the fronts of the pools. If a pool is short, nothing
     /// changes and `MixError::Short` says what is needed.
     pub fn next_batch(&mut self, pools: &mut Pools) -> Result<Batch, MixError> {
@@ -305,6 +318,33 @@ mod tests {
         assert!(matches!(err, MixError::Short { .. }));
         assert_eq!(pools.general.len(), 1);
         assert_eq!(mixer.state(), MixerState::default());
+    }
+
+    #[test]
+    fn lacking_is_the_plan_minus_the_pools() {
+        let mixer = Mixer::new(MixConfig::default()).expect("valid");
+        // Batch 8 at replay 0.25 and accept share 0.5: 2 general, 3 + 3 behaviour.
+        assert_eq!(
+            mixer.plan(),
+            BatchPlan {
+                general: 2,
+                accept: 3,
+                push_back: 3
+            }
+        );
+        let mut pools = Pools::default();
+        pools.push(example(Kind::General, 1));
+        for n in 2..7 {
+            pools.push(example(Kind::ClearDirection, n));
+        }
+        assert_eq!(
+            mixer.lacking(&pools),
+            BatchPlan {
+                general: 1,
+                accept: 0,
+                push_back: 3
+            }
+        );
     }
 
     #[test]

@@ -564,6 +564,46 @@ pub fn decide(record: &EvalRecord, state: &PolicyState, policy: &Policy) -> Verd
     }
 }
 
+/// One evaluation judged: what the policy saw, what it decided, and its state before and
+/// after (the state a checkpoint persists; `before` is what a verdict that cannot be
+/// carried out reverts to).
+#[derive(Debug, Clone)]
+pub struct Judgment {
+    /// The measurements of the weights at the evaluated step, with the non-finite steps
+    /// skipped since the previous evaluation.
+    pub record: EvalRecord,
+    /// The policy's verdict.
+    pub verdict: Verdict,
+    /// The policy state before this evaluation (the baseline it was compared with).
+    pub before: PolicyState,
+    /// The policy state after it.
+    pub after: PolicyState,
+}
+
+/// Judges the probe suite's `report` of the weights at `step`, with `non_finite_steps`
+/// skipped since the previous evaluation: [`decide`], then [`PolicyState::apply`]. Pure; the
+/// loop that calls it owns the policy state.
+pub fn judge(
+    step: u64,
+    report: &EvalReport,
+    non_finite_steps: u32,
+    state: &PolicyState,
+    policy: &Policy,
+) -> Judgment {
+    let record = EvalRecord {
+        step,
+        metrics: EvalMetrics::from_report(report),
+        non_finite_steps,
+    };
+    let verdict = decide(&record, state, policy);
+    Judgment {
+        after: state.apply(&record, &verdict, policy),
+        before: state.clone(),
+        record,
+        verdict,
+    }
+}
+
 /// The factor that moves a restored lr curve — saved at `good_peak_lr` with the policy's
 /// `good_factor` — to the configured peak lr and the policy's factor now. Every rollback,
 /// also the one before a policy pause, restores at the policy's current factor.
@@ -616,6 +656,55 @@ mod tests {
         let f = rescaled_lr_factor(2e-5, 0.125, 1e-5, 0.5);
         assert!((f - 0.5).abs() < 1e-12, "{f}");
         assert_eq!(rescaled_lr_factor(1e-5, 0.5, 1e-5, 0.5), 1.0);
+    }
+
+    /// `judge` maps the report to the policy's record (general accuracy pooled over the
+    /// arithmetic and code probes by count), carries the non-finite count, and advances the
+    /// state: the first evaluation is the baseline, a storm of non-finite steps after it
+    /// rolls back to it at once.
+    #[test]
+    fn judge_records_the_report_and_advances_the_state() {
+        use crate::eval::PreferenceScore;
+        let score = |accuracy, count| PreferenceScore {
+            accuracy,
+            margin: 0.5,
+            margin_per_token: 0.1,
+            count,
+        };
+        let report = EvalReport {
+            clear_direction: score(0.75, 4),
+            flawed_direction: score(0.5, 4),
+            arithmetic: score(1.0, 3),
+            code: score(0.0, 1),
+            perplexity: 12.0,
+            ..EvalReport::default()
+        };
+        let policy = Policy::default();
+        let fresh = PolicyState::new(0.25);
+        let first = judge(4, &report, 0, &fresh, &policy);
+        assert_eq!(first.record.step, 4);
+        // (1.0 × 3 + 0.0 × 1) / 4.
+        assert_eq!(first.record.metrics.general_accuracy, 0.75);
+        assert_eq!(first.verdict, Verdict::MarkGood { step: 4 });
+        assert_eq!(first.before, fresh);
+        assert_eq!(first.after.good_step, Some(4));
+        assert_eq!(first.after.evals, 1);
+
+        let storm = judge(8, &report, 4, &first.after, &policy);
+        assert_eq!(storm.record.non_finite_steps, 4);
+        assert!(
+            matches!(
+                storm.verdict,
+                Verdict::Rollback {
+                    to: 4,
+                    reason: RollbackReason::NonFinite,
+                    ..
+                }
+            ),
+            "{:?}",
+            storm.verdict
+        );
+        assert!(storm.after.remeasure);
     }
 
     /// A baseline-like evaluation: 80 % / 70 % behaviour accuracy, perplexity 10.

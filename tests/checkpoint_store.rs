@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dreamloop::checkpoint::{
-    load_read_only, step_dir_name, CheckpointError, CheckpointStore, FaultHook, FileSource, FsOp,
-    Quarantine, RetentionPolicy, Saved, Select, Warning, GOOD_POINTER, LATEST_POINTER,
-    MANIFEST_FILE,
+    latest_named, load_read_only, step_dir_name, CheckpointError, CheckpointStore, FaultHook,
+    FileSource, FsOp, Quarantine, RetentionPolicy, Saved, Select, Warning, GOOD_POINTER,
+    LATEST_POINTER, MANIFEST_FILE,
 };
 use sha2::{Digest, Sha256};
 
@@ -175,6 +175,23 @@ fn save_writes_a_verified_directory_and_points_latest_at_it() {
     assert_eq!(fs::read(loaded.file("model.safetensors")).unwrap(), model);
     assert_eq!(store.latest(), Some(420));
     assert_eq!(store.good(), None);
+}
+
+/// `latest_named` (the trainer's fallback restart point) reads LATEST as written, and
+/// names nothing for a missing pointer, a pointer that is not a step name, or a step whose
+/// directory is gone.
+#[test]
+fn latest_named_is_the_directory_latest_points_at() {
+    let state = tempfile::tempdir().unwrap();
+    assert_eq!(latest_named(state.path()), None);
+    let (mut store, _) = open(state.path(), 3);
+    save(&mut store, 7).unwrap();
+    let dir = state.path().join("checkpoints");
+    assert_eq!(latest_named(state.path()), Some(dir.join("step-00000007")));
+    fs::write(dir.join(LATEST_POINTER), "step-00000009\n").unwrap();
+    assert_eq!(latest_named(state.path()), None);
+    fs::write(dir.join(LATEST_POINTER), "garbage").unwrap();
+    assert_eq!(latest_named(state.path()), None);
 }
 
 #[test]

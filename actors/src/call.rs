@@ -121,7 +121,7 @@ pub fn lookup<M: Message>(name: &'static str) -> Result<ActorRef<M>, CallError> 
 }
 
 /// A sent request whose answer has not been awaited yet (the loop waits on it in slices of
-/// the call timeout, see `supervisor::Driver::wait`).
+/// the call timeout, see `driver::Driver::wait`).
 pub struct Pending<T> {
     /// Registered name of the callee.
     pub actor: &'static str,

@@ -8,22 +8,22 @@
 //! `MANIFEST.json` last, rename, `LATEST` replaced atomically) makes a checkpoint either
 //! complete or invisible.
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use dreamloop::checkpoint::{
-    step_dir_name, CheckpointStore, FaultHook, FileSource, FsOp, Quarantine, RetentionPolicy,
-};
+use dreamloop::checkpoint::{CheckpointStore, FileSource, Quarantine, RetentionPolicy};
 use dreamloop::config::DreamConfig;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::call::{self, ReplyError};
-use crate::monitor::TRAINER;
+use crate::faults::Faults;
 use crate::status::{RunState, TrainedStep, RUN_STATE_FILE};
-use crate::trainer::TrainerMsg;
+use crate::trainer::{TrainerMsg, TRAINER};
+
+/// Registered name of the checkpointer actor.
+pub const CHECKPOINTER: &str = "checkpointer";
 
 /// What a save wrote.
 #[derive(Debug, Clone)]
@@ -61,6 +61,8 @@ pub struct CheckpointerArgs {
     pub config: Arc<DreamConfig>,
     /// Timeout of calls to the trainer.
     pub call_timeout: Duration,
+    /// Injected faults (tests): a disk that fills; none in the binary.
+    pub faults: Faults,
 }
 
 /// The actor state.
@@ -89,8 +91,9 @@ impl Actor for CheckpointerActor {
             mirror_dir: args.config.checkpoint.mirror_dir.clone(),
         };
         let (mut store, warnings) = CheckpointStore::open(state_dir, retention)?;
-        if let Some(hook) = DiskFullAt::from_env() {
-            store = store.with_fault_hook(Arc::new(hook));
+        if let Some(hook) = args.faults.disk_hook() {
+            tracing::warn!("Fault injection: the checkpoint store's disk is faulty.");
+            store = store.with_fault_hook(hook);
         }
         for w in warnings {
             tracing::warn!(?w, "Checkpoint store: recovered from an interrupted write.");
@@ -210,45 +213,4 @@ pub fn read_run_state(path: &std::path::Path) -> anyhow::Result<RunState> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
-}
-
-/// Fault injection for the daemon tests (`DREAMLOOP_FAULT_DISK_FULL_AT_STEP=N`): the disk
-/// "fills" while the checkpoint of step N is being written — its first write succeeds, every
-/// later write into that checkpoint fails with ENOSPC, as on a full filesystem.
-struct DiskFullAt {
-    /// The checkpoint directory name whose writes fail (`step-0000000N`).
-    dir_name: String,
-    /// Writes seen so far into that checkpoint.
-    writes: AtomicUsize,
-}
-
-impl DiskFullAt {
-    fn from_env() -> Option<DiskFullAt> {
-        let step: u64 = std::env::var("DREAMLOOP_FAULT_DISK_FULL_AT_STEP")
-            .ok()?
-            .parse()
-            .ok()?;
-        tracing::warn!(
-            step,
-            "Fault injection: the disk fills during this checkpoint."
-        );
-        Some(DiskFullAt {
-            dir_name: step_dir_name(step),
-            writes: AtomicUsize::new(0),
-        })
-    }
-}
-
-impl FaultHook for DiskFullAt {
-    fn before(&self, op: FsOp, path: &Path) -> std::io::Result<()> {
-        let inside = path
-            .parent()
-            .and_then(|p| p.file_name())
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.ends_with(&self.dir_name));
-        if op == FsOp::Write && inside && self.writes.fetch_add(1, Ordering::SeqCst) > 0 {
-            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
-        }
-        Ok(())
-    }
 }

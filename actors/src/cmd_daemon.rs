@@ -2,7 +2,7 @@
 //! `validate-config`.
 //!
 //! `run` builds the tokio runtime, installs the signal handlers (`signals.rs`) and calls
-//! `supervisor::run`. The control subcommands send the matching signal (DESIGN.md §3) to the
+//! `dreamloop_actors::run`. The control subcommands send the matching signal (DESIGN.md §3) to the
 //! pid in `<state_dir>/dreamloop.pid`; `status` reads `<state_dir>/status.json`, which the
 //! daemon replaces atomically after every step, so it works while the daemon runs and after.
 
@@ -14,7 +14,7 @@ use dreamloop::config::{ConfigError, DreamConfig, FieldError};
 
 use crate::pidfile::Owner;
 use crate::status::{Status, PID_FILE, STATUS_FILE};
-use crate::supervisor::{self, RunOptions};
+use crate::{Faults, RunOptions};
 
 /// EX_CONFIG (sysexits.h): the configuration is wrong.
 pub const EXIT_CONFIG: u8 = 78;
@@ -170,6 +170,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         config_path: path,
         paused: args.paused,
         max_steps: args.max_steps,
+        faults: Faults::default(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -179,7 +180,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let code = runtime.block_on(async move {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         crate::signals::spawn(tx).context("installing signal handlers")?;
-        anyhow::Ok(supervisor::run(config, rx, opts).await)
+        anyhow::Ok(crate::run(config, rx, opts).await)
     })?;
     // Actor tasks may still be winding down; the exit status is decided.
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));

@@ -6,6 +6,9 @@
 //! conversation logs) are admitted through it too ([`GeneratorMsg::Admit`]): an example whose
 //! hash is already there is dropped before it can reach the trainer.
 //!
+//! Every error answer is persistent (exhausted templates or replay sources, a ledger that
+//! cannot be written): a retry would repeat it.
+//!
 //! RNG state across restarts: the scenario stream is chosen by the ledger position (see the
 //! core generator's docs) and the replay stream is seeded from `[data] seed` and the same
 //! position, so a restarted daemon draws new examples instead of re-drawing old ones.
@@ -20,7 +23,11 @@ use dreamloop::general::{Corpus, GeneralReplay};
 use dreamloop::scenario::{Generator, GeneratorConfig, Ledger, LedgerPolicy, Library};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
+use crate::call::ReplyError;
 use crate::telemetry;
+
+/// Registered name of the generator actor.
+pub const GENERATOR: &str = "generator";
 
 /// Draws per request before giving up on replay duplicates (arithmetic repeats sometimes).
 const REPLAY_ATTEMPTS: usize = 1000;
@@ -28,16 +35,16 @@ const REPLAY_ATTEMPTS: usize = 1000;
 /// Messages of the generator actor.
 pub enum GeneratorMsg {
     /// `n` fresh train scenarios of `kind`.
-    Draw(Kind, usize, RpcReplyPort<Result<Vec<Scenario>, String>>),
+    Draw(Kind, usize, RpcReplyPort<Result<Vec<Scenario>, ReplyError>>),
     /// `n` fresh general replay examples.
-    Replay(usize, RpcReplyPort<Result<Vec<Example>, String>>),
+    Replay(usize, RpcReplyPort<Result<Vec<Example>, ReplyError>>),
     /// Records each hash in the ledger; answers, per hash, whether it was new.
-    Admit(Vec<u64>, RpcReplyPort<Result<Vec<bool>, String>>),
+    Admit(Vec<u64>, RpcReplyPort<Result<Vec<bool>, ReplyError>>),
     /// Answers, per hash, whether the ledger holds it (records nothing): the labeler
     /// queues log examples durably between this check and [`GeneratorMsg::Admit`].
     Known(Vec<u64>, RpcReplyPort<Vec<bool>>),
     /// fsync the ledger (before a checkpoint); answers its position.
-    Sync(RpcReplyPort<Result<u64, String>>),
+    Sync(RpcReplyPort<Result<u64, ReplyError>>),
 }
 
 /// Start-up arguments.
@@ -126,7 +133,7 @@ impl Actor for GeneratorActor {
                 let duplicates = state.generator.duplicates_skipped() - skipped;
                 telemetry::record_generated(kind.as_str(), new, duplicates);
                 telemetry::set_ledger_entries(state.generator.ledger().len());
-                let _ = reply.send(drawn.map_err(|e| e.to_string()));
+                let _ = reply.send(drawn.map_err(ReplyError::persistent));
             }
             GeneratorMsg::Replay(n, reply) => {
                 let _ = reply.send(replay(state, n));
@@ -139,7 +146,7 @@ impl Actor for GeneratorActor {
                     .map(|h| ledger.insert(dreamloop::example::ExampleHash(h)))
                     .collect();
                 telemetry::set_ledger_entries(ledger.len());
-                let _ = reply.send(admitted.map_err(|e| e.to_string()));
+                let _ = reply.send(admitted.map_err(ReplyError::persistent));
             }
             GeneratorMsg::Known(hashes, reply) => {
                 let ledger = state.generator.ledger();
@@ -155,7 +162,7 @@ impl Actor for GeneratorActor {
                     ledger
                         .sync()
                         .map(|()| ledger.position())
-                        .map_err(|e| e.to_string()),
+                        .map_err(ReplyError::persistent),
                 );
             }
         }
@@ -165,7 +172,7 @@ impl Actor for GeneratorActor {
 
 /// `n` replay examples whose hashes were new to the ledger (counted as `general` scenarios;
 /// the draws the ledger already held as skipped duplicates).
-fn replay(state: &mut GeneratorState, n: usize) -> Result<Vec<Example>, String> {
+fn replay(state: &mut GeneratorState, n: usize) -> Result<Vec<Example>, ReplyError> {
     let mut out = Vec::with_capacity(n);
     let mut attempts = 0;
     let drawn = loop {
@@ -174,15 +181,15 @@ fn replay(state: &mut GeneratorState, n: usize) -> Result<Vec<Example>, String> 
         }
         attempts += 1;
         if attempts > REPLAY_ATTEMPTS + n {
-            break Err(format!(
+            break Err(ReplyError::persistent(format!(
                 "general replay produced {REPLAY_ATTEMPTS} duplicates; the sources are exhausted"
-            ));
+            )));
         }
         let example = state.replay.next_example();
         match state.generator.ledger_mut().insert(example.hash()) {
             Ok(true) => out.push(example),
             Ok(false) => {}
-            Err(e) => break Err(e.to_string()),
+            Err(e) => break Err(ReplyError::persistent(e)),
         }
     };
     let duplicates = attempts.saturating_sub(out.len()) as u64;

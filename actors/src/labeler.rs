@@ -40,18 +40,16 @@ use dreamloop::segmented::read_newest_first;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::call::{self, ReplyError};
-use crate::generator::GeneratorMsg;
-use crate::monitor::TRAINER;
+use crate::generator::{GeneratorMsg, GENERATOR};
 use crate::status::{TrainedStep, TRAINED_FILE, TRAINED_STEM};
 use crate::telemetry;
-use crate::trainer::TrainerMsg;
+use crate::trainer::{TrainerMsg, TRAINER};
+
+/// Registered name of the labeler actor.
+pub const LABELER: &str = "labeler";
 
 /// The pending queue's file name, beside the cursor.
 pub const PENDING_FILE: &str = "convo-pending.json";
-
-/// Registered name of the generator actor (looked up on every request, so a restarted
-/// generator is found).
-pub const GENERATOR: &str = "generator";
 
 /// Messages of the labeler actor.
 pub enum LabelerMsg {
@@ -60,7 +58,7 @@ pub enum LabelerMsg {
     /// Label later scenarios for another phase.
     SetPhase(Phase),
     /// Persist the log cursor (at a checkpoint).
-    SaveCursor(RpcReplyPort<Result<(), String>>),
+    SaveCursor(RpcReplyPort<Result<(), ReplyError>>),
     /// Queue these examples again, durably: they were trained only in steps a crash or a
     /// trainer restart abandoned (the weights that learned them are gone). Answers how many
     /// were not queued already.
@@ -188,8 +186,8 @@ impl Actor for LabelerActor {
                     Some(r) => state
                         .from_logs
                         .save()
-                        .map_err(|e| e.to_string())
-                        .and_then(|()| r.save_cursor().map_err(|e| e.to_string())),
+                        .map_err(ReplyError::persistent)
+                        .and_then(|()| r.save_cursor().map_err(ReplyError::persistent)),
                     None => Ok(()),
                 };
                 let _ = reply.send(saved);
@@ -204,12 +202,15 @@ impl Actor for LabelerActor {
 /// templates, a full ledger) is persistent.
 async fn ask_generator<T: Send + 'static>(
     timeout: Duration,
-    build: impl FnOnce(RpcReplyPort<Result<T, String>>) -> GeneratorMsg,
+    build: impl FnOnce(RpcReplyPort<Result<T, ReplyError>>) -> GeneratorMsg,
 ) -> Result<T, ReplyError> {
     call::call(GENERATOR, timeout, build)
         .await
         .map_err(ReplyError::from_call)?
-        .map_err(|e| ReplyError::persistent(format!("the generator: {e}")))
+        .map_err(|e| ReplyError {
+            severity: e.severity,
+            message: format!("the generator: {e}"),
+        })
 }
 
 /// A call to the generator that always answers.
@@ -538,7 +539,7 @@ mod tests {
         ) -> Result<(), ActorProcessingErr> {
             match msg {
                 GeneratorMsg::Draw(_, _, reply) => {
-                    let _ = reply.send(Err("the templates are exhausted".into()));
+                    let _ = reply.send(Err(ReplyError::persistent("the templates are exhausted")));
                 }
                 // Held, never answered: the caller times out.
                 GeneratorMsg::Replay(_, reply) => std::mem::forget(reply),

@@ -1,57 +1,12 @@
-//! The `dreamloop` command line and daemon runtime.
-//!
-//! Subcommands describe the process (which model, which files, which state directory); the
-//! loop's own settings live in the TOML config (`config/dreamloop.toml`, `dreamloop
-//! validate-config`). Errors are reported with `anyhow` here only; the core returns typed
-//! errors.
-//!
-//! # The supervision tree (`dreamloop run`)
-//!
-//! ```text
-//! main ── tokio runtime
-//!          ├── signals.rs task ──Control──┐      (SIGTERM/INT/TSTP/CONT/USR1/HUP)
-//!          │                              ▼
-//!          ├── supervisor::run ── the step loop (Driver): boundary → NextBatch → TrainOn
-//!          │                      → trained.jsonl → evaluate (trainer) → judge (monitor)
-//!          │                      → act on verdict → checkpoint
-//!          └── SupervisorActor (restarts children within [supervisor] budget; counts
-//!                               slow calls against it too)
-//!                ├── generator     scenario::Generator + ledger, GeneralReplay
-//!                ├── labeler       label::Labeler + convo::ConvoReader     ── calls generator
-//!                ├── mixer         mix::Mixer + Pools                      ── calls labeler
-//!                ├── trainer       train::Trainer on the `dreamloop-trainer` OS thread
-//!                │                 (bounded crossbeam job queue; eval::ProbeSuite there too)
-//!                ├── monitor       rollback::decide over eval reports (owns PolicyState)
-//!                └── checkpointer  checkpoint::CheckpointStore, Quarantine ── calls trainer
-//! ```
-//!
-//! Actors find each other by registered name (`ractor::registry::where_is`), so a restarted
-//! actor is found without re-wiring. The loop's calls go through `call.rs` (lookup, send,
-//! a timeout; typed failures: transient ones are retried and counted against the restart
-//! budget, persistent ones stop the daemon with exit 78).
+//! The `dreamloop` command line: subcommands describe the process (which model, which
+//! files, which state directory); the loop's own settings live in the TOML config
+//! (`config/dreamloop.toml`, `dreamloop validate-config`). Everything it runs is in the
+//! `dreamloop_actors` library (its crate docs draw the supervision tree).
 
-mod call;
-mod checkpointer;
-mod cmd_daemon;
-mod cmd_device_check;
-mod cmd_eval;
-mod cmd_export;
-mod cmd_generate;
-mod cmd_import;
-mod cmd_logprobs;
-mod cmd_plan;
-mod cmd_train;
-mod generator;
-mod labeler;
-mod mixer;
-mod monitor;
-mod pidfile;
-mod signals;
-mod status;
-mod supervisor;
-mod systemd;
-mod telemetry;
-mod trainer;
+use dreamloop_actors::{
+    cmd_daemon, cmd_device_check, cmd_eval, cmd_export, cmd_generate, cmd_import, cmd_logprobs,
+    cmd_plan, cmd_train,
+};
 
 use clap::{Parser, Subcommand};
 

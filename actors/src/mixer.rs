@@ -2,7 +2,7 @@
 //!
 //! Wraps [`dreamloop::mix::Mixer`] (the decision: how many of each class, from exact
 //! carries) and its [`Pools`]. On [`MixerMsg::NextBatch`] it asks the labeler for exactly
-//! what the next batch lacks ([`Mixer::plan`] minus what the pools hold), so the pools never
+//! what the next batch lacks ([`Mixer::lacking`]), so the pools never
 //! hold more than one batch of each class plus what the labeler over-delivered: the queue
 //! between labeler and trainer is bounded by construction, and nothing is produced before
 //! the trainer asks for it (backpressure).
@@ -15,10 +15,10 @@ use dreamloop::mix::{Batch, BatchPlan, MixError, Mixer, MixerState, Pools};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::call::{self, ReplyError};
-use crate::labeler::LabelerMsg;
+use crate::labeler::{LabelerMsg, LABELER};
 
-/// Registered name of the labeler actor.
-pub const LABELER: &str = "labeler";
+/// Registered name of the mixer actor.
+pub const MIXER: &str = "mixer";
 
 /// Messages of the mixer actor.
 pub enum MixerMsg {
@@ -104,13 +104,7 @@ impl Actor for MixerActor {
 }
 
 async fn next_batch(state: &mut MixerActorState) -> Result<Batch, ReplyError> {
-    let plan = state.mixer.plan();
-    let have = state.pools.available();
-    let missing = BatchPlan {
-        general: plan.general.saturating_sub(have.general),
-        accept: plan.accept.saturating_sub(have.accept),
-        push_back: plan.push_back.saturating_sub(have.push_back),
-    };
+    let missing = state.mixer.lacking(&state.pools);
     if missing != BatchPlan::default() {
         let examples = call::call(LABELER, state.call_timeout, |reply| {
             LabelerMsg::Fill(missing, reply)

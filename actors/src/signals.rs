@@ -1,5 +1,5 @@
 //! The only place OS signals are read (DESIGN.md §3). Each signal becomes a typed
-//! [`Control`] on the channel that `supervisor::run` reads at step boundaries:
+//! [`Control`] on the channel that `run()` reads at step boundaries:
 //!
 //! | signal | control |
 //! | --- | --- |
@@ -12,7 +12,7 @@
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
-use crate::supervisor::Control;
+use crate::Control;
 
 /// Listens for the signals above and forwards them until the receiver is dropped.
 /// Must be called inside the tokio runtime; errors only if a handler cannot be installed.

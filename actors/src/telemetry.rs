@@ -56,21 +56,40 @@ fn buckets(name: &str) -> &'static [f64] {
     }
 }
 
-/// Starts the exporter on `addr` and registers the catalogue. Call once, early (inside the
-/// tokio runtime if there is one; otherwise the exporter runs its own thread).
+/// Starts the exporter on `addr`, on a thread of its own, and registers the catalogue; a
+/// later call in the same process keeps the first exporter (and says so).
 ///
-/// Fails if the address cannot be bound or a recorder is already installed.
+/// Fails if the address cannot be bound or another recorder is already installed.
 pub fn install(addr: SocketAddr) -> Result<(), BuildError> {
+    // The recorder is global to the process: a second run in the same process (the runtime
+    // tests call `run()` one after another) keeps the first run's recorder and listener.
+    let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(first) = *installed {
+        tracing::warn!(
+            %first,
+            requested = %addr,
+            "This process already serves /metrics; the run's metrics go there."
+        );
+        return Ok(());
+    }
     let mut builder = PrometheusBuilder::new().with_http_listener(addr);
     for def in CATALOGUE.iter().filter(|d| d.kind == MetricKind::Histogram) {
         builder = builder
             .set_buckets_for_metric(Matcher::Full(def.name.to_string()), buckets(def.name))?;
     }
-    builder.install()?;
+    // Installed from a thread outside any tokio runtime, the exporter gets a runtime of its
+    // own on a background thread, so the listener lives as long as the process, not as long
+    // as the runtime of the run that installed it.
+    std::thread::scope(|s| s.spawn(|| builder.install()).join())
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+    *installed = Some(addr);
     register_catalogue();
     tracing::info!(%addr, "Serving Prometheus metrics on /metrics.");
     Ok(())
 }
+
+/// The address of the exporter this process installed, once it has.
+static INSTALLED: std::sync::Mutex<Option<SocketAddr>> = std::sync::Mutex::new(None);
 
 /// Describes every catalogue metric and sets the series that exist from the start.
 fn register_catalogue() {

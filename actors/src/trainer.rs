@@ -10,11 +10,9 @@
 //! actor's job fails, the actor fails, and the supervisor restarts it: `pre_start` starts a
 //! fresh thread from the LATEST checkpoint (or the starting weights).
 //!
-//! Fault injection for the runtime tests (never set in production): the environment variable
-//! `DREAMLOOP_FAULT_PANIC_AT_STEP=N` makes the thread panic when it is about to take step N;
-//! `DREAMLOOP_FAULT_PANIC_TIMES=k` (default 1) limits how many times per process;
-//! `DREAMLOOP_FAULT_SLOW_EVAL_MS=N` makes every evaluation take N ms longer (a loaded
-//! machine), waiting in slices that honour a cancel.
+//! Fault injection for the runtime tests: [`TrainerArgs::faults`] (see `faults.rs`) can make
+//! the thread panic about to take a step, skip steps as non-finite, or slow every
+//! evaluation (waited in slices that honour a cancel). The binary injects none.
 //!
 //! An evaluation can be cancelled (a shutdown must not wait for it): the loop sets the
 //! shared `cancel_eval` flag, the probe suite's progress callback sees it after the batch
@@ -23,9 +21,9 @@
 //! trainer is untouched, and the job answers `None`.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{anyhow, Context};
 use dreamloop::checkpoint::PendingCheckpoint;
@@ -40,10 +38,11 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::oneshot;
 
 use crate::call::ReplyError;
+use crate::faults::{Faults, StepFault};
 use crate::telemetry;
 
-/// Panics injected so far in this process (see the module docs).
-static PANICS: AtomicU32 = AtomicU32::new(0);
+/// Registered name of the trainer actor.
+pub const TRAINER: &str = "trainer";
 
 /// What one training job produced.
 #[derive(Debug, Clone)]
@@ -123,6 +122,8 @@ pub struct TrainerArgs {
     /// Set by the loop to cancel the evaluation in progress (it clears it before asking
     /// for the next one).
     pub cancel_eval: Arc<AtomicBool>,
+    /// Injected faults (tests); none in the binary.
+    pub faults: Faults,
 }
 
 /// The actor state: the sending half of the job channel.
@@ -307,12 +308,8 @@ struct Worker {
     precision: dreamloop::model::Precision,
     /// The config, whose `[train]` settings a restored trainer takes where it can.
     config: Arc<DreamConfig>,
-    /// Step number at which to inject a panic (tests only).
-    panic_at: Option<u64>,
-    /// How many injected panics this process allows.
-    panic_times: u32,
-    /// Extra time every evaluation takes (tests only).
-    slow_eval: Duration,
+    /// Injected faults (tests only).
+    faults: Faults,
     /// Cancels the evaluation in progress.
     cancel_eval: Arc<AtomicBool>,
 }
@@ -320,7 +317,7 @@ struct Worker {
 /// Applies the `[train]` settings a restored trainer can take from the config (the
 /// operator's fix after an out-of-memory: `max_grad_norm`, `max_seq_len`, `recompute`,
 /// `logits_chunk`) and logs each. Changes it cannot take were refused before the actors
-/// started (`supervisor::refused_train_changes`); one that shows up here all the same (a
+/// started (`startup::refused_train_changes`); one that shows up here all the same (a
 /// rollback to a GOOD saved under other settings) is logged and left as saved.
 fn take_configured_settings(trainer: &mut Trainer, config: &DreamConfig) {
     let pad = trainer.settings().pad_id;
@@ -439,19 +436,7 @@ impl Worker {
             device,
             precision,
             config: config.clone(),
-            panic_at: std::env::var("DREAMLOOP_FAULT_PANIC_AT_STEP")
-                .ok()
-                .and_then(|v| v.parse().ok()),
-            panic_times: std::env::var("DREAMLOOP_FAULT_PANIC_TIMES")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(1),
-            slow_eval: Duration::from_millis(
-                std::env::var("DREAMLOOP_FAULT_SLOW_EVAL_MS")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0),
-            ),
+            faults: args.faults.clone(),
             cancel_eval: args.cancel_eval.clone(),
         })
     }
@@ -543,13 +528,11 @@ impl Worker {
                 std::panic::resume_unwind(Box::new(EvalCancelled));
             }
         };
-        let (slow, probes) = (self.slow_eval, &self.probes);
+        let (faults, probes) = (&self.faults, &self.probes);
+        let cancel = &*self.cancel_eval;
         let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let until = Instant::now() + slow;
-            while Instant::now() < until {
-                check();
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            faults.delay_eval(cancel);
+            check();
             // A long evaluation is still a live daemon: feed systemd's watchdog from it.
             probes.evaluate(&frozen, &mut |done, total| {
                 tracing::debug!(done, total, "Evaluating.");
@@ -569,8 +552,17 @@ impl Worker {
 
     fn step(&mut self, examples: &[Example]) -> StepOutcome {
         let next = self.trainer.step_count() + 1;
-        if self.panic_at == Some(next) && PANICS.fetch_add(1, Ordering::SeqCst) < self.panic_times {
-            panic!("injected fault: DREAMLOOP_FAULT_PANIC_AT_STEP={next}");
+        match self.faults.before_step(next) {
+            StepFault::None => {}
+            StepFault::Panic => {
+                panic!("injected fault: the trainer panics about to take step {next}")
+            }
+            StepFault::NonFinite => {
+                return StepOutcome::Skipped {
+                    reason: format!("injected fault: non-finite loss at step {next}"),
+                    non_finite: true,
+                }
+            }
         }
         let mut batch = Batch::default();
         for example in examples {

@@ -1,5 +1,7 @@
 //! Fault injection: a trainer thread that panics is restarted (from LATEST) and counted; a
-//! spent restart budget stops the daemon cleanly with exit 70 and an alarm event.
+//! spent restart budget stops the daemon cleanly with exit 70 and an alarm event; a disk
+//! that fills keeps the previous checkpoint. The faults are parts given to the real `run()`
+//! in process (`dreamloop_actors::Faults`); runs without one use the binary.
 
 mod common;
 
@@ -7,6 +9,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::{latest_dir, step, surviving_timeline, trained_hashes, Daemon, Overrides};
+use dreamloop_actors::Faults;
 
 // A timeout, not a speed bound: generous so a loaded 2-core machine still passes.
 const LIMIT: Duration = Duration::from_secs(180);
@@ -14,10 +17,7 @@ const LIMIT: Duration = Duration::from_secs(180);
 #[test]
 fn a_panicking_trainer_is_restarted_and_counted() {
     let mut d = Daemon::new(&Overrides::default());
-    d.start(
-        &["--max-steps", "7"],
-        &[("DREAMLOOP_FAULT_PANIC_AT_STEP", "5")],
-    );
+    d.start_in_process(&["--max-steps", "7"], Faults::default().panic_at_step(5, 1));
     let status = d.wait_exit(LIMIT);
     assert!(status.success(), "exit {status}\n{}", d.log());
     let s = d.status().expect("status");
@@ -53,13 +53,7 @@ fn a_spent_budget_stops_with_exit_70_and_an_event() {
         supervisor: "max_restarts = 2".into(),
         ..Overrides::default()
     });
-    d.start(
-        &[],
-        &[
-            ("DREAMLOOP_FAULT_PANIC_AT_STEP", "3"),
-            ("DREAMLOOP_FAULT_PANIC_TIMES", "100"),
-        ],
-    );
+    d.start_in_process(&[], Faults::default().panic_at_step(3, 100));
     let status = d.wait_exit(LIMIT);
     assert_eq!(status.code(), Some(70), "{}", d.log());
     let events = d.events();
@@ -99,7 +93,7 @@ fn disk_full_config(on_write_error: &str) -> Overrides {
 #[test]
 fn a_full_disk_keeps_the_previous_checkpoint_and_pauses() {
     let mut d = Daemon::new(&disk_full_config("pause"));
-    d.start(&[], &[("DREAMLOOP_FAULT_DISK_FULL_AT_STEP", "4")]);
+    d.start_in_process(&[], Faults::default().disk_full_at_step(4));
     let paused = d.wait_status(LIMIT, "paused after the failed checkpoint", |s| {
         s["paused"] == true
     });
@@ -139,9 +133,9 @@ fn a_full_disk_keeps_the_previous_checkpoint_and_pauses() {
 #[test]
 fn a_full_disk_with_on_write_error_continue_trains_on() {
     let mut d = Daemon::new(&disk_full_config("continue"));
-    d.start(
+    d.start_in_process(
         &["--max-steps", "8"],
-        &[("DREAMLOOP_FAULT_DISK_FULL_AT_STEP", "4")],
+        Faults::default().disk_full_at_step(4),
     );
     assert!(d.wait_exit(LIMIT).success(), "{}", d.log());
     let s = d.status().expect("status");
@@ -180,10 +174,7 @@ fn a_restarted_trainer_passes_over_a_corrupt_latest() {
     std::fs::write(&weights, bytes).expect("corrupt");
 
     // Resumed from step 2; the trainer dies about to take step 3 and is restarted.
-    d.start(
-        &["--max-steps", "6"],
-        &[("DREAMLOOP_FAULT_PANIC_AT_STEP", "3")],
-    );
+    d.start_in_process(&["--max-steps", "6"], Faults::default().panic_at_step(3, 1));
     assert!(d.wait_exit(LIMIT).success(), "{}", d.log());
     assert_eq!(step(&d.status().expect("status")), 6);
     // The restart resumed at 2 again (steps 3 to 6 trained), not at the corrupt 4.
@@ -245,9 +236,9 @@ fn a_good_checkpoint_that_cannot_be_written_is_not_marked_good() {
         checkpoint: "every_n_steps = 2\non_write_error = \"continue\"".into(),
         ..Overrides::default()
     });
-    d.start(
+    d.start_in_process(
         &["--max-steps", "6"],
-        &[("DREAMLOOP_FAULT_DISK_FULL_AT_STEP", "0")],
+        Faults::default().disk_full_at_step(0),
     );
     assert!(d.wait_exit(LIMIT).success(), "{}", d.log());
     // The baseline at step 0 could not be saved, so it was not marked GOOD (and the loop did
@@ -258,4 +249,43 @@ fn a_good_checkpoint_that_cannot_be_written_is_not_marked_good() {
     let good = std::fs::read_to_string(d.state().join("checkpoints/GOOD")).expect("GOOD");
     assert_eq!(good.trim(), "step-00000004");
     assert!(d.events().iter().any(|e| e["event"] == "checkpoint_failed"));
+}
+
+/// A step skipped as non-finite trains nothing: its examples are quarantined (they may be
+/// what made it fail), not dropped and not trained again; the next batch takes the step.
+#[test]
+fn a_non_finite_steps_examples_are_quarantined() {
+    let mut d = Daemon::new(&Overrides {
+        eval: "every_n_steps = 1000".into(),
+        ..Overrides::default()
+    });
+    d.start_in_process(
+        &["--max-steps", "4"],
+        Faults::default().non_finite_at_step(3, 1),
+    );
+    assert!(d.wait_exit(LIMIT).success(), "{}", d.log());
+    let s = d.status().expect("status");
+    assert_eq!(step(&s), 4, "{s}");
+    assert_eq!(s["skipped_steps"], 1, "{s}");
+    let records = common::read_lines(&d.state().join("quarantine/examples.jsonl"));
+    // Batch size 2 (common::config_text).
+    assert_eq!(records.len(), 2, "{records:?}");
+    for r in &records {
+        assert_eq!(r["step"], 3, "{r}");
+        assert_eq!(r["rolled_back_from"], 3, "{r}");
+        assert_eq!(r["rolled_back_to"], 2, "{r}");
+    }
+    let steps: Vec<u64> = d
+        .trained()
+        .iter()
+        .map(|r| r["step"].as_u64().expect("step"))
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4]);
+    let trained: HashSet<u64> = trained_hashes(&d.trained()).into_iter().collect();
+    let quarantined = trained_hashes(&[serde_json::json!({ "examples": d.quarantined() })]);
+    assert_eq!(quarantined.len(), 2);
+    assert!(
+        quarantined.iter().all(|h| !trained.contains(h)),
+        "a quarantined example was trained"
+    );
 }

@@ -1,8 +1,9 @@
 //! Every catalogued metric is emitted by a real run, not only registered: the exporter
 //! pre-registers every counter series at 0 (telemetry.rs), so a scrape that merely lists a
-//! name proves nothing. One short `dreamloop run` of the tiny model provokes each event the
-//! catalogue counts — conversation logs with a malformed line, both example formats
-//! (`phase = "mixed"`), a trainer that panics once, a checkpoint that hits a full disk, an
+//! name proves nothing. One short run of the tiny model (the real `run()` in process, with
+//! fault-injecting parts) provokes each event the catalogue counts — conversation logs with
+//! a malformed line, both example formats (`phase = "mixed"`), a trainer that panics once, a
+//! step whose loss turns non-finite, a checkpoint that hits a full disk, an
 //! evaluation that breaches and rolls back, a second breach that pauses for the operator (the
 //! baseline evaluations are the MarkGoods) — and the scrape taken then must show each counter
 //! above 0, each gauge set and each histogram observed. ~35 s on 2 cores.
@@ -16,23 +17,18 @@ use std::time::Duration;
 
 use common::{Daemon, Overrides};
 use dreamloop::metrics::{MetricKind, CATALOGUE};
+use dreamloop_actors::Faults;
 
 // A timeout, not a speed bound: generous so a loaded 2-core machine still passes.
 const LIMIT: Duration = Duration::from_secs(300);
 
 /// Counters whose event this run does not provoke, each with the reason; they must still be
 /// exported (registered at 0). Everything else must have been emitted.
-const NOT_PROVOKED: &[(&str, &str)] = &[
-    (
-        "dreamloop_train_non_finite_steps_total",
-        "no fault hook makes a loss non-finite on demand",
-    ),
-    (
-        "dreamloop_generator_duplicates_skipped_total",
-        "a short run over the shipped templates draws no duplicate (the core generator's tests \
+const NOT_PROVOKED: &[(&str, &str)] = &[(
+    "dreamloop_generator_duplicates_skipped_total",
+    "a short run over the shipped templates draws no duplicate (the core generator's tests \
          count them: scenario::generate)",
-    ),
-];
+)];
 
 /// A loopback address with a port that was free a moment ago.
 fn free_port() -> SocketAddr {
@@ -100,12 +96,12 @@ fn every_catalogued_metric_is_emitted_by_a_run() {
         ..Overrides::default()
     });
     let addr = free_port();
-    d.start(
+    d.start_in_process(
         &["--metrics-addr", &addr.to_string()],
-        &[
-            ("DREAMLOOP_FAULT_PANIC_AT_STEP", "1"),
-            ("DREAMLOOP_FAULT_DISK_FULL_AT_STEP", "2"),
-        ],
+        Faults::default()
+            .panic_at_step(1, 1)
+            .disk_full_at_step(2)
+            .non_finite_at_step(3, 1),
     );
     d.wait_status(LIMIT, "the policy's pause", |s| {
         s["paused_by_policy"] == true

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{latest_dir, step, Daemon, Overrides};
+use dreamloop_actors::Faults;
 use serde_json::Value;
 
 // A timeout, not a speed bound: generous so a loaded 2-core machine still passes.
@@ -159,9 +160,9 @@ fn a_slow_evaluation_is_counted_against_the_budget_not_fatal() {
     });
     // Shorter than any evaluation of the tiny model, with or without the injected delay.
     edit_config(&d, "call_timeout_seconds = 120", "call_timeout_seconds = 1");
-    d.start(
+    d.start_in_process(
         &["--max-steps", "2"],
-        &[("DREAMLOOP_FAULT_SLOW_EVAL_MS", "3000")],
+        Faults::default().slow_eval(Duration::from_secs(3)),
     );
     let status = d.wait_exit(LIMIT);
     assert!(status.success(), "exit {status}\n{}", d.log());
@@ -179,9 +180,9 @@ fn an_evaluation_slower_than_the_budget_stops_with_exit_70() {
         ..Overrides::default()
     });
     edit_config(&d, "call_timeout_seconds = 120", "call_timeout_seconds = 1");
-    d.start(
+    d.start_in_process(
         &["--max-steps", "2"],
-        &[("DREAMLOOP_FAULT_SLOW_EVAL_MS", "600000")],
+        Faults::default().slow_eval(Duration::from_secs(600)),
     );
     let status = d.wait_exit(LIMIT);
     assert_eq!(status.code(), Some(70), "{}", d.log());
@@ -203,7 +204,7 @@ fn a_stop_during_a_slow_evaluation_cancels_it() {
         "call_timeout_seconds = 120",
         "call_timeout_seconds = 600",
     );
-    d.start(&[], &[("DREAMLOOP_FAULT_SLOW_EVAL_MS", "600000")]);
+    d.start_in_process(&[], Faults::default().slow_eval(Duration::from_secs(600)));
     wait_log(&mut d, LIMIT, "Evaluating the weights.");
     d.signal(libc::SIGTERM);
     let status = d.wait_exit(LIMIT);
@@ -221,9 +222,9 @@ fn a_failed_final_checkpoint_exits_74() {
         checkpoint: "every_n_steps = 2\non_write_error = \"pause\"".into(),
         ..Overrides::default()
     });
-    d.start(
+    d.start_in_process(
         &["--max-steps", "6"],
-        &[("DREAMLOOP_FAULT_DISK_FULL_AT_STEP", "6")],
+        Faults::default().disk_full_at_step(6),
     );
     let paused = d.wait_status(LIMIT, "paused after the failed checkpoint", |s| {
         s["paused"] == true

@@ -1,13 +1,17 @@
 //! Shared harness of the daemon tests: a temporary state directory, a small config (tiny
-//! model, batch 2, frequent evaluations, a handful of probes), the real `dreamloop` binary,
-//! and waits on conditions (status.json, files, exit) with deadlines instead of bare sleeps.
+//! model, batch 2, frequent evaluations, a handful of probes), the real `dreamloop` binary
+//! or the real `run()` in process with fault-injecting parts, and waits on conditions
+//! (status.json, files, exit) with deadlines instead of bare sleeps.
 
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use dreamloop::config::DreamConfig;
+use dreamloop_actors::{Control, Faults, RunOptions};
 use serde_json::Value;
 
 /// The repository root (scenarios/ lives there).
@@ -18,10 +22,43 @@ pub fn repo() -> PathBuf {
         .to_path_buf()
 }
 
-/// A test daemon's directory: `state/` and `dreamloop.toml`.
+/// A test daemon's directory: `state/` and `dreamloop.toml`; the daemon runs either as the
+/// real `dreamloop` binary ([`Daemon::start`]) or as `dreamloop_actors::run` in this process
+/// with fault-injecting parts ([`Daemon::start_in_process`]).
 pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub child: Option<Child>,
+    pub in_process: Option<InProcess>,
+}
+
+/// A run of `dreamloop_actors::run` on a thread of this test process, with its own tokio
+/// runtime. Runs in one process take turns (the actor registry and the metrics recorder are
+/// global): the guard is held until the run has ended.
+pub struct InProcess {
+    control: tokio::sync::mpsc::Sender<Control>,
+    thread: Option<std::thread::JoinHandle<u8>>,
+    _turn: MutexGuard<'static, ()>,
+}
+
+/// Whose turn it is to run in process.
+static TURN: Mutex<()> = Mutex::new(());
+/// Where the in-process runs' logs go: the running test's `daemon.log`.
+static LOG_SINK: Mutex<Option<std::fs::File>> = Mutex::new(None);
+
+/// Writes the in-process runs' logs to [`LOG_SINK`].
+struct SinkWriter;
+
+impl std::io::Write for SinkWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match LOG_SINK.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            Some(file) => file.write(buf),
+            None => Ok(buf.len()),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Settings a test changes in the base config (TOML snippets appended per table).
@@ -139,7 +176,11 @@ impl Daemon {
         let state = dir.path().join("state");
         std::fs::write(dir.path().join("dreamloop.toml"), config_text(&state, o))
             .expect("write config");
-        Daemon { dir, child: None }
+        Daemon {
+            dir,
+            child: None,
+            in_process: None,
+        }
     }
 
     pub fn state(&self) -> PathBuf {
@@ -181,17 +222,111 @@ impl Daemon {
         self.child = Some(cmd.spawn().expect("spawn dreamloop"));
     }
 
+    /// `dreamloop_actors::run` with this config, in this process, on a thread of its own,
+    /// with `faults` injected. `extra` takes the run flags the tests use (`--max-steps N`,
+    /// `--paused`, `--metrics-addr A`).
+    pub fn start_in_process(&mut self, extra: &[&str], faults: Faults) {
+        let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+        static SUBSCRIBER: std::sync::Once = std::sync::Once::new();
+        SUBSCRIBER.call_once(|| {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+                .with_ansi(false)
+                .with_writer(|| SinkWriter)
+                .try_init();
+        });
+        *LOG_SINK.lock().unwrap_or_else(|e| e.into_inner()) = Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.path().join("daemon.log"))
+                .expect("log file"),
+        );
+        let mut config = DreamConfig::load(&self.config()).expect("a valid test config");
+        let mut opts = RunOptions {
+            config_path: Some(self.config()),
+            faults,
+            ..RunOptions::default()
+        };
+        let mut args = extra.iter();
+        while let Some(arg) = args.next() {
+            match *arg {
+                "--max-steps" => {
+                    opts.max_steps = Some(args.next().expect("a count").parse().expect("a count"))
+                }
+                "--paused" => opts.paused = true,
+                "--metrics-addr" => {
+                    config.metrics_addr = args.next().expect("an address").to_string()
+                }
+                other => panic!("start_in_process does not take {other}"),
+            }
+        }
+        let (control, rx) = tokio::sync::mpsc::channel(16);
+        let thread = std::thread::Builder::new()
+            .name("dreamloop-run".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("a tokio runtime");
+                let code = runtime.block_on(dreamloop_actors::run(config, rx, opts));
+                runtime.shutdown_timeout(Duration::from_secs(5));
+                code
+            })
+            .expect("spawn the run");
+        self.in_process = Some(InProcess {
+            control,
+            thread: Some(thread),
+            _turn: turn,
+        });
+    }
+
+    /// Sends `control` to the in-process run (what the signal handlers would send).
+    pub fn control(&self, control: Control) {
+        let run = self.in_process.as_ref().expect("started in process");
+        run.control
+            .blocking_send(control)
+            .expect("the run listens for control");
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().expect("started").id() as i32
     }
 
+    /// Signals the daemon; an in-process run gets the control the signal handlers send.
     pub fn signal(&self, sig: i32) {
+        if self.in_process.is_some() {
+            let control = match sig {
+                libc::SIGTERM | libc::SIGINT => Control::Shutdown,
+                libc::SIGTSTP => Control::Pause,
+                libc::SIGCONT => Control::Resume,
+                libc::SIGUSR1 => Control::Checkpoint,
+                libc::SIGHUP => Control::Reload,
+                other => panic!("signal {other} has no control for an in-process run"),
+            };
+            return self.control(control);
+        }
         // SAFETY: kill(2) on our own child.
         assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0, "kill failed");
     }
 
     /// Waits for exit within `limit`; panics (with the log) otherwise.
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        if let Some(mut run) = self.in_process.take() {
+            let thread = run.thread.take().expect("a running thread");
+            let deadline = Instant::now() + limit;
+            while !thread.is_finished() {
+                if Instant::now() > deadline {
+                    panic!("the run did not end within {limit:?}\n{}", self.log());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let code = thread.join().expect("the run's thread does not panic");
+            *LOG_SINK.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            // An exit status as wait(2) encodes it: the code in bits 8–15.
+            return std::os::unix::process::ExitStatusExt::from_raw(i32::from(code) << 8);
+        }
         let child = self.child.as_mut().expect("started");
         let deadline = Instant::now() + limit;
         loop {
@@ -236,6 +371,14 @@ impl Daemon {
                         self.log()
                     );
                 }
+            }
+            let ended = self
+                .in_process
+                .as_ref()
+                .and_then(|run| run.thread.as_ref())
+                .is_some_and(|t| t.is_finished());
+            if ended {
+                panic!("the run ended while waiting for {what}\n{}", self.log());
             }
             if Instant::now() > deadline {
                 panic!(
@@ -345,6 +488,15 @@ impl Drop for Daemon {
         if let Some(child) = self.child.as_mut() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if let Some(mut run) = self.in_process.take() {
+            // A test that failed mid-run: stop the run, so the next one gets its turn.
+            let _ = run.control.try_send(Control::Shutdown);
+            drop(run.control);
+            if let Some(thread) = run.thread.take() {
+                let _ = thread.join();
+            }
+            *LOG_SINK.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
     }
 }
