@@ -371,6 +371,14 @@ pub struct DreamSection {
     /// Recent accepted dreams the near-duplicate filter compares against.
     #[serde(default = "default_near_duplicate_window")]
     pub near_duplicate_window: usize,
+    /// Largest share of the scenarios of each batch taken from dreams (0–1); templates fill
+    /// the rest, and all of it while the server is slow or down.
+    #[serde(default = "default_dream_share")]
+    pub share: f64,
+}
+
+fn default_dream_share() -> f64 {
+    0.5
 }
 
 fn default_dream_server() -> String {
@@ -464,7 +472,7 @@ impl DreamSection {
             Ok(false) if !self.allow_remote => out.push((
                 "dream.server",
                 format!(
-                    "`{}` is not a loopback address; prompts (and the API key) travel in clear                      text over http. Use 127.0.0.1 or [::1], or set `dream.allow_remote = true`",
+                    "`{}` is not a loopback address; prompts (and the API key) travel in clear text over http. Use 127.0.0.1 or [::1], or set `dream.allow_remote = true`",
                     self.server
                 ),
             )),
@@ -472,6 +480,9 @@ impl DreamSection {
         }
         if self.model.trim().is_empty() {
             out.push(("dream.model", "must name the served model".into()));
+        }
+        if !(0.0..=1.0).contains(&self.share) {
+            out.push(("dream.share", format!("{} is not in 0–1", self.share)));
         }
         if !(self.temperature.is_finite() && (0.0..=2.0).contains(&self.temperature)) {
             out.push((

@@ -170,10 +170,27 @@ pub mod labels {
         name: "queue",
         values: LabelValues::OneOf(&["examples", "trainer"]),
     };
+    /// Why a dreamed answer was refused (`dream::Rejection::label`).
+    pub const DREAM_REJECTION: Label = Label {
+        name: "reason",
+        values: LabelValues::OneOf(crate::dream::Rejection::LABELS),
+    };
+    /// How a request to the dream server failed (`dream::ClientError::label`).
+    pub const DREAM_ERROR: Label = Label {
+        name: "error",
+        values: LabelValues::OneOf(crate::dream::ClientError::LABELS),
+    };
     /// The supervised actors (DESIGN.md §2).
     pub const ACTOR: Label = Label {
         name: "actor",
-        values: LabelValues::OneOf(&["generator", "labeler", "mixer", "trainer", "checkpointer"]),
+        values: LabelValues::OneOf(&[
+            "generator",
+            "dreamer",
+            "labeler",
+            "mixer",
+            "trainer",
+            "checkpointer",
+        ]),
     };
     /// The crate version of the running binary.
     pub const VERSION: Label = Label {
@@ -191,6 +208,7 @@ pub const SUBSYSTEMS: &[&str] = &[
     "mix",
     "checkpoint",
     "generator",
+    "dream",
     "convo",
     "ledger",
     "labeler",
@@ -213,6 +231,7 @@ pub mod names {
     pub const TRAIN_STEP_DURATION_SECONDS: &str = "dreamloop_train_step_duration_seconds";
     pub const TRAIN_NON_FINITE_STEPS_TOTAL: &str = "dreamloop_train_non_finite_steps_total";
     pub const TRAIN_EXAMPLES_TOTAL: &str = "dreamloop_train_examples_total";
+    pub const TRAIN_DUTY_CYCLE_RATIO: &str = "dreamloop_train_duty_cycle_ratio";
     pub const TRAIN_LAST_STEP_TIMESTAMP_SECONDS: &str =
         "dreamloop_train_last_step_timestamp_seconds";
 
@@ -252,6 +271,11 @@ pub mod names {
     pub const GENERATOR_SCENARIOS_TOTAL: &str = "dreamloop_generator_scenarios_total";
     pub const GENERATOR_DUPLICATES_SKIPPED_TOTAL: &str =
         "dreamloop_generator_duplicates_skipped_total";
+    pub const DREAM_SCENARIOS_TOTAL: &str = "dreamloop_dream_scenarios_total";
+    pub const DREAM_REJECTED_TOTAL: &str = "dreamloop_dream_rejected_total";
+    pub const DREAM_ERRORS_TOTAL: &str = "dreamloop_dream_errors_total";
+    pub const DREAM_QUEUE_DEPTH: &str = "dreamloop_dream_queue_depth";
+    pub const DREAM_SERVER_UP: &str = "dreamloop_dream_server_up";
     pub const CONVO_LINES_READ_TOTAL: &str = "dreamloop_convo_lines_read_total";
     pub const CONVO_LINES_MALFORMED_TOTAL: &str = "dreamloop_convo_lines_malformed_total";
     pub const LEDGER_ENTRIES: &str = "dreamloop_ledger_entries";
@@ -314,6 +338,8 @@ pub const CATALOGUE: &[MetricDef] = &[
         "Steps skipped because their loss or gradients were NaN or infinite."),
     def(TRAIN_EXAMPLES_TOTAL, Counter, Dimensionless, &[EXAMPLE_KIND],
         "Examples trained on, by format (an SFT example or a DPO pair)."),
+    def(TRAIN_DUTY_CYCLE_RATIO, Gauge, Ratio, &[],
+        "Share of the last minute's wall time spent in optimizer steps (not paused)."),
     def(TRAIN_LAST_STEP_TIMESTAMP_SECONDS, Gauge, Seconds, &[],
         "Unix time at which the last optimizer step completed."),
     // DPO statistics of the last step (means over its pairs, as TRL logs them).
@@ -375,6 +401,16 @@ pub const CATALOGUE: &[MetricDef] = &[
         "Scenarios generated, by kind."),
     def(GENERATOR_DUPLICATES_SKIPPED_TOTAL, Counter, Dimensionless, &[],
         "Generated scenarios rejected because the never-repeat ledger already held them."),
+    def(DREAM_SCENARIOS_TOTAL, Counter, Dimensionless, &[SCENARIO_KIND],
+        "Dreamed scenarios that passed validation and the near-duplicate filter, by kind."),
+    def(DREAM_REJECTED_TOTAL, Counter, Dimensionless, &[DREAM_REJECTION],
+        "Dreamed answers refused, by the first check they failed."),
+    def(DREAM_ERRORS_TOTAL, Counter, Dimensionless, &[DREAM_ERROR],
+        "Requests to the dream server that failed, by kind of failure."),
+    def(DREAM_QUEUE_DEPTH, Gauge, Dimensionless, &[SCENARIO_KIND],
+        "Valid dreams waiting for the generator, by kind."),
+    def(DREAM_SERVER_UP, Gauge, Dimensionless, &[],
+        "1 while the dream server's last request succeeded (or none failed yet), else 0."),
     def(CONVO_LINES_READ_TOTAL, Counter, Dimensionless, &[],
         "Conversation-log lines read."),
     def(CONVO_LINES_MALFORMED_TOTAL, Counter, Dimensionless, &[],

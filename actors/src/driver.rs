@@ -159,6 +159,42 @@ pub(crate) struct Driver {
     /// How often a paused loop feeds systemd's watchdog (and re-writes status.json): half
     /// of WatchdogSec, at most 5 s.
     paused_ping: Duration,
+    /// The share of wall time spent in steps.
+    duty: DutyCycle,
+}
+
+/// How long a duty-cycle window runs before it starts over.
+const DUTY_WINDOW: Duration = Duration::from_secs(60);
+
+/// The share of wall time the loop spends in optimizer steps, over a window of a minute
+/// that starts over after a pause: what is left is waiting for batches (the producers),
+/// evaluating and checkpointing.
+struct DutyCycle {
+    /// Start of the window.
+    since: Instant,
+    /// Time spent in steps in the window.
+    busy: Duration,
+}
+
+impl DutyCycle {
+    fn new() -> DutyCycle {
+        DutyCycle {
+            since: Instant::now(),
+            busy: Duration::ZERO,
+        }
+    }
+
+    /// Adds a step that took `took`; answers the window's share so far (then starts a new
+    /// window if this one has run its minute).
+    fn add(&mut self, took: Duration) -> f64 {
+        self.busy += took;
+        let elapsed = self.since.elapsed();
+        let ratio = (self.busy.as_secs_f64() / elapsed.as_secs_f64().max(1e-9)).min(1.0);
+        if elapsed >= DUTY_WINDOW {
+            *self = DutyCycle::new();
+        }
+        ratio
+    }
 }
 
 /// How one pass of the loop ended.
@@ -212,6 +248,7 @@ impl Driver {
             control_closed: false,
             stopping: false,
             cancel_eval,
+            duty: DutyCycle::new(),
             paused_ping: systemd::watchdog_interval()
                 .map(|d| d / 2)
                 .unwrap_or(Duration::from_secs(5))
@@ -382,6 +419,7 @@ impl Driver {
                     self.paused = true;
                 }
                 Control::Resume => {
+                    self.duty = DutyCycle::new();
                     if self.paused_by_policy {
                         self.policy_state = self.policy_state.operator_resumed();
                         let marker = self.config.state_dir.join(POLICY_PAUSE_FILE);
@@ -585,9 +623,11 @@ impl Driver {
         let batch = self.try_ask(MIXER, MixerMsg::NextBatch).await?;
         let examples = batch.examples;
         let sent = examples.clone();
+        let started = Instant::now();
         let outcome = self
             .ask(TRAINER, |reply| TrainerMsg::TrainOn(sent, reply))
             .await?;
+        telemetry::set_duty_cycle(self.duty.add(started.elapsed()));
         match outcome {
             StepOutcome::Trained(report) => {
                 telemetry::record_step(&report);

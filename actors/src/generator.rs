@@ -6,6 +6,10 @@
 //! conversation logs) are admitted through it too ([`GeneratorMsg::Admit`]): an example whose
 //! hash is already there is dropped before it can reach the trainer.
 //!
+//! With `[dream]` on, a draw takes up to `[dream] share` of its scenarios from the dreamer's
+//! queue first (`dreamer.rs`), each admitted through the ledger like a rendering; templates
+//! fill the rest.
+//!
 //! Every error answer is persistent (exhausted templates or replay sources, a ledger that
 //! cannot be written): a retry would repeat it.
 //!
@@ -23,11 +27,15 @@ use dreamloop::general::{Corpus, GeneralReplay};
 use dreamloop::scenario::{Generator, GeneratorConfig, Ledger, LedgerPolicy, Library};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use crate::call::ReplyError;
+use crate::call::{self, ReplyError};
+use crate::dreamer::{DreamerMsg, DREAMER};
 use crate::telemetry;
 
 /// Registered name of the generator actor.
 pub const GENERATOR: &str = "generator";
+
+/// How long a draw waits for the dreamer's queue (it answers from memory at once).
+const DREAM_TAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Draws per request before giving up on replay duplicates (arithmetic repeats sometimes).
 const REPLAY_ATTEMPTS: usize = 1000;
@@ -61,6 +69,10 @@ pub struct GeneratorState {
     generator: Generator,
     /// General replay stream.
     replay: GeneralReplay,
+    /// `[dream] share` when dreaming is on.
+    dream_share: Option<f64>,
+    /// Dreamed scenarios owed to the draws so far (the fraction carried between draws).
+    dream_credit: f64,
 }
 
 /// The generator actor (see the module docs).
@@ -115,7 +127,12 @@ impl Actor for GeneratorActor {
             "Generator ready."
         );
         telemetry::set_ledger_entries(generator.ledger().len());
-        Ok(GeneratorState { generator, replay })
+        Ok(GeneratorState {
+            generator,
+            replay,
+            dream_share: args.config.dream.as_ref().map(|d| d.share),
+            dream_credit: 0.0,
+        })
     }
 
     async fn handle(
@@ -126,13 +143,22 @@ impl Actor for GeneratorActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             GeneratorMsg::Draw(kind, n, reply) => {
+                let dreamed = match take_dreams(state, kind, n).await {
+                    Ok(dreamed) => dreamed,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return Ok(());
+                    }
+                };
                 let skipped = state.generator.duplicates_skipped();
-                let drawn: Result<Vec<Scenario>, _> =
-                    (0..n).map(|_| state.generator.next_of(kind)).collect();
-                let new = drawn.as_ref().map_or(0, Vec::len);
+                let rendered: Result<Vec<Scenario>, _> = (dreamed.len()..n)
+                    .map(|_| state.generator.next_of(kind))
+                    .collect();
+                let new = rendered.as_ref().map_or(0, Vec::len);
                 let duplicates = state.generator.duplicates_skipped() - skipped;
                 telemetry::record_generated(kind.as_str(), new, duplicates);
                 telemetry::set_ledger_entries(state.generator.ledger().len());
+                let drawn = rendered.map(|rendered| dreamed.into_iter().chain(rendered).collect());
                 let _ = reply.send(drawn.map_err(ReplyError::persistent));
             }
             GeneratorMsg::Replay(n, reply) => {
@@ -168,6 +194,46 @@ impl Actor for GeneratorActor {
         }
         Ok(())
     }
+}
+
+/// Up to `[dream] share` of `n` scenarios of `kind` from the dreamer's queue (an exact carry
+/// across draws, so single draws get their share too), each admitted through the ledger;
+/// none when dreaming is off or the dreamer has none ready. A dreamer that does not answer
+/// (restarting, busy) costs nothing but its dreams: the templates fill in.
+async fn take_dreams(
+    state: &mut GeneratorState,
+    kind: Kind,
+    n: usize,
+) -> Result<Vec<Scenario>, ReplyError> {
+    let Some(share) = state.dream_share else {
+        return Ok(Vec::new());
+    };
+    state.dream_credit += n as f64 * share;
+    let want = (state.dream_credit.floor() as usize).min(n);
+    state.dream_credit -= want as f64;
+    if want == 0 {
+        return Ok(Vec::new());
+    }
+    let offered = call::call(DREAMER, DREAM_TAKE_TIMEOUT, |reply| {
+        DreamerMsg::Take(kind, want, reply)
+    })
+    .await
+    .unwrap_or_default();
+    let mut admitted = Vec::with_capacity(offered.len());
+    for scenario in offered {
+        let key = scenario.ledger_key();
+        if state
+            .generator
+            .ledger_mut()
+            .insert(key)
+            .map_err(ReplyError::persistent)?
+        {
+            admitted.push(scenario);
+        } else {
+            telemetry::record_dream_rejected("exact_duplicate");
+        }
+    }
+    Ok(admitted)
 }
 
 /// `n` replay examples whose hashes were new to the ledger (counted as `general` scenarios;

@@ -14,7 +14,9 @@
 //!   │                policy state) → verdict.rs carries it out → checkpoint
 //!   └── supervisor.rs SupervisorActor (restarts children within [supervisor] budget; counts
 //!                     slow calls and transient errors against it too)
-//!         ├── generator     scenario::Generator + ledger, GeneralReplay
+//!         ├── dreamer       dream::Dreamer + ChatClient (only with [dream]): requests on
+//!         │                 blocking threads, valid dreams queued per kind
+//!         ├── generator     scenario::Generator + ledger, GeneralReplay ── takes dreams first
 //!         ├── labeler       label::Labeler + convo::ConvoReader     ── calls generator
 //!         ├── mixer         mix::Mixer + Pools                      ── calls labeler
 //!         ├── trainer       train::Trainer on the `dreamloop-trainer` OS thread
@@ -41,6 +43,7 @@ pub mod cmd_import;
 pub mod cmd_logprobs;
 pub mod cmd_plan;
 pub mod cmd_train;
+pub mod dreamer;
 mod driver;
 pub mod faults;
 pub mod generator;

@@ -25,6 +25,7 @@ use tokio::sync::watch;
 
 use crate::call;
 use crate::checkpointer::{CheckpointerActor, CheckpointerArgs, CheckpointerMsg, CHECKPOINTER};
+use crate::dreamer::{DreamerActor, DreamerArgs, DREAMER};
 use crate::faults::Faults;
 use crate::generator::{GeneratorActor, GeneratorArgs, GENERATOR};
 use crate::labeler::{LabelerActor, LabelerArgs, LABELER};
@@ -32,8 +33,8 @@ use crate::mixer::{MixerActor, MixerArgs, MIXER};
 use crate::telemetry;
 use crate::trainer::{Start, TrainerActor, TrainerArgs, TRAINER};
 
-/// The actors in pipeline order (spawn order).
-pub const PIPELINE: [&str; 5] = [GENERATOR, LABELER, MIXER, TRAINER, CHECKPOINTER];
+/// The actors in pipeline order (spawn order); the dreamer only with a `[dream]` table.
+pub const PIPELINE: [&str; 6] = [DREAMER, GENERATOR, LABELER, MIXER, TRAINER, CHECKPOINTER];
 /// Registered name of the supervisor actor.
 pub const SUPERVISOR: &str = "supervisor";
 
@@ -152,6 +153,9 @@ impl Actor for SupervisorActor {
             gave_up: false,
         };
         for name in PIPELINE {
+            if name == DREAMER && state.args.config.dream.is_none() {
+                continue;
+            }
             spawn_child(name, &state.args, myself.get_cell(), true).await?;
         }
         Ok(state)
@@ -246,6 +250,17 @@ async fn spawn_child(
     let state_dir = config.state_dir.clone();
     let shared = args.shared.lock().expect("shared state lock").clone();
     let spawned = match name {
+        DREAMER => Actor::spawn_linked(
+            Some(name.into()),
+            DreamerActor,
+            DreamerArgs {
+                config,
+                events: args.events.clone(),
+            },
+            supervisor,
+        )
+        .await
+        .map(|(a, _)| a.get_cell()),
         GENERATOR => Actor::spawn_linked(
             Some(name.into()),
             GeneratorActor,

@@ -352,6 +352,36 @@ pub fn record_generated(kind: &str, n: usize, duplicates: u64) {
     counter(names::GENERATOR_DUPLICATES_SKIPPED_TOTAL, &[]).increment(duplicates);
 }
 
+/// The dreamer queued a valid dream of `kind`.
+pub fn record_dream(kind: &str) {
+    counter(names::DREAM_SCENARIOS_TOTAL, &[("kind", kind)]).increment(1);
+}
+
+/// The dreamer refused an answer (`labels::DREAM_REJECTION`).
+pub fn record_dream_rejected(reason: &str) {
+    counter(names::DREAM_REJECTED_TOTAL, &[("reason", reason)]).increment(1);
+}
+
+/// A request to the dream server failed (`labels::DREAM_ERROR`).
+pub fn record_dream_error(error: &str) {
+    counter(names::DREAM_ERRORS_TOTAL, &[("error", error)]).increment(1);
+}
+
+/// Valid dreams of `kind` waiting for the generator.
+pub fn set_dream_queue_depth(kind: &str, depth: usize) {
+    gauge(names::DREAM_QUEUE_DEPTH, &[("kind", kind)]).set(depth as f64);
+}
+
+/// Whether the dream server's last request succeeded.
+pub fn set_dream_server_up(up: bool) {
+    gauge(names::DREAM_SERVER_UP, &[]).set(if up { 1.0 } else { 0.0 });
+}
+
+/// The share of the last minute's unpaused wall time spent in steps.
+pub fn set_duty_cycle(ratio: f64) {
+    gauge(names::TRAIN_DUTY_CYCLE_RATIO, &[]).set(ratio);
+}
+
 /// The never-repeat ledger now holds `entries` hashes.
 pub fn set_ledger_entries(entries: usize) {
     gauge(names::LEDGER_ENTRIES, &[]).set(entries as f64);

@@ -2,7 +2,8 @@
 //! pre-registers every counter series at 0 (telemetry.rs), so a scrape that merely lists a
 //! name proves nothing. One short run of the tiny model (the real `run()` in process, with
 //! fault-injecting parts) provokes each event the catalogue counts — conversation logs with
-//! a malformed line, both example formats (`phase = "mixed"`), a trainer that panics once, a
+//! a malformed line, both example formats (`phase = "mixed"`), a dream server that answers
+//! garbage, an HTTP error and valid dreams in turn, a trainer that panics once, a
 //! step whose loss turns non-finite, a checkpoint that hits a full disk, an
 //! evaluation that breaches and rolls back, a second breach that pauses for the operator (the
 //! baseline evaluations are the MarkGoods) — and the scrape taken then must show each counter
@@ -15,6 +16,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
+use common::dream_server::{DreamServer, Reply};
 use common::{Daemon, Overrides};
 use dreamloop::metrics::{MetricKind, CATALOGUE};
 use dreamloop_actors::Faults;
@@ -84,7 +86,17 @@ fn every_catalogued_metric_is_emitted_by_a_run() {
     let logs = d.dir.path().join("logs");
     std::fs::create_dir_all(&logs).expect("logs dir");
     std::fs::write(logs.join("chat.jsonl"), log_lines(6)).expect("write log");
+    // The dream server answers garbage, an HTTP 500 and a valid dream in turn.
+    let server = DreamServer::start(|n| match n % 3 {
+        0 => Reply::Garbage,
+        1 => Reply::Status(500),
+        _ => Reply::Dream,
+    });
     d.rewrite(&Overrides {
+        top: format!(
+            "[dream]\nserver = \"{}\"\nmodel = \"scripted\"\ntimeout_seconds = 5",
+            server.url
+        ),
         phase: "mixed".into(),
         train: "lr = 0.5".into(),
         data: format!("replay_ratio = 0.25\nlogs_dir = \"{}\"", logs.display()),

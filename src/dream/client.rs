@@ -226,7 +226,20 @@ impl ClientError {
         self.class() == ErrorClass::Transient
     }
 
-    /// A stable, bounded label for an error counter.
+    /// Every [`ClientError::label`], for the metric catalogue.
+    pub const LABELS: &'static [&'static str] = &[
+        "transport",
+        "timeout",
+        "http_429",
+        "http_5xx",
+        "http_4xx",
+        "malformed",
+        "no_choices",
+        "request",
+        "api_key",
+    ];
+
+    /// A stable, bounded label for an error counter (one of [`ClientError::LABELS`]).
     pub fn label(&self) -> &'static str {
         match self {
             ClientError::Transport { .. } => "transport",

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod dream_server;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, MutexGuard};
