@@ -8,9 +8,12 @@
 # the unit tests and tests/*.rs, where the numbers are compared with transformers'
 # references) is built natively and run under the emulator.
 #
-# Emulation is slow (TCG translates every instruction): expect the suite to take many times
-# its native time. The daemon tests (actors/) are left out: they spawn the `dreamloop`
-# binary, which would run natively.
+# The training trajectories against PyTorch (actors/tests/train_cli.rs, where an AVX-512
+# difference once showed) run the `dreamloop` binary: that test runs natively with
+# `DREAMLOOP_BIN` pointing at a wrapper that starts the binary under the emulator. The other
+# daemon tests are left out (they test the runtime, not the arithmetic).
+#
+# Emulation is slow (TCG translates every instruction): expect many times the native time.
 #
 # Usage: scripts/test-avx2.sh [TEST-NAME-FILTER]   (needs Debian's qemu-user)
 set -euo pipefail
@@ -54,4 +57,23 @@ for bin in $binaries; do
         status=1
     fi
 done
+echo "== train_cli with dreamloop under qemu-x86_64 -cpu Haswell"
+artifacts=$(cargo test -p dreamloop-actors --test train_cli --no-run --message-format=json 2> /dev/null |
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        if m["target"]["name"] in ("train_cli", "dreamloop"):
+            print(m["target"]["name"], m["executable"])
+')
+test_bin=$(awk '$1 == "train_cli" {print $2}' <<< "$artifacts")
+real_bin=$(awk '$1 == "dreamloop" {print $2}' <<< "$artifacts")
+real_bin=${real_bin:-${CARGO_TARGET_DIR:-target}/debug/dreamloop}
+printf '#!/usr/bin/env bash\nexec qemu-x86_64 -cpu Haswell %q "$@" 2> >(grep -v "^qemu-x86_64: warning" >&2)\n' \
+    "$real_bin" > "$probe/dreamloop"
+chmod +x "$probe/dreamloop"
+if ! DREAMLOOP_BIN="$probe/dreamloop" "$test_bin" ${1:+"$1"}; then
+    status=1
+fi
 exit $status

@@ -28,7 +28,7 @@ use dreamloop::dream::{
 };
 use dreamloop::events::{Event, EventLog};
 use dreamloop::example::{Kind, Scenario};
-use dreamloop::scenario::{probe_scenarios, Library};
+use dreamloop::scenario::probe_scenarios;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::telemetry;
@@ -114,12 +114,7 @@ impl Actor for DreamerActor {
             .as_ref()
             .context("the dreamer runs only with a [dream] table")?;
         let data = &args.config.data;
-        let library = Library::load_dir(&data.scenarios_dir).with_context(|| {
-            format!(
-                "loading scenario templates from {}",
-                data.scenarios_dir.display()
-            )
-        })?;
+        let library = crate::generator::load_library(&args.config)?;
         let probes = probe_scenarios(&library, args.config.eval.probe_samples);
         let client = ChatClient::new(dream.client_settings())
             .with_context(|| format!("the dream server {}", dream.server))?;

@@ -351,14 +351,19 @@ impl Driver {
         let _ = systemd::stopping();
         self.stopping = true;
         if self.latest != Some(self.step) {
-            match self.checkpoint().await {
-                Ok(true) => {}
-                Ok(false) => tracing::error!("The final checkpoint failed as well."),
-                Err(e) => tracing::error!(error = %e, "The final checkpoint failed as well."),
-            }
+            self.final_checkpoint().await;
         }
         self.write_status("failed");
         Ok(EXIT_PERSISTENT)
+    }
+
+    /// The checkpoint of a loop that stops on a failure: its own failure is only logged.
+    async fn final_checkpoint(&mut self) {
+        match self.checkpoint().await {
+            Ok(true) => {}
+            Ok(false) => tracing::error!("The final checkpoint failed as well."),
+            Err(e) => tracing::error!(error = %e, "The final checkpoint failed as well."),
+        }
     }
 
     /// The next control: one that arrived while the loop waited on an actor first.
@@ -876,11 +881,7 @@ impl Driver {
         });
         self.stopping = true;
         if actor_name != TRAINER && self.latest != Some(self.step) {
-            match self.checkpoint().await {
-                Ok(true) => {}
-                Ok(false) => tracing::error!("Final checkpoint failed."),
-                Err(e) => tracing::error!(error = %e, "Final checkpoint failed."),
-            }
+            self.final_checkpoint().await;
         }
         self.write_status("failed");
         Ok(EXIT_BUDGET_SPENT)

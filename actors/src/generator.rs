@@ -89,12 +89,7 @@ impl Actor for GeneratorActor {
         args: GeneratorArgs,
     ) -> Result<GeneratorState, ActorProcessingErr> {
         let data = &args.config.data;
-        let library = Library::load_dir(&data.scenarios_dir).with_context(|| {
-            format!(
-                "loading scenario templates from {}",
-                data.scenarios_dir.display()
-            )
-        })?;
+        let library = load_library(&args.config)?;
         let (ledger, recovery) = Ledger::open(&args.ledger_dir, LedgerPolicy::default())
             .with_context(|| format!("opening the ledger in {}", args.ledger_dir.display()))?;
         if recovery.repaired() {
@@ -194,6 +189,13 @@ impl Actor for GeneratorActor {
         }
         Ok(())
     }
+}
+
+/// The template library of `[data] scenarios_dir` (the generator's and the dreamer's).
+pub fn load_library(config: &DreamConfig) -> anyhow::Result<Library> {
+    let dir = &config.data.scenarios_dir;
+    Library::load_dir(dir)
+        .with_context(|| format!("loading scenario templates from {}", dir.display()))
 }
 
 /// Up to `[dream] share` of `n` scenarios of `kind` from the dreamer's queue (an exact carry

@@ -6,12 +6,11 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
 use common::dream_server::{DreamServer, Reply};
-use common::{read_lines, step, trained_hashes, Daemon, Overrides};
+use common::{read_lines, step, Daemon, Overrides};
 use serde_json::Value;
 
 // A timeout, not a speed bound: generous so a loaded 2-core machine still passes.
@@ -85,12 +84,7 @@ fn dreams_train_and_a_server_outage_falls_back_to_templates() {
     });
     d.signal(libc::SIGTERM);
     assert!(d.wait_exit(LIMIT).success(), "{}", d.log());
-    let hashes = trained_hashes(&d.trained());
-    assert_eq!(
-        hashes.iter().collect::<HashSet<_>>().len(),
-        hashes.len(),
-        "an example was trained twice"
-    );
+    common::assert_trained_once(&d.trained());
 }
 
 /// Refused answers and HTTP errors are counted, never trained, and never stop the loop.

@@ -39,12 +39,7 @@ fn a_panicking_trainer_is_restarted_and_counted() {
         restarts[0]
     );
     // The restarted trainer resumed from LATEST (step 4) and redid step 5 with new examples.
-    let hashes = trained_hashes(&d.trained());
-    assert_eq!(
-        hashes.iter().collect::<HashSet<_>>().len(),
-        hashes.len(),
-        "an example was trained twice"
-    );
+    common::assert_trained_once(&d.trained());
 }
 
 #[test]
@@ -221,12 +216,7 @@ fn a_corrupted_latest_is_detected_and_the_run_resumes_from_the_one_before() {
         .map(|r| r["step"].as_u64().expect("step"))
         .collect();
     assert_eq!(steps, vec![1, 2, 3, 4, 3, 4, 5, 6]);
-    let hashes = trained_hashes(&surviving_timeline(d.trained_log()));
-    assert_eq!(
-        hashes.iter().collect::<HashSet<_>>().len(),
-        hashes.len(),
-        "an example was trained twice"
-    );
+    common::assert_trained_once(&surviving_timeline(d.trained_log()));
 }
 
 #[test]

@@ -5,10 +5,9 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{trained_hashes, Daemon, Overrides};
+use common::{Daemon, Overrides};
 
 // A timeout, not a speed bound: generous so a loaded 2-core machine still passes.
 const LIMIT: Duration = Duration::from_secs(180);
@@ -63,10 +62,5 @@ fn a_rollback_after_a_restart_across_rotations_quarantines_every_step_since_good
         .map(|r| r["step"].as_u64().expect("step"))
         .collect();
     assert_eq!(&steps[..4], [1, 2, 3, 4], "{steps:?}");
-    let hashes = trained_hashes(&d.trained());
-    assert_eq!(
-        hashes.iter().collect::<HashSet<_>>().len(),
-        hashes.len(),
-        "an example was trained twice"
-    );
+    common::assert_trained_once(&d.trained());
 }

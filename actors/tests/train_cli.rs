@@ -10,6 +10,14 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The `dreamloop` binary: cargo's, or `DREAMLOOP_BIN` (scripts/test-avx2.sh points it at a
+/// wrapper that runs cargo's binary under qemu on a CPU without AVX-512).
+fn dreamloop() -> PathBuf {
+    std::env::var_os("DREAMLOOP_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_dreamloop")))
+}
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -118,7 +126,7 @@ fn train(model: &Path, data: &Path, loss: &str, out: &Path) -> PathBuf {
 
 /// [`train`] with more arguments for `dreamloop train`.
 fn train_with(model: &Path, data: &Path, loss: &str, out: &Path, extra: &[&str]) -> PathBuf {
-    let status = Command::new(env!("CARGO_BIN_EXE_dreamloop"))
+    let status = Command::new(dreamloop())
         .args(["train", "--model"])
         .arg(model)
         .arg("--data")
@@ -307,7 +315,7 @@ fn bad_lines_are_reported_with_file_and_line_and_the_rest_is_trained() {
     );
     std::fs::write(&data, lines.join("\n")).unwrap();
     let out = dir.path().join("out");
-    let result = Command::new(env!("CARGO_BIN_EXE_dreamloop"))
+    let result = Command::new(dreamloop())
         .args(["train", "--model"])
         .arg(root().join("tests/fixtures/models/llama_untied"))
         .arg("--data")
@@ -369,7 +377,7 @@ fn hybrid_logprobs_cli_matches_transformers() {
         ("qwen3_next_rot5", 3e-4),
     ] {
         let dir = hybrid(name);
-        let output = Command::new(env!("CARGO_BIN_EXE_dreamloop"))
+        let output = Command::new(dreamloop())
             .args(["logprobs", "--model"])
             .arg(&dir)
             .arg("--input")

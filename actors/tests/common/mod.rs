@@ -529,6 +529,13 @@ pub fn trained_hashes(records: &[Value]) -> Vec<u64> {
         .collect()
 }
 
+/// No example in `records` (trained.jsonl records) was trained twice.
+pub fn assert_trained_once(records: &[Value]) {
+    let hashes = trained_hashes(records);
+    let distinct: std::collections::HashSet<&u64> = hashes.iter().collect();
+    assert_eq!(distinct.len(), hashes.len(), "an example was trained twice");
+}
+
 /// The LATEST checkpoint directory.
 pub fn latest_dir(state: &Path) -> Option<PathBuf> {
     let name = std::fs::read_to_string(state.join("checkpoints/LATEST")).ok()?;
