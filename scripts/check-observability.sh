@@ -41,7 +41,7 @@ promtool test rules grafana/alerts/dreamloop-rules.test.yml
 
 echo "== exporter: scrape through promtool check metrics, and a real Prometheus"
 DREAMLOOP_REQUIRE_PROMETHEUS=1 DREAMLOOP_SCRAPE_OUT="$work/scrape.txt" \
-    cargo test -q -p dreamloop-actors --bin dreamloop telemetry::
+    cargo test -q -p dreamloop-actors --lib telemetry::
 promtool check metrics <"$work/scrape.txt"
 echo "scrape of $(grep -c '^# TYPE dreamloop_' "$work/scrape.txt") metric families passes promtool check metrics"
 
