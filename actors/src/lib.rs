@@ -64,4 +64,3 @@ pub use startup::{
     run, Control, RunOptions, EXIT_BUDGET_SPENT, EXIT_FINAL_CHECKPOINT_FAILED, EXIT_PERSISTENT,
     POLICY_PAUSE_FILE,
 };
-pub use supervisor::PIPELINE;
