@@ -586,6 +586,44 @@ pub struct DreamConfig {
     /// `[dream]`; absent: no dreaming.
     #[serde(default)]
     pub dream: Option<DreamSection>,
+    /// `[on_policy]`: the policy's own replies, judged and paired; off by default.
+    #[serde(default)]
+    pub on_policy: OnPolicySection,
+}
+
+/// `[on_policy]`: every `every_n_steps` steps, the policy's greedy replies to up to `samples`
+/// behaviour prompts of the batch about to be trained are judged (`dream::on_policy`); in the
+/// `dpo` and `mixed` phases a wrong one becomes a DPO pair against the preferred reply.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnPolicySection {
+    /// Sample before every this many steps; 0 turns sampling off.
+    #[serde(default)]
+    pub every_n_steps: u64,
+    /// Replies per sampling (alternating clear and flawed directions).
+    #[serde(default = "default_on_policy_samples")]
+    pub samples: usize,
+    /// Longest reply, in tokens.
+    #[serde(default = "default_on_policy_max_new_tokens")]
+    pub max_new_tokens: usize,
+}
+
+fn default_on_policy_samples() -> usize {
+    2
+}
+
+fn default_on_policy_max_new_tokens() -> usize {
+    96
+}
+
+impl Default for OnPolicySection {
+    fn default() -> Self {
+        OnPolicySection {
+            every_n_steps: 0,
+            samples: default_on_policy_samples(),
+            max_new_tokens: default_on_policy_max_new_tokens(),
+        }
+    }
 }
 
 /// The settings a SIGHUP applies without a restart.
@@ -820,6 +858,19 @@ impl DreamConfig {
                 bad(field, reason);
             }
         }
+        let o = &self.on_policy;
+        if o.every_n_steps > 0 && o.samples == 0 {
+            bad(
+                "on_policy.samples",
+                "must be at least 1 when on_policy.every_n_steps is set".into(),
+            );
+        }
+        if o.every_n_steps > 0 && !(1..=4096).contains(&o.max_new_tokens) {
+            bad(
+                "on_policy.max_new_tokens",
+                format!("{} is outside 1..=4096", o.max_new_tokens),
+            );
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -1004,6 +1055,7 @@ impl DreamConfig {
                 trained_segment_bytes: default_trained_segment_bytes(),
             },
             dream: None,
+            on_policy: OnPolicySection::default(),
         }
     }
 }

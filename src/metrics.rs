@@ -180,6 +180,16 @@ pub mod labels {
         name: "error",
         values: LabelValues::OneOf(crate::dream::ClientError::LABELS),
     };
+    /// The behaviour kinds an on-policy reply is judged for.
+    pub const BEHAVIOUR_KIND: Label = Label {
+        name: "kind",
+        values: LabelValues::OneOf(&["clear_direction", "flawed_direction"]),
+    };
+    /// What the judge made of the policy's own reply (`dream::on_policy::Assessment::label`).
+    pub const JUDGED: Label = Label {
+        name: "judged",
+        values: LabelValues::OneOf(crate::dream::on_policy::Assessment::LABELS),
+    };
     /// The supervised actors (DESIGN.md §2).
     pub const ACTOR: Label = Label {
         name: "actor",
@@ -276,6 +286,8 @@ pub mod names {
     pub const DREAM_ERRORS_TOTAL: &str = "dreamloop_dream_errors_total";
     pub const DREAM_QUEUE_DEPTH: &str = "dreamloop_dream_queue_depth";
     pub const DREAM_SERVER_UP: &str = "dreamloop_dream_server_up";
+    pub const ON_POLICY_REPLIES_TOTAL: &str = "dreamloop_on_policy_replies_total";
+    pub const ON_POLICY_PAIRS_TOTAL: &str = "dreamloop_on_policy_pairs_total";
     pub const CONVO_LINES_READ_TOTAL: &str = "dreamloop_convo_lines_read_total";
     pub const CONVO_LINES_MALFORMED_TOTAL: &str = "dreamloop_convo_lines_malformed_total";
     pub const LEDGER_ENTRIES: &str = "dreamloop_ledger_entries";
@@ -411,6 +423,10 @@ pub const CATALOGUE: &[MetricDef] = &[
         "Valid dreams waiting for the generator, by kind."),
     def(DREAM_SERVER_UP, Gauge, Dimensionless, &[],
         "1 while the dream server's last request succeeded (or none failed yet), else 0."),
+    def(ON_POLICY_REPLIES_TOTAL, Counter, Dimensionless, &[BEHAVIOUR_KIND, JUDGED],
+        "The policy's own replies to fresh behaviour prompts, by kind and by what the judge made of them."),
+    def(ON_POLICY_PAIRS_TOTAL, Counter, Dimensionless, &[],
+        "DPO pairs queued from the policy's wrong replies (dpo and mixed phases)."),
     def(CONVO_LINES_READ_TOTAL, Counter, Dimensionless, &[],
         "Conversation-log lines read."),
     def(CONVO_LINES_MALFORMED_TOTAL, Counter, Dimensionless, &[],

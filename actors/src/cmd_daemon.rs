@@ -74,7 +74,7 @@ pub enum Signal {
     Stop,
 }
 
-fn print_config_error(e: &ConfigError) {
+pub(crate) fn print_config_error(e: &ConfigError) {
     eprintln!("error: {e}");
 }
 

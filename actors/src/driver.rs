@@ -114,6 +114,8 @@ pub(crate) struct Driver {
     pub(crate) peak_lr: f64,
     /// SFT, DPO or mixed (a hot setting).
     phase: Phase,
+    /// `on-policy.jsonl`, opened on the first on-policy sample (`own_replies.rs`).
+    pub(crate) on_policy_log: Option<dreamloop::segmented::SegmentedLog>,
     /// Evaluate every this many steps (a hot setting).
     eval_every: u64,
     /// The rollback policy's thresholds (a hot setting).
@@ -226,6 +228,7 @@ impl Driver {
             latest: resumed.as_ref().map(|(step, _)| *step),
             peak_lr: run.map_or(config.train.lr, |r| r.peak_lr),
             phase: run.map_or(config.phase, |r| r.phase),
+            on_policy_log: None,
             eval_every: run.map_or(config.eval.every_n_steps, |r| r.eval_every_n_steps),
             policy: config.rollback.clone(),
             policy_state: run.map_or_else(
@@ -624,9 +627,15 @@ impl Driver {
         Ok(())
     }
 
+    /// SFT, DPO or mixed, as in force now.
+    pub(crate) fn phase(&self) -> Phase {
+        self.phase
+    }
+
     async fn one_step(&mut self) -> Result<(), StepError> {
         let batch = self.try_ask(MIXER, MixerMsg::NextBatch).await?;
         let examples = batch.examples;
+        self.sample_own_replies(&examples).await;
         let sent = examples.clone();
         let started = Instant::now();
         let outcome = self

@@ -63,6 +63,10 @@ pub enum LabelerMsg {
     /// trainer restart abandoned (the weights that learned them are gone). Answers how many
     /// were not queued already.
     Requeue(Vec<Example>, RpcReplyPort<Result<usize, ReplyError>>),
+    /// Queue these new examples (the policy's own wrong replies as DPO pairs) like
+    /// conversation-log examples: those the ledger knows are dropped, the rest are queued
+    /// durably and then admitted to the ledger. Answers, per example, whether it was queued.
+    Offer(Vec<Example>, RpcReplyPort<Result<Vec<bool>, ReplyError>>),
 }
 
 /// Start-up arguments.
@@ -179,6 +183,14 @@ impl Actor for LabelerActor {
                     }
                 }
                 let _ = reply.send(saved.map(|()| queued));
+            }
+            LabelerMsg::Offer(examples, reply) => {
+                let hashes: Vec<u64> = examples.iter().map(|e| e.hash().0).collect();
+                let queued = match readmit(state).await {
+                    Ok(()) => enqueue_fresh(state, examples, |_| Ok(())).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(queued.map(|q| hashes.iter().map(|h| q.contains(h)).collect()));
             }
             LabelerMsg::SaveCursor(reply) => {
                 // The queue first, for the same reason as in `poll_logs`.
@@ -310,6 +322,24 @@ async fn poll_logs(state: &mut LabelerState) -> Result<(), ReplyError> {
             }
         }
     }
+    enqueue_fresh(state, examples, |state| {
+        state
+            .reader
+            .as_ref()
+            .map_or(Ok(()), |r| r.save_cursor().map_err(ReplyError::persistent))
+    })
+    .await
+    .map(|_| ())
+}
+
+/// Queues the `examples` the ledger does not know yet, durably, then admits them to the
+/// ledger; `after_save` runs once the queue is on disk and before the ledger learns the
+/// hashes (the log cursor moves there). Answers the hashes queued.
+async fn enqueue_fresh(
+    state: &mut LabelerState,
+    examples: Vec<Example>,
+    after_save: impl FnOnce(&LabelerState) -> Result<(), ReplyError>,
+) -> Result<HashSet<u64>, ReplyError> {
     let timeout = state.call_timeout;
     let fresh = if examples.is_empty() {
         Vec::new()
@@ -327,9 +357,9 @@ async fn poll_logs(state: &mut LabelerState) -> Result<(), ReplyError> {
     // Durable before the cursor moves past these lines and before the ledger learns their
     // hashes: a crash in between re-reads the lines and finds them queued, never lost.
     state.from_logs.save().map_err(ReplyError::persistent)?;
-    reader.save_cursor().map_err(ReplyError::persistent)?;
+    after_save(state)?;
     if hashes.is_empty() {
-        return Ok(());
+        return Ok(HashSet::new());
     }
     let admitted = ask_generator(timeout, |r| GeneratorMsg::Admit(hashes.clone(), r)).await?;
     // Only a scenario drawn since the check can have taken a hash; that copy wins.
@@ -345,7 +375,7 @@ async fn poll_logs(state: &mut LabelerState) -> Result<(), ReplyError> {
     for _ in 0..queued - taken.len() {
         telemetry::queue_pushed("examples");
     }
-    Ok(())
+    Ok(hashes.into_iter().filter(|h| !taken.contains(h)).collect())
 }
 
 async fn fill(state: &mut LabelerState, plan: BatchPlan) -> Result<Vec<Example>, ReplyError> {

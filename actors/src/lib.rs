@@ -9,7 +9,9 @@
 //! run() ── startup.rs: state dir + pid lock, events, metrics, resume point, refused settings
 //!   ├── signals.rs task ──Control──┐      (SIGTERM/INT/TSTP/CONT/USR1/HUP; tests send Control)
 //!   │                              ▼
-//!   ├── driver.rs ── the step loop (Driver): boundary → NextBatch → TrainOn → trained.jsonl
+//!   ├── driver.rs ── the step loop (Driver): boundary → NextBatch → [own_replies.rs: the
+//!   │                policy's replies sampled, judged, wrong ones offered to the labeler as
+//!   │                pairs] → TrainOn → trained.jsonl
 //!   │                → evaluate (trainer) → judge (rollback::judge; the driver owns the
 //!   │                policy state) → verdict.rs carries it out → checkpoint
 //!   └── supervisor.rs SupervisorActor (restarts children within [supervisor] budget; counts
@@ -36,6 +38,7 @@ pub mod call;
 pub mod checkpointer;
 pub mod cmd_daemon;
 pub mod cmd_device_check;
+pub mod cmd_dream;
 pub mod cmd_eval;
 pub mod cmd_export;
 pub mod cmd_generate;
@@ -49,6 +52,7 @@ pub mod faults;
 pub mod generator;
 pub mod labeler;
 pub mod mixer;
+mod own_replies;
 pub mod pidfile;
 pub mod signals;
 mod startup;

@@ -4,8 +4,8 @@
 //! `dreamloop_actors` library (its crate docs draw the supervision tree).
 
 use dreamloop_actors::{
-    cmd_daemon, cmd_device_check, cmd_eval, cmd_export, cmd_generate, cmd_import, cmd_logprobs,
-    cmd_plan, cmd_train,
+    cmd_daemon, cmd_device_check, cmd_dream, cmd_eval, cmd_export, cmd_generate, cmd_import,
+    cmd_logprobs, cmd_plan, cmd_train,
 };
 
 use clap::{Parser, Subcommand};
@@ -31,6 +31,8 @@ enum Command {
     Train(cmd_train::TrainArgs),
     /// Chat-templated generation (greedy by default) with a KV cache.
     Generate(cmd_generate::GenerateArgs),
+    /// Ask the config's [dream] server for scenarios and measure them (nothing is trained).
+    Dream(cmd_dream::DreamArgs),
     /// Convert a GGUF file (llama architecture) into a Hugging Face directory.
     ImportGguf(cmd_import::ImportGgufArgs),
     /// Generated examples as JSONL in TRL's conversational formats.
@@ -70,6 +72,7 @@ fn main() -> std::process::ExitCode {
         Command::Logprobs(args) => cmd_logprobs::logprobs(args),
         Command::Train(args) => cmd_train::run(args),
         Command::Generate(args) => cmd_generate::run(args),
+        Command::Dream(args) => cmd_dream::run(args),
         Command::ExportDataset(args) => {
             cmd_export::run(args).map(|()| std::process::ExitCode::SUCCESS)
         }

@@ -372,6 +372,20 @@ pub fn set_dream_queue_depth(kind: &str, depth: usize) {
     gauge(names::DREAM_QUEUE_DEPTH, &[("kind", kind)]).set(depth as f64);
 }
 
+/// The policy's own reply to a prompt of `kind` was judged `judged`.
+pub fn record_on_policy_reply(kind: &str, judged: &str) {
+    counter(
+        names::ON_POLICY_REPLIES_TOTAL,
+        &[("kind", kind), ("judged", judged)],
+    )
+    .increment(1);
+}
+
+/// DPO pairs of the policy's wrong replies were queued.
+pub fn record_on_policy_pairs(n: usize) {
+    counter(names::ON_POLICY_PAIRS_TOTAL, &[]).increment(n as u64);
+}
+
 /// Whether the dream server's last request succeeded.
 pub fn set_dream_server_up(up: bool) {
     gauge(names::DREAM_SERVER_UP, &[]).set(if up { 1.0 } else { 0.0 });

@@ -29,8 +29,9 @@ use anyhow::{anyhow, Context};
 use dreamloop::checkpoint::PendingCheckpoint;
 use dreamloop::config::{Backend, DreamConfig};
 use dreamloop::eval::{EvalReport, ProbeSuite};
-use dreamloop::example::Example;
-use dreamloop::model::{default_device, Device, Model, Tokenizer};
+use dreamloop::example::{Example, Message};
+use dreamloop::model::generate::{chat, Sampling};
+use dreamloop::model::{default_device, ChatMessage, Device, Model, Tokenizer};
 use dreamloop::train::dataset::{tokenize_example, Item};
 use dreamloop::train::reference::{Reference, StreamedReference};
 use dreamloop::train::trainer::{Batch, StepReport, TrainError, Trainer};
@@ -81,6 +82,11 @@ enum Job {
         Vec<Example>,
         oneshot::Sender<Result<Vec<Example>, ReplyError>>,
     ),
+    Sample(
+        Vec<Vec<Message>>,
+        usize,
+        oneshot::Sender<Vec<Result<String, String>>>,
+    ),
 }
 
 /// The answer to a save: the checkpoint handed back (to commit or abandon) and whether
@@ -111,6 +117,14 @@ pub enum TrainerMsg {
     /// answered back; SFT examples, untokenizable ones and pairs of a resident reference come
     /// back as they were (errors: persistent, and the steps compute their pairs).
     PrecomputeReference(Vec<Example>, RpcReplyPort<Result<Vec<Example>, ReplyError>>),
+    /// The current weights' greedy reply to each prompt (chat template, at most the given
+    /// number of new tokens, stopping at end-of-sequence), on a forward-only copy; a prompt
+    /// that cannot be tokenized answers its error.
+    Sample(
+        Vec<Vec<Message>>,
+        usize,
+        RpcReplyPort<Vec<Result<String, String>>>,
+    ),
 }
 
 /// Start-up arguments.
@@ -181,6 +195,9 @@ impl Actor for TrainerActor {
             TrainerMsg::Position(reply) => forward(state, Job::Position, reply).await,
             TrainerMsg::PrecomputeReference(examples, reply) => {
                 forward(state, |tx| Job::Precompute(examples, tx), reply).await
+            }
+            TrainerMsg::Sample(prompts, max_new_tokens, reply) => {
+                forward(state, |tx| Job::Sample(prompts, max_new_tokens, tx), reply).await
             }
         }
     }
@@ -488,6 +505,9 @@ impl Worker {
             Job::Precompute(examples, reply) => {
                 let _ = reply.send(self.precompute(examples));
             }
+            Job::Sample(prompts, max_new_tokens, reply) => {
+                let _ = reply.send(self.sample(&prompts, max_new_tokens));
+            }
         }
     }
 
@@ -517,6 +537,43 @@ impl Worker {
             examples[i].reference = pair.reference;
         }
         Ok(examples)
+    }
+
+    /// See [`TrainerMsg::Sample`].
+    fn sample(
+        &self,
+        prompts: &[Vec<Message>],
+        max_new_tokens: usize,
+    ) -> Vec<Result<String, String>> {
+        let frozen = self.trainer.frozen();
+        let mut stop: Vec<u32> = self.trainer.config.eos_token_id.into_iter().collect();
+        if let Some(id) = self
+            .tokenizer
+            .eos_token
+            .as_deref()
+            .and_then(|t| self.tokenizer.token_to_id(t))
+        {
+            stop.push(id);
+        }
+        let sampling = Sampling {
+            max_new_tokens,
+            ..Sampling::default()
+        };
+        prompts
+            .iter()
+            .map(|prompt| {
+                let messages: Vec<ChatMessage> = prompt
+                    .iter()
+                    .map(|m| ChatMessage {
+                        role: m.role.clone(),
+                        content: m.content.clone(),
+                    })
+                    .collect();
+                chat(&frozen, &self.tokenizer, &messages, &stop, &sampling)
+                    .map(|g| g.text)
+                    .map_err(|e| e.to_string())
+            })
+            .collect()
     }
 
     /// The probe suite on a frozen copy of the weights; `None` if cancelled.

@@ -49,7 +49,8 @@
 use crate::example::Kind;
 
 /// What a reply did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Verdict {
     /// Named a problem, disagreed, redirected, asked to reconsider or held off.
     PushBack,

@@ -9,7 +9,9 @@
 //!   [`Rejection`];
 //! - `neardup`: MinHash near-duplicate filter against recent dreams and every probe;
 //! - `judge`: the rule judge of push back versus accept, used for kind coherence and for the
-//!   policy's own replies.
+//!   policy's own replies;
+//! - `on_policy`: the policy's own replies, assessed for their kind, and the DPO pairs of the
+//!   wrong ones.
 //!
 //! Like the rest of the core this is synchronous and free of actors: the dreamer actor calls
 //! [`ChatClient::complete`] on its own thread and passes the result through [`Dreamer`]. A
@@ -20,6 +22,7 @@
 pub mod client;
 pub mod judge;
 pub mod neardup;
+pub mod on_policy;
 pub mod scenario;
 pub mod validate;
 

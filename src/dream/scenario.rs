@@ -329,8 +329,16 @@ impl Dreamer {
     }
 
     /// Validates the server's `answer` to `seed` and checks it against probes and recent
-    /// dreams; an accepted dream is remembered and counted for its kind.
+    /// dreams; an accepted dream is remembered and counted for its kind
+    /// ([`Dreamer::check`] then [`Dreamer::admit`]).
     pub fn accept(&mut self, seed: &Seed, answer: &str) -> Result<Scenario, Rejection> {
+        let scenario = self.check(seed, answer)?;
+        self.admit(scenario)
+    }
+
+    /// Validates `answer` alone (form, span, behaviour, probe text, exemplar copies), without
+    /// the near-duplicate window; nothing is remembered.
+    pub fn check(&self, seed: &Seed, answer: &str) -> Result<Scenario, Rejection> {
         let checks = Checks {
             kind: seed.kind,
             limits: self.config.limits,
@@ -340,7 +348,12 @@ impl Dreamer {
             copy_threshold: self.config.near_duplicate_threshold,
             provenance: &self.provenance,
         };
-        let scenario = validate(answer, &checks)?;
+        validate(answer, &checks)
+    }
+
+    /// Refuses a checked `scenario` near a probe or a recent dream; otherwise remembers it
+    /// and counts it for its kind.
+    pub fn admit(&mut self, scenario: Scenario) -> Result<Scenario, Rejection> {
         let text = scenario_text(&scenario);
         if let Some(near) = self.filter.check_and_remember(&scenario.template_id, &text) {
             return Err(Rejection::NearDuplicate(near));
