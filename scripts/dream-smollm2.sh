@@ -34,7 +34,8 @@ work="$(mktemp -d)"
 "$server_bin" -m "$gguf" --host 127.0.0.1 --port "$port" -np "$parallel" \
     -c $(( parallel * 4096 )) -t "$threads" --no-webui >"$work/server.log" 2>&1 &
 server=$!
-trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$work"' EXIT
+# The server's log (timings per request) is kept beside OUT.
+trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; cp "$work/server.log" "${out%.jsonl}.server.log"; rm -rf "$work"' EXIT
 for _ in $(seq 1 120); do
     if curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1; then break; fi
     kill -0 $server 2>/dev/null || { cat "$work/server.log" >&2; exit 1; }

@@ -273,7 +273,17 @@ pub struct Dreamer {
     rng: ChaCha8Rng,
     /// Accepted dreams per kind, in `KINDS` order.
     accepted: [u64; 3],
+    /// Seeds drawn (requests) per kind, in `KINDS` order.
+    asked: [u64; 3],
 }
+
+/// A kind is asked for at most this many times its weight's share of the requests (see
+/// [`Dreamer::next_kind`]).
+pub const MAX_ASKED_FACTOR: f64 = 2.0;
+
+/// What a refused request counts for in the balance of kinds, against 1 for an accepted
+/// dream (see [`Dreamer::next_kind`]).
+pub const REFUSED_CREDIT: f64 = 0.1;
 
 impl Dreamer {
     /// A dreamer over `library`, guarding `probes` (the monitor's probe scenarios).
@@ -301,26 +311,61 @@ impl Dreamer {
             hasher: MinHasher::default(),
             rng,
             accepted: [0; 3],
+            asked: [0; 3],
         }
     }
 
     /// The kind furthest below its share of the accepted dreams (deficit round-robin, so
     /// the accepted kinds follow the weights even when one kind is refused more often).
+    ///
+    /// A refused request counts [`REFUSED_CREDIT`] of an accepted one, and a kind is asked
+    /// for at most [`MAX_ASKED_FACTOR`] times its share of the requests: a kind the server
+    /// never gets right does not starve the others. (With a weak model every answer may be
+    /// refused; counting accepted dreams alone, the first kind was then asked for alone,
+    /// forever, and the general kind never.) When nothing is accepted, the requests follow
+    /// the weights. Ties go to the kind asked least for its weight.
     pub fn next_kind(&self) -> Kind {
-        let total: f64 = self.config.kind_weights.iter().sum();
-        let n = self.accepted.iter().sum::<u64>() as f64 + 1.0;
-        let deficit = |i: usize| self.config.kind_weights[i] / total * n - self.accepted[i] as f64;
-        let best = (0..3)
-            .filter(|&i| self.config.kind_weights[i] > 0.0)
-            .max_by(|&a, &b| deficit(a).total_cmp(&deficit(b)).then(b.cmp(&a)))
+        let weights = &self.config.kind_weights;
+        let total: f64 = weights.iter().sum();
+        let share = |i: usize| weights[i] / total;
+        let credit = |i: usize| {
+            self.accepted[i] as f64
+                + REFUSED_CREDIT * self.asked[i].saturating_sub(self.accepted[i]) as f64
+        };
+        let n = (0..3).map(credit).sum::<f64>() + 1.0;
+        let deficit = |i: usize| share(i) * n - credit(i);
+        let asked_total = self.asked.iter().sum::<u64>() as f64 + 1.0;
+        let asked_share = |i: usize| self.asked[i] as f64 / weights[i];
+        let positive: Vec<usize> = (0..3).filter(|&i| weights[i] > 0.0).collect();
+        let under_cap: Vec<usize> = positive
+            .iter()
+            .copied()
+            .filter(|&i| (self.asked[i] as f64 + 1.0) / asked_total <= MAX_ASKED_FACTOR * share(i))
+            .collect();
+        let from = if under_cap.is_empty() {
+            &positive
+        } else {
+            &under_cap
+        };
+        let best = from
+            .iter()
+            .copied()
+            .max_by(|&a, &b| {
+                deficit(a)
+                    .total_cmp(&deficit(b))
+                    .then(asked_share(b).total_cmp(&asked_share(a)))
+                    .then(b.cmp(&a))
+            })
             .expect("validated: kind_weights has a positive weight");
         KINDS[best]
     }
 
-    /// A seed of the next kind.
+    /// A seed of the next kind (counted as asked for).
     pub fn seed(&mut self) -> Result<Seed, SeedError> {
         let kind = self.next_kind();
-        sample_seed(&self.library, kind, self.config.exemplars, &mut self.rng)
+        let seed = sample_seed(&self.library, kind, self.config.exemplars, &mut self.rng)?;
+        self.asked[KINDS.iter().position(|&k| k == kind).expect("a kind")] += 1;
+        Ok(seed)
     }
 
     /// The chat messages for `seed`.

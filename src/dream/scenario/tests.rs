@@ -142,6 +142,23 @@ fn kinds_follow_the_weights_among_accepted_dreams() {
             Kind::FlawedDirection
         ]
     );
+    // A server that gets nothing right: the requests follow the weights (counting accepted
+    // dreams alone, only the first kind was ever asked for).
+    let mut refused = Dreamer::new(
+        library(),
+        &[],
+        config([0.45, 0.45, 0.1]),
+        "dream:m@s".into(),
+    );
+    let mut asked = [0u32; 3];
+    for _ in 0..300 {
+        let kind = refused.seed().expect("a seed").kind;
+        asked[KINDS.iter().position(|&k| k == kind).expect("a kind")] += 1;
+    }
+    for (n, w) in asked.iter().zip([0.45, 0.45, 0.1]) {
+        // Deficit round-robin lags by at most a request or two per kind.
+        assert!((f64::from(*n) - w * 300.0).abs() <= 2.0, "{asked:?}");
+    }
     let mut only = Dreamer::new(library(), &[], config([0.0, 1.0, 0.0]), "dream:m@s".into());
     only.accepted = [0, 7, 0];
     assert_eq!(only.next_kind(), Kind::FlawedDirection);
