@@ -106,6 +106,12 @@ max_restarts = 3
 window_seconds = 600
 call_timeout_seconds = 300
 status_every_seconds = 1
+# The policy's own replies (greedy generation with the trainer's weights on this backend)
+# before every 4th step.
+[on_policy]
+every_n_steps = 4
+samples = 2
+max_new_tokens = 16
 EOF
 }
 

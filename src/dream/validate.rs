@@ -4,8 +4,10 @@
 //! (see `scenario.rs`). [`validate`] checks, in order, and refuses at the first failure with a
 //! [`Rejection`] whose [`Rejection::label`] is stable and bounded (a counter's label):
 //! 1. it is a JSON object (a code fence or prose around it is tolerated: small models add
-//!    them even in JSON mode) with string fields `user`, `direction`, `preferred`, `rejected`
-//!    (`system` optional), none of them empty except `direction` for a general scenario;
+//!    them even in JSON mode) with no key twice (a small model repeats keys, and a reader
+//!    would keep either value: SmolLM2-135M did in 5 of 20 sampled answers), with string fields
+//!    `user`, `direction`, `preferred`, `rejected` (`system` optional), none of them empty
+//!    except `direction` for a general scenario;
 //! 2. lengths are within [`Limits`];
 //! 3. the direction is non-empty (accept / push back) and a substring of the user turn, exactly
 //!    (its byte offsets become the [`DirectionSpan`] the attention metric reads);
@@ -23,8 +25,10 @@
 //! every refusal. This module does not talk to a server and does not deduplicate.
 
 use std::collections::HashMap;
+use std::fmt;
 
-use serde_json::Value;
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::{Map, Value};
 
 use super::judge::{judge, Verdict};
 use super::neardup::{scenario_text, words, MinHasher, NearDuplicate};
@@ -51,6 +55,12 @@ pub enum Rejection {
     /// No JSON object could be read from the answer.
     #[error("the answer is not a JSON object")]
     NotJson,
+    /// A key appears more than once in the object.
+    #[error("field `{field}` appears more than once")]
+    RepeatedField {
+        /// The first repeated key (as the answer wrote it, cut to 40 characters).
+        field: String,
+    },
     /// A required field is absent or not a string.
     #[error("field `{field}` is missing or not a string")]
     MissingField {
@@ -114,6 +124,7 @@ impl Rejection {
     /// Every label, for the metric catalogue.
     pub const LABELS: &'static [&'static str] = &[
         "not_json",
+        "repeated_field",
         "missing_field",
         "empty_field",
         "too_long",
@@ -132,6 +143,7 @@ impl Rejection {
     pub fn label(&self) -> &'static str {
         match self {
             Rejection::NotJson => "not_json",
+            Rejection::RepeatedField { .. } => "repeated_field",
             Rejection::MissingField { .. } => "missing_field",
             Rejection::EmptyField { .. } => "empty_field",
             Rejection::TooLong { .. } => "too_long",
@@ -205,11 +217,8 @@ pub struct Checks<'a> {
 
 /// The JSON object in `answer`: the whole text, else its first `{` to its last `}` (a code
 /// fence or a sentence around it).
-fn object(answer: &str) -> Option<serde_json::Map<String, Value>> {
-    let parse = |s: &str| match serde_json::from_str::<Value>(s) {
-        Ok(Value::Object(map)) => Some(map),
-        _ => None,
-    };
+fn object(answer: &str) -> Option<Fields> {
+    let parse = |s: &str| serde_json::from_str::<Fields>(s).ok();
     parse(answer.trim()).or_else(|| {
         let start = answer.find('{')?;
         let end = answer.rfind('}')?;
@@ -217,9 +226,46 @@ fn object(answer: &str) -> Option<serde_json::Map<String, Value>> {
     })
 }
 
+/// A JSON object's fields, or the first key it repeats (`serde_json::Value` keeps the last
+/// value of a repeated key without a word).
+enum Fields {
+    Distinct(Map<String, Value>),
+    Repeated(String),
+}
+
+impl<'de> Deserialize<'de> for Fields {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Fields, D::Error> {
+        struct Object;
+        impl<'de> Visitor<'de> for Object {
+            type Value = Fields;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Fields, A::Error> {
+                let mut map = Map::new();
+                let mut repeated = None;
+                while let Some((key, value)) = access.next_entry::<String, Value>()? {
+                    if repeated.is_none() && map.contains_key(&key) {
+                        repeated = Some(key.chars().take(40).collect());
+                    }
+                    map.insert(key, value);
+                }
+                Ok(match repeated {
+                    Some(key) => Fields::Repeated(key),
+                    None => Fields::Distinct(map),
+                })
+            }
+        }
+        deserializer.deserialize_map(Object)
+    }
+}
+
 /// Validates a dreamed answer; see the module docs for the order of the checks.
 pub fn validate(answer: &str, checks: &Checks<'_>) -> Result<Scenario, Rejection> {
-    let map = object(answer).ok_or(Rejection::NotJson)?;
+    let map = match object(answer).ok_or(Rejection::NotJson)? {
+        Fields::Distinct(map) => map,
+        Fields::Repeated(field) => return Err(Rejection::RepeatedField { field }),
+    };
     let field = |name: &'static str, required: bool| -> Result<String, Rejection> {
         match map.get(name) {
             Some(Value::String(s)) => Ok(s.trim().to_string()),

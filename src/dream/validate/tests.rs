@@ -143,6 +143,19 @@ fn each_refusal_has_its_reason() {
         (Kind::FlawedDirection, "[1, 2]".into(), Rejection::NotJson),
         (
             Kind::FlawedDirection,
+            format!(
+                r#"{{"user": {u}, "direction": {d}, "preferred": {p}, "rejected": {c}, "preferred": {c}}}"#,
+                u = serde_json::json!(USER),
+                d = serde_json::json!(DIRECTION),
+                p = serde_json::json!(PUSH),
+                c = serde_json::json!(COMPLY),
+            ),
+            Rejection::RepeatedField {
+                field: "preferred".into(),
+            },
+        ),
+        (
+            Kind::FlawedDirection,
             serde_json::json!({"user": USER, "direction": DIRECTION, "preferred": PUSH}).to_string(),
             Rejection::MissingField { field: "rejected" },
         ),
@@ -202,6 +215,9 @@ fn each_refusal_has_its_reason() {
 fn labels_are_distinct_and_listed() {
     let all = [
         Rejection::NotJson,
+        Rejection::RepeatedField {
+            field: "user".into(),
+        },
         Rejection::MissingField { field: "user" },
         Rejection::EmptyField { field: "user" },
         Rejection::TooLong {
