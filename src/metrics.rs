@@ -286,8 +286,8 @@ pub mod names {
     pub const DREAM_ERRORS_TOTAL: &str = "dreamloop_dream_errors_total";
     pub const DREAM_QUEUE_DEPTH: &str = "dreamloop_dream_queue_depth";
     pub const DREAM_SERVER_UP: &str = "dreamloop_dream_server_up";
-    pub const ON_POLICY_REPLIES_TOTAL: &str = "dreamloop_on_policy_replies_total";
-    pub const ON_POLICY_PAIRS_TOTAL: &str = "dreamloop_on_policy_pairs_total";
+    pub const ON_POLICY_REPLIES_TOTAL: &str = "dreamloop_dream_on_policy_replies_total";
+    pub const ON_POLICY_PAIRS_TOTAL: &str = "dreamloop_dream_on_policy_pairs_total";
     pub const CONVO_LINES_READ_TOTAL: &str = "dreamloop_convo_lines_read_total";
     pub const CONVO_LINES_MALFORMED_TOTAL: &str = "dreamloop_convo_lines_malformed_total";
     pub const LEDGER_ENTRIES: &str = "dreamloop_ledger_entries";

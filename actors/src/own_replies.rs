@@ -2,7 +2,7 @@
 //! `every_n_steps`-th step the driver asks the trainer thread for the current weights' greedy
 //! replies to up to `samples` behaviour prompts of the batch about to be trained (fresh to
 //! those weights), judges each for its kind, counts it
-//! (`dreamloop_on_policy_replies_total{kind,judged}`), keeps it in
+//! (`dreamloop_dream_on_policy_replies_total{kind,judged}`), keeps it in
 //! `<state_dir>/on-policy.jsonl` (segmented like `trained.jsonl`), and, in the `dpo` and
 //! `mixed` phases, offers the DPO pairs of the wrong ones to the labeler, which queues them
 //! durably and admits them to the never-repeat ledger like conversation-log pairs: they train

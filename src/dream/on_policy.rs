@@ -24,7 +24,7 @@
 //!   side teaches nothing).
 //!
 //! The share of right answers per kind is the behaviour metric that matters most (exported
-//! as `dreamloop_on_policy_replies_total{kind,judged}`). Only wrong answers are paired, and
+//! as `dreamloop_dream_on_policy_replies_total{kind,judged}`). Only wrong answers are paired, and
 //! only in the `dpo` and `mixed` phases ([`pair`]): in `sft` the pair would train at the SFT
 //! lr, forty times the DPO one.
 
