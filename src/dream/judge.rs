@@ -461,4 +461,4 @@ fn opens_with_deliverable(reply: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

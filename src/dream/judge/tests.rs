@@ -124,13 +124,15 @@ fn agreement(name: &str, scenarios: &[Scenario]) -> (usize, usize) {
     (agree, total)
 }
 
-/// 200 train scenarios (100 accept, 100 push-back, templates drawn uniformly) and every probe
-/// rendering: the judge against the labels the library's authors wrote. The bounds are the
-/// measured figures less a margin for the rendering seed (BENCHMARKS.md).
-#[test]
-fn judge_agrees_with_the_template_labels() {
+/// The shipped template library.
+pub(crate) fn shipped_library() -> Library {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
-    let library = Library::load_dir(&dir).expect("the shipped library loads");
+    Library::load_dir(&dir).expect("the shipped library loads")
+}
+
+/// 200 train scenarios: 100 accept and 100 push-back, templates drawn uniformly, seed 16 (the
+/// set BENCHMARKS.md's judge and on-policy tables are measured on).
+pub(crate) fn train_scenarios(library: &Library) -> Vec<Scenario> {
     let mut rng = ChaCha8Rng::seed_from_u64(16);
     let mut train = Vec::new();
     for kind in [Kind::ClearDirection, Kind::FlawedDirection] {
@@ -143,6 +145,16 @@ fn judge_agrees_with_the_template_labels() {
             train.push(t.render(&mut rng));
         }
     }
+    train
+}
+
+/// 200 train scenarios (100 accept, 100 push-back, templates drawn uniformly) and every probe
+/// rendering: the judge against the labels the library's authors wrote. The bounds are the
+/// measured figures less a margin for the rendering seed (BENCHMARKS.md).
+#[test]
+fn judge_agrees_with_the_template_labels() {
+    let library = shipped_library();
+    let train = train_scenarios(&library);
     let (agree, total) = agreement("train templates (the rules were written on these)", &train);
     assert_eq!(total, 400);
     let probes = probe_scenarios(&library, 4);

@@ -5,14 +5,10 @@
 //! were written on nor on the held-out probes. Run with `--nocapture` for the figures in
 //! BENCHMARKS.md ("On-policy replies").
 
-use std::path::Path;
-
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-
 use super::*;
+use crate::dream::judge::tests::{shipped_library, train_scenarios};
 use crate::example::{Message, Scenario};
-use crate::scenario::{probe_scenarios, Library, Split};
+use crate::scenario::probe_scenarios;
 
 /// (right, wrong, unsure) of the preferred and of the rejected replies of `scenarios`,
 /// printed per kind.
@@ -43,25 +39,10 @@ fn table(name: &str, scenarios: &[Scenario]) -> [[[usize; 3]; 2]; 2] {
     cells
 }
 
-fn library() -> Library {
-    Library::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios"))
-        .expect("the shipped library loads")
-}
-
 #[test]
 fn no_preferred_reply_is_assessed_wrong() {
-    let library = library();
-    let mut rng = ChaCha8Rng::seed_from_u64(16);
-    let mut train = Vec::new();
-    for kind in [Kind::ClearDirection, Kind::FlawedDirection] {
-        let pool: Vec<_> = library
-            .split(Split::Train)
-            .filter(|t| t.kind == kind)
-            .collect();
-        for _ in 0..100 {
-            train.push(pool[rng.random_range(0..pool.len())].render(&mut rng));
-        }
-    }
+    let library = shipped_library();
+    let train = train_scenarios(&library);
     let probes = probe_scenarios(&library, 4);
     for (name, scenarios) in [("train", &train), ("probes (held out)", &probes)] {
         let cells = table(name, scenarios);
