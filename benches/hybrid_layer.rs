@@ -104,6 +104,7 @@ fn run_one(what: &str, seq: usize) {
             schedule: LrSchedule::warmup_constant(1e-5, 0),
             max_grad_norm: 1.0,
             beta: 0.01,
+            dpo_weight: 1.0,
             dpo_variant: DpoVariant::Sigmoid,
             freeze: Vec::new(),
             train_only: Vec::new(),

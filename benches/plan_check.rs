@@ -182,6 +182,7 @@ fn run_one(shape: &Shape) {
         schedule: LrSchedule::warmup_constant(1e-5, 0),
         max_grad_norm: 1.0,
         beta: 0.01,
+        dpo_weight: 1.0,
         dpo_variant: DpoVariant::Sigmoid,
         freeze: Vec::new(),
         train_only: Vec::new(),

@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::controller::{Controller, ControllerSection, PhaseEntry, PhaseSettings};
 use crate::general::GeneralConfig;
 use crate::label::Phase;
 use crate::mix::MixConfig;
@@ -552,6 +553,70 @@ impl DreamSection {
     }
 }
 
+/// `phase`: one phase for the whole run, or a schedule of `[[phase]]` tables.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum PhaseSpec {
+    /// `phase = "sft"`: one phase, switched by hand (a hot setting).
+    Fixed(Phase),
+    /// `[[phase]]` tables, run in order (cold: a change needs a restart).
+    Schedule(Vec<PhaseEntry>),
+}
+
+impl PhaseSpec {
+    /// The phase whose steps need the most memory (a DPO pair is two sequences through
+    /// the policy and the reference), for the memory plan.
+    pub fn heaviest(&self) -> Phase {
+        match self {
+            PhaseSpec::Fixed(p) => *p,
+            PhaseSpec::Schedule(entries) => {
+                let has = |k: Phase| entries.iter().any(|e| e.kind == k);
+                if has(Phase::Dpo) {
+                    Phase::Dpo
+                } else if has(Phase::Mixed) {
+                    Phase::Mixed
+                } else {
+                    Phase::Sft
+                }
+            }
+        }
+    }
+
+    /// The phase a fresh run starts in.
+    pub fn first(&self) -> Phase {
+        match self {
+            PhaseSpec::Fixed(p) => *p,
+            PhaseSpec::Schedule(entries) => entries.first().map_or(Phase::Sft, |e| e.kind),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PhaseSpec {
+    /// A string or an array of tables, each with its own error (serde's untagged enums only
+    /// say that no variant matched).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Spec;
+        impl<'de> serde::de::Visitor<'de> for Spec {
+            type Value = PhaseSpec;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("\"sft\", \"dpo\" or \"mixed\", or [[phase]] tables")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<PhaseSpec, E> {
+                use serde::de::IntoDeserializer;
+                Phase::deserialize(s.into_deserializer()).map(PhaseSpec::Fixed)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<PhaseSpec, A::Error> {
+                Vec::<PhaseEntry>::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+                    .map(PhaseSpec::Schedule)
+            }
+        }
+        d.deserialize_any(Spec)
+    }
+}
+
 /// The whole file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -564,8 +629,12 @@ pub struct DreamConfig {
     /// serving it beyond this machine must be a written decision, not a typo.
     #[serde(default)]
     pub metrics_public: bool,
-    /// `sft`, `dpo` or `mixed` (hot-reloadable).
-    pub phase: Phase,
+    /// `phase = "sft" | "dpo" | "mixed"` (hot-reloadable), or a schedule of `[[phase]]`
+    /// tables that the experiment controller advances on its own ([`crate::controller`]).
+    pub phase: PhaseSpec,
+    /// `[controller]`: when lr rises and replay is targeted.
+    #[serde(default)]
+    pub controller: ControllerSection,
     /// `[model]`.
     pub model: ModelSection,
     /// `[train]`.
@@ -637,8 +706,8 @@ pub struct HotSettings {
     pub eval_every_n_steps: u64,
     /// The rollback policy.
     pub rollback: Policy,
-    /// SFT, DPO or mixed.
-    pub phase: Phase,
+    /// SFT, DPO or mixed; `None` with a `[[phase]]` schedule (the controller's to change).
+    pub phase: Option<Phase>,
 }
 
 impl DreamConfig {
@@ -871,6 +940,101 @@ impl DreamConfig {
                 format!("{} is outside 1..=4096", o.max_new_tokens),
             );
         }
+        if let PhaseSpec::Schedule(entries) = &self.phase {
+            if entries.is_empty() {
+                bad(
+                    "phase",
+                    "a schedule needs at least one [[phase]] table".into(),
+                );
+            }
+            for (i, e) in entries.iter().enumerate() {
+                let at = |field: &str| format!("phase[{i}].{field}");
+                let last = i + 1 == entries.len();
+                for (field, value) in [("lr", e.lr), ("dpo_lr", e.dpo_lr), ("beta", e.beta)] {
+                    if let Some(v) = value {
+                        if !(v.is_finite() && v > 0.0) {
+                            bad(&at(field), format!("{v} must be a positive number"));
+                        }
+                    }
+                }
+                if e.dpo_lr.is_some() && e.kind != Phase::Mixed {
+                    bad(
+                        &at("dpo_lr"),
+                        "only a mixed phase has a separate DPO lr".into(),
+                    );
+                }
+                let lr = e.lr.unwrap_or(self.train.lr);
+                if let Some(max) = e.max_lr {
+                    if !(max.is_finite() && max >= lr) {
+                        bad(
+                            &at("max_lr"),
+                            format!("{max} must be at least the phase's lr {lr}"),
+                        );
+                    }
+                }
+                if e.rebase_reference.is_some() && e.kind == Phase::Sft {
+                    bad(
+                        &at("rebase_reference"),
+                        "an sft phase has no DPO reference".into(),
+                    );
+                }
+                match (&e.until, last) {
+                    (Some(_), true) => bad(
+                        &at("until"),
+                        "the last phase runs for ever; it has nowhere to advance to".into(),
+                    ),
+                    (None, false) => bad(
+                        &at("until"),
+                        "every phase but the last needs `until = { steps = N }` or \
+                         `until = { flawed_margin_gain = X, clean_evals = N }`"
+                            .into(),
+                    ),
+                    (Some(u), false) => {
+                        if u.steps.is_none() && u.flawed_margin_gain.is_none() {
+                            bad(
+                                &at("until"),
+                                "set `steps`, `flawed_margin_gain` or both".into(),
+                            );
+                        }
+                        if u.steps == Some(0) {
+                            bad(&at("until.steps"), "must be at least 1".into());
+                        }
+                        if u.flawed_margin_gain.is_some_and(|g| !g.is_finite()) {
+                            bad(&at("until.flawed_margin_gain"), "must be a number".into());
+                        }
+                        if u.clean_evals == 0 {
+                            bad(&at("until.clean_evals"), "must be at least 1".into());
+                        }
+                    }
+                    (None, true) => {}
+                }
+            }
+        }
+        let c = &self.controller;
+        if !(c.stall_margin.is_finite() && c.stall_margin >= 0.0) {
+            bad(
+                "controller.stall_margin",
+                format!("{} must be ≥ 0", c.stall_margin),
+            );
+        }
+        if !(c.stall_attention.is_finite() && c.stall_attention >= 0.0) {
+            bad(
+                "controller.stall_attention",
+                format!("{} must be ≥ 0", c.stall_attention),
+            );
+        }
+        if !(c.lr_raise_factor.is_finite() && c.lr_raise_factor > 1.0) {
+            bad(
+                "controller.lr_raise_factor",
+                format!("{} must be above 1", c.lr_raise_factor),
+            );
+        }
+        if !(c.targeted_replay_factor.is_finite() && c.targeted_replay_factor >= 1.0) {
+            bad(
+                "controller.targeted_replay_factor",
+                format!("{} must be at least 1 (1: off)", c.targeted_replay_factor),
+            );
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -896,14 +1060,44 @@ impl DreamConfig {
             .unwrap_or(self.model.dtype == crate::model::Precision::Bf16)
     }
 
-    /// The trainer's settings; `pad_id` comes from the model.
+    /// The experiment controller: the phases resolved against `[train]`, `[controller]`,
+    /// and the rollback guards. A fixed `phase` is a one-phase schedule that never ends.
+    pub fn controller(&self) -> Controller {
+        let phases = match &self.phase {
+            PhaseSpec::Fixed(kind) => vec![PhaseSettings {
+                kind: *kind,
+                lr: self.train.lr,
+                dpo_weight: 1.0,
+                beta: self.train.beta,
+                max_lr: 10.0 * self.train.lr,
+                rebase_reference: false,
+                until: None,
+            }],
+            PhaseSpec::Schedule(entries) => entries
+                .iter()
+                .map(|e| e.resolve(self.train.lr, self.train.beta))
+                .collect(),
+        };
+        Controller {
+            phases,
+            settings: self.controller,
+            guards: self.rollback.clone(),
+        }
+    }
+
+    /// The trainer's settings; `pad_id` comes from the model. The lr and β are the first
+    /// phase's.
     pub fn trainer_config(&self, pad_id: u32) -> TrainerConfig {
         let t = &self.train;
+        let first = *self.controller().phase(0);
+        let mut schedule = self.schedule();
+        schedule.scale(first.lr / t.lr);
         TrainerConfig {
             optimizer: t.optimizer.clone(),
-            schedule: self.schedule(),
+            schedule,
             max_grad_norm: t.max_grad_norm,
-            beta: t.beta,
+            beta: first.beta,
+            dpo_weight: first.dpo_weight,
             dpo_variant: t.dpo_variant,
             freeze: t.freeze.clone(),
             train_only: t.train_only.clone(),
@@ -938,7 +1132,10 @@ impl DreamConfig {
             replay_ratio: self.data.replay_ratio,
             eval_every_n_steps: self.eval.every_n_steps,
             rollback: self.rollback.clone(),
-            phase: self.phase,
+            phase: match self.phase {
+                PhaseSpec::Fixed(p) => Some(p),
+                PhaseSpec::Schedule(_) => None,
+            },
         }
     }
 
@@ -960,15 +1157,21 @@ impl DreamConfig {
         let b = other;
         let mut out = Vec::new();
         // Neutralise the hot settings, then compare section by section.
-        a.train.lr = b.train.lr;
+        // With a schedule the phases set the lr: `train.lr` (their default) and the phases
+        // themselves need a restart.
+        if let (PhaseSpec::Fixed(_), PhaseSpec::Fixed(_)) = (&a.phase, &b.phase) {
+            a.train.lr = b.train.lr;
+            a.phase = b.phase.clone();
+        }
         a.data.replay_ratio = b.data.replay_ratio;
         a.eval.every_n_steps = b.eval.every_n_steps;
         a.rollback = b.rollback.clone();
-        a.phase = b.phase;
         for (name, differs) in [
             ("state_dir", a.state_dir != b.state_dir),
             ("metrics_addr", a.metrics_addr != b.metrics_addr),
             ("metrics_public", a.metrics_public != b.metrics_public),
+            ("phase", a.phase != b.phase),
+            ("controller", a.controller != b.controller),
             ("model", a.model != b.model),
             ("train", a.train != b.train),
             ("data", a.data != b.data),
@@ -977,6 +1180,7 @@ impl DreamConfig {
             ("queues", a.queues != b.queues),
             ("supervisor", a.supervisor != b.supervisor),
             ("dream", a.dream != b.dream),
+            ("on_policy", a.on_policy != b.on_policy),
         ] {
             if differs {
                 out.push(name);
@@ -992,7 +1196,8 @@ impl DreamConfig {
             state_dir: state_dir.to_path_buf(),
             metrics_addr: "127.0.0.1:0".into(),
             metrics_public: false,
-            phase: Phase::Sft,
+            phase: PhaseSpec::Fixed(Phase::Sft),
+            controller: ControllerSection::default(),
             model: ModelSection {
                 spec: "tiny".into(),
                 backend: Backend::Cpu,
@@ -1160,6 +1365,63 @@ mod tests {
         }
     }
 
+    /// `[[phase]]` tables parse next to the other tables, resolve against `[train]`, and a
+    /// bad schedule names each bad field; a schedule is a cold setting.
+    #[test]
+    fn a_phase_schedule_parses_validates_and_is_cold() {
+        let tiny = DreamConfig::tiny(Path::new("scenarios"), Path::new("state"));
+        let text = toml::to_string(&tiny)
+            .unwrap()
+            .replace("phase = \"sft\"\n", "")
+            + r#"
+[[phase]]
+kind = "sft"
+lr = 1e-5
+until = { steps = 40 }
+
+[[phase]]
+kind = "dpo"
+lr = 5e-7
+beta = 0.01
+"#;
+        let c = DreamConfig::parse(&text, Path::new("x.toml")).expect("parses");
+        c.validate().expect("valid");
+        let controller = c.controller();
+        assert_eq!(controller.phases.len(), 2);
+        assert_eq!(controller.phases[1].beta, 0.01);
+        assert!(controller.phases[1].rebase_reference);
+        assert_eq!(c.phase.first(), Phase::Sft);
+        assert_eq!(c.phase.heaviest(), Phase::Dpo);
+        assert_eq!(
+            c.hot().phase,
+            None,
+            "the schedule is the controller's, not a reload's"
+        );
+        assert_eq!(
+            c.trainer_config(0).schedule.lr_at(1_000),
+            1e-5,
+            "the first phase's lr"
+        );
+        assert_eq!(tiny.cold_differences(&c), vec!["phase"]);
+
+        let bad = text.replace("until = { steps = 40 }", "") + "until = { steps = 0 }\n";
+        let errors = DreamConfig::parse(&bad, Path::new("x.toml"))
+            .unwrap()
+            .validate()
+            .expect_err("invalid");
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            vec!["phase[0].until", "phase[1].until"],
+            "{errors:?}"
+        );
+        let typo = text.replace("beta = 0.01", "betta = 0.01");
+        let e = DreamConfig::parse(&typo, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("betta"), "{e}");
+    }
+
     #[test]
     fn tiny_is_valid_and_hot_differences_are_not_cold() {
         let a = DreamConfig::tiny(Path::new("scenarios"), Path::new("state"));
@@ -1167,7 +1429,7 @@ mod tests {
         let mut b = a.clone();
         b.train.lr = 1e-4;
         b.data.replay_ratio = 0.4;
-        b.phase = Phase::Dpo;
+        b.phase = PhaseSpec::Fixed(Phase::Dpo);
         b.rollback.patience = 5;
         b.eval.every_n_steps = 7;
         assert!(a.cold_differences(&b).is_empty());

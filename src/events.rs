@@ -28,6 +28,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::controller::Why;
 use crate::rollback::{Adjustments, EvalMetrics, PauseReason, RollbackReason};
 
 /// File name of the event log inside the state directory.
@@ -122,12 +123,43 @@ pub enum Event {
         /// The failure that caused it, as text.
         reason: String,
     },
-    /// The training phase changed (for instance SFT → DPO).
+    /// The training phase changed (for instance SFT → DPO): by hand (a reload), or by the
+    /// experiment controller's schedule.
     PhaseChange {
         /// Phase left.
         from: String,
         /// Phase entered.
         to: String,
+        /// The `[[phase]]` index entered (absent: a reload of a fixed phase).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        index: Option<usize>,
+        /// Why the controller ended the previous phase.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<Why>,
+        /// The peak lr of the phase entered.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lr: Option<f64>,
+        /// The step whose weights became the DPO reference, if the phase re-based it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reference_step: Option<u64>,
+    },
+    /// The experiment controller raised the learning rate (the signals were flat).
+    LrRaised {
+        /// Peak lr before.
+        from: f64,
+        /// Peak lr after.
+        to: f64,
+        /// Why.
+        reason: Why,
+    },
+    /// The experiment controller re-weighted a general replay source (targeted replay).
+    ReplayWeight {
+        /// The source (`arithmetic`, `code`, `reasoning`, `text`).
+        source: String,
+        /// Its multiplier on the configured weight now (1: restored).
+        boost: f64,
+        /// Why.
+        reason: Why,
     },
     /// Something an operator should look at that did not stop the loop.
     Alarm {

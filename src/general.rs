@@ -684,6 +684,16 @@ impl GeneralReplay {
         }
     }
 
+    /// Replaces the sources' relative weights (the controller's targeted replay).
+    pub fn set_weights(&mut self, weights: [f64; 4]) {
+        self.config.weights = weights;
+    }
+
+    /// The sources' relative weights in force.
+    pub fn weights(&self) -> [f64; 4] {
+        self.config.weights
+    }
+
     /// The next general example.
     pub fn next_example(&mut self) -> Example {
         let mut w = self.config.weights.map(|x| x.max(0.0));

@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod controller;
 pub mod convo;
 pub mod dream;
 pub mod durable;
@@ -12,6 +13,7 @@ pub mod eval;
 pub mod events;
 pub mod example;
 pub mod general;
+pub mod history;
 pub mod label;
 pub mod metrics;
 pub mod mix;

@@ -18,7 +18,8 @@
 //!   nats, perplexity, a learning rate, a count of items now) carry no unit word;
 //! - `_total` on counters and only on counters, after the unit (`…_seconds_total`);
 //! - never `_bucket`, `_sum`, `_count` or `_info` endings that clash with the series Prometheus
-//!   derives, except the one `dreamloop_build_info` by convention.
+//!   derives, except the identity gauges of 1 by convention: `dreamloop_build_info` (the
+//!   version) and `dreamloop_loop_run_info` (the run id).
 //!
 //! # Labels
 //!
@@ -72,6 +73,8 @@ pub enum LabelValues {
     LayerIndex,
     /// The build's version string: one value per process.
     Version,
+    /// The run's id (`<state_dir>/run.json`): one value per state directory.
+    RunId,
 }
 
 /// A label a metric carries, with its bounded value set.
@@ -92,7 +95,7 @@ impl Label {
             LabelValues::LayerIndex => {
                 value.bytes().all(|b| b.is_ascii_digit()) && value.parse::<u16>().is_ok()
             }
-            LabelValues::Version => !value.is_empty(),
+            LabelValues::Version | LabelValues::RunId => !value.is_empty(),
         }
     }
 }
@@ -207,6 +210,27 @@ pub mod labels {
         name: "version",
         values: LabelValues::Version,
     };
+    /// The run's id, made when its state directory was first used.
+    pub const RUN_ID: Label = Label {
+        name: "run_id",
+        values: LabelValues::RunId,
+    };
+    /// Why the experiment controller acted (`controller::Why`).
+    pub const CONTROL_REASON: Label = Label {
+        name: "reason",
+        values: LabelValues::OneOf(&[
+            "steps",
+            "criteria",
+            "stall",
+            "probe_breach",
+            "probe_recovered",
+        ]),
+    };
+    /// The general replay sources (`controller::REPLAY_SOURCES`).
+    pub const REPLAY_SOURCE: Label = Label {
+        name: "source",
+        values: LabelValues::OneOf(&crate::controller::REPLAY_SOURCES),
+    };
 }
 
 /// The subsystems a name may start with (after `dreamloop_`).
@@ -270,6 +294,12 @@ pub mod names {
     pub const POLICY_LR_FACTOR_RATIO: &str = "dreamloop_policy_lr_factor_ratio";
 
     pub const MIX_REPLAY_RATIO: &str = "dreamloop_mix_replay_ratio";
+    pub const MIX_REPLAY_WEIGHT: &str = "dreamloop_mix_replay_weight";
+    pub const TRAIN_PHASE_INDEX: &str = "dreamloop_train_phase_index";
+    pub const TRAIN_PHASE_CHANGES_TOTAL: &str = "dreamloop_train_phase_changes_total";
+    pub const TRAIN_LR_BOOST: &str = "dreamloop_train_lr_boost";
+    pub const TRAIN_LR_RAISES_TOTAL: &str = "dreamloop_train_lr_raises_total";
+    pub const LOOP_RUN_INFO: &str = "dreamloop_loop_run_info";
 
     pub const CHECKPOINT_WRITES_TOTAL: &str = "dreamloop_checkpoint_writes_total";
     pub const CHECKPOINT_WRITE_FAILURES_TOTAL: &str = "dreamloop_checkpoint_write_failures_total";
@@ -397,6 +427,17 @@ pub const CATALOGUE: &[MetricDef] = &[
         "Multiplier on the configured learning rate left by rollbacks (1 = none)."),
     def(MIX_REPLAY_RATIO, Gauge, Ratio, &[],
         "Share of general-replay examples per batch in force."),
+    def(MIX_REPLAY_WEIGHT, Gauge, Dimensionless, &[REPLAY_SOURCE],
+        "Relative weight of a general replay source in force (a breached probe's is multiplied)."),
+    // The experiment controller (phases, lr raises, targeted replay).
+    def(TRAIN_PHASE_INDEX, Gauge, Dimensionless, &[],
+        "Index of the [[phase]] in force (0: the first, or the one fixed phase)."),
+    def(TRAIN_PHASE_CHANGES_TOTAL, Counter, Dimensionless, &[CONTROL_REASON],
+        "Phase changes made by the controller, by the condition that ended the phase."),
+    def(TRAIN_LR_BOOST, Gauge, Dimensionless, &[],
+        "Multiplier on the phase's learning rate from stall raises (1 = none)."),
+    def(TRAIN_LR_RAISES_TOTAL, Counter, Dimensionless, &[],
+        "Learning-rate raises by the controller after flat evaluations."),
     // Checkpoints.
     def(CHECKPOINT_WRITES_TOTAL, Counter, Dimensionless, &[],
         "Checkpoints written completely (manifest in place)."),
@@ -451,6 +492,8 @@ pub const CATALOGUE: &[MetricDef] = &[
         "Unix time at which the daemon started."),
     def(BUILD_INFO, Gauge, Dimensionless, &[VERSION],
         "Always 1; the version label names the running build."),
+    def(LOOP_RUN_INFO, Gauge, Dimensionless, &[RUN_ID],
+        "Always 1; the run_id label names the run (its state directory's run.json)."),
 ];
 
 /// The catalogue entry for `name`, if there is one.

@@ -184,7 +184,7 @@ impl PlanSettings {
             dtype,
             recompute,
             logits_chunk,
-            phase: config.phase,
+            phase: config.phase.heaviest(),
             seq_len: t.max_seq_len,
             batch: t.batch_size,
             reference: if config.model.stream_reference {

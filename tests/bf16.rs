@@ -255,6 +255,7 @@ fn settings_with(optimizer: OptimizerConfig, lr: f64) -> TrainerConfig {
         schedule: LrSchedule::warmup_constant(lr, 0),
         max_grad_norm: 1.0,
         beta: 0.1,
+        dpo_weight: 1.0,
         dpo_variant: DpoVariant::Sigmoid,
         freeze: Vec::new(),
         train_only: Vec::new(),

@@ -65,6 +65,10 @@ fn sample_events() -> Vec<(u64, Event)> {
             Event::PhaseChange {
                 from: "sft".into(),
                 to: "dpo".into(),
+                index: None,
+                reason: None,
+                lr: None,
+                reference_step: None,
             },
         ),
         (

@@ -77,10 +77,10 @@ fn rule_violations(def: &MetricDef) -> Vec<String> {
             ));
         }
     }
-    if base.ends_with("_info")
-        && !(def.kind == MetricKind::Gauge && def.labels == [labels::VERSION].as_slice())
+    let identity = [[labels::VERSION].as_slice(), [labels::RUN_ID].as_slice()];
+    if base.ends_with("_info") && !(def.kind == MetricKind::Gauge && identity.contains(&def.labels))
     {
-        fail("`_info` is only for a gauge of 1 carrying the version label");
+        fail("`_info` is only for a gauge of 1 carrying the version or the run id label");
     }
     for type_word in ["_counter", "_gauge", "_histogram"] {
         if base.contains(type_word) {

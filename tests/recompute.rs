@@ -48,6 +48,7 @@ fn settings(recompute: bool, logits_chunk: usize, freeze: &[&str]) -> TrainerCon
         schedule: LrSchedule::warmup_constant(1e-5, 0),
         max_grad_norm: 1.0,
         beta: 0.1,
+        dpo_weight: 1.0,
         dpo_variant: DpoVariant::Sigmoid,
         freeze: freeze.iter().map(|s| s.to_string()).collect(),
         train_only: Vec::new(),

@@ -160,6 +160,7 @@ fn trainer_settings() -> TrainerConfig {
         schedule: LrSchedule::warmup_constant(1e-3, 0),
         max_grad_norm: 1.0,
         beta: 0.1,
+        dpo_weight: 1.0,
         dpo_variant: Default::default(),
         freeze: Vec::new(),
         train_only: Vec::new(),

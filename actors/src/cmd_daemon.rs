@@ -245,7 +245,13 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         }
     );
     println!("step        {}", status.step);
-    println!("phase       {:?}", status.phase);
+    println!(
+        "phase       {:?} (phase {} of the schedule)",
+        status.phase, status.phase_index
+    );
+    if !status.run_id.is_empty() {
+        println!("run         {}", status.run_id);
+    }
     println!(
         "paused      {}{}",
         status.paused,
@@ -255,8 +261,19 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             ""
         }
     );
-    println!("lr          {:.3e}", status.lr);
-    println!("replay      {:.2}", status.replay_ratio);
+    println!(
+        "lr          {:.3e}{}",
+        status.lr,
+        if status.lr_boost != 1.0 {
+            format!(" (raised ×{} after flat evaluations)", status.lr_boost)
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "replay      {:.2}, weights arithmetic/code/reasoning/text {:?}",
+        status.replay_ratio, status.replay_weights
+    );
     println!(
         "good/latest {:?} / {:?}",
         status.good_step, status.latest_step

@@ -299,6 +299,7 @@ fn step(args: StepArgs) -> anyhow::Result<ExitCode> {
         ),
         max_grad_norm: 1.0,
         beta: 0.01,
+        dpo_weight: 1.0,
         dpo_variant: DpoVariant::Sigmoid,
         freeze: args.freeze.clone(),
         train_only: Vec::new(),

@@ -134,6 +134,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         schedule: LrSchedule::warmup_constant(lr, args.warmup_steps),
         max_grad_norm: args.max_grad_norm,
         beta: args.beta,
+        dpo_weight: 1.0,
         dpo_variant: if args.loss == LossKind::Ipo {
             DpoVariant::Ipo
         } else {

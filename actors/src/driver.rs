@@ -21,9 +21,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
-use dreamloop::config::{DreamConfig, OnWriteError};
+use dreamloop::config::{DreamConfig, OnWriteError, PhaseSpec};
+use dreamloop::controller::{Action, Controller, ControllerState};
 use dreamloop::events::{rfc3339_utc, Event, EventLog};
 use dreamloop::example::Example;
+use dreamloop::history::{EvalLog, RunInfo};
 use dreamloop::label::Phase;
 use dreamloop::rollback::{Policy, PolicyState};
 use ractor::RpcReplyPort;
@@ -163,6 +165,20 @@ pub(crate) struct Driver {
     paused_ping: Duration,
     /// The share of wall time spent in steps.
     duty: DutyCycle,
+    /// The last duty-cycle reading, for `evals.jsonl`.
+    pub(crate) last_duty: f64,
+    /// The experiment controller: phases, lr raises, targeted replay (`experiment.rs`).
+    pub(crate) controller: Controller,
+    /// Its memory, persisted with each checkpoint.
+    pub(crate) controller_state: ControllerState,
+    /// Its decisions not yet carried out.
+    pub(crate) controller_actions: Vec<Action>,
+    /// `evals.jsonl`, opened at the first evaluation.
+    pub(crate) evals: Option<EvalLog>,
+    /// The run (`run.json`).
+    pub(crate) run: RunInfo,
+    /// Examples trained in this run (rolled-back ones included).
+    pub(crate) examples_trained: u64,
 }
 
 /// How long a duty-cycle window runs before it starts over.
@@ -221,13 +237,34 @@ impl Driver {
             cancel_eval,
         } = start;
         let run = resumed.as_ref().map(|(_, run)| run);
+        let controller = config.controller();
+        let controller_state = run.map(|r| r.controller.clone()).unwrap_or_default();
+        let phase = match config.phase {
+            PhaseSpec::Fixed(first) => run.map_or(first, |r| r.phase),
+            PhaseSpec::Schedule(_) => controller.phase(controller_state.phase_index).kind,
+        };
+        let run_info = RunInfo::load_or_create(&config.state_dir).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "Could not write run.json; this run's id is not kept.");
+            RunInfo {
+                run_id: "unsaved".into(),
+                started_unix: 0,
+            }
+        });
+        telemetry::set_run_id(&run_info.run_id);
         Driver {
             timeout: Duration::from_secs(config.supervisor.call_timeout_seconds),
             trained,
             step: resumed.as_ref().map_or(0, |(step, _)| *step),
             latest: resumed.as_ref().map(|(step, _)| *step),
-            peak_lr: run.map_or(config.train.lr, |r| r.peak_lr),
-            phase: run.map_or(config.phase, |r| r.phase),
+            peak_lr: run.map_or(controller.peak_lr(&controller_state), |r| r.peak_lr),
+            phase,
+            examples_trained: run.map_or(0, |r| r.examples_trained),
+            last_duty: 0.0,
+            controller,
+            controller_state,
+            controller_actions: Vec::new(),
+            evals: None,
+            run: run_info,
             on_policy_log: None,
             eval_every: run.map_or(config.eval.every_n_steps, |r| r.eval_every_n_steps),
             policy: config.rollback.clone(),
@@ -272,7 +309,7 @@ impl Driver {
             self.requeue(abandoned).await?;
             self.trained.rewind(self.step).map_err(StepError::Local)?;
         }
-        self.apply_configured_lr().await?;
+        self.apply_controller_settings().await?;
         let needs_baseline = self.policy_state.baseline.is_none() || self.policy_state.remeasure;
         if needs_baseline {
             // The verdict's checkpoint (MarkGood) is written by the evaluation itself.
@@ -464,6 +501,9 @@ impl Driver {
                 News::Restarted(n) if n > self.restarts => {
                     self.restarts = n;
                     self.sync_position().await?;
+                    // A restarted actor starts from the config: the controller's settings
+                    // again.
+                    self.apply_controller_settings().await?;
                     return Ok(None);
                 }
                 _ => {}
@@ -609,27 +649,15 @@ impl Driver {
         Ok(())
     }
 
-    /// A changed `train.lr` since the checkpoint applies as a scale of the restored curve.
-    async fn apply_configured_lr(&mut self) -> Result<(), StepError> {
-        let wanted = self.config.train.lr;
-        if (wanted - self.peak_lr).abs() > f64::EPSILON * wanted {
-            let factor = wanted / self.peak_lr;
-            self.lr = self
-                .ask(TRAINER, |reply| TrainerMsg::ScaleLr(factor, reply))
-                .await?;
-            tracing::info!(
-                from = self.peak_lr,
-                to = wanted,
-                "train.lr changed since the checkpoint; applied."
-            );
-            self.peak_lr = wanted;
-        }
-        Ok(())
-    }
-
     /// SFT, DPO or mixed, as in force now.
     pub(crate) fn phase(&self) -> Phase {
         self.phase
+    }
+
+    /// Sets the phase in force (the controller's schedule; the labeler is told by the
+    /// caller).
+    pub(crate) fn set_phase(&mut self, phase: Phase) {
+        self.phase = phase;
     }
 
     async fn one_step(&mut self) -> Result<(), StepError> {
@@ -641,7 +669,8 @@ impl Driver {
         let outcome = self
             .ask(TRAINER, |reply| TrainerMsg::TrainOn(sent, reply))
             .await?;
-        telemetry::set_duty_cycle(self.duty.add(started.elapsed()));
+        self.last_duty = self.duty.add(started.elapsed());
+        telemetry::set_duty_cycle(self.last_duty);
         match outcome {
             StepOutcome::Trained(report) => {
                 telemetry::record_step(&report);
@@ -649,6 +678,7 @@ impl Driver {
                 self.step = report.step;
                 self.last_loss = Some(report.loss);
                 self.lr = report.lr;
+                let trained = examples.len();
                 self.trained
                     .append(TrainedStep {
                         step: report.step,
@@ -657,6 +687,7 @@ impl Driver {
                     })
                     .map_err(StepError::Local)?;
                 self.status_line(&report);
+                self.control_after_step(trained).await?;
             }
             StepOutcome::Skipped { reason, non_finite } => {
                 self.skipped += 1;
@@ -784,6 +815,8 @@ impl Driver {
             eval_every_n_steps: self.eval_every,
             ledger_position,
             convo_cursor,
+            controller: self.controller_state.clone(),
+            examples_trained: self.examples_trained,
         };
         self.shared.lock().expect("shared state lock").mixer = Some((mixer, replay_ratio));
         Ok(self
@@ -811,27 +844,18 @@ impl Driver {
             tracing::warn!(sections = ?cold, "Reload: these settings need a restart and were not applied.");
         }
         let hot = new.hot();
-        if (hot.lr - self.peak_lr).abs() > f64::EPSILON * hot.lr {
-            let factor = hot.lr / self.peak_lr;
-            match self
-                .ask(TRAINER, |reply| TrainerMsg::ScaleLr(factor, reply))
-                .await
-            {
-                Ok(lr) => {
-                    tracing::info!(
-                        from = self.peak_lr,
-                        to = hot.lr,
-                        next_lr = lr,
-                        "Reload: learning rate changed."
-                    );
-                    self.peak_lr = hot.lr;
-                    self.lr = lr;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "Reload: could not change the learning rate.")
-                }
+        // A fixed phase's lr is the operator's (times the controller's stall boost); a
+        // schedule's phases set theirs, and a change to them needs a restart.
+        if let PhaseSpec::Fixed(_) = self.config.phase {
+            let first = &mut self.controller.phases[0];
+            first.lr = hot.lr;
+            first.max_lr = 10.0 * hot.lr;
+            let wanted = self.controller.peak_lr(&self.controller_state);
+            if let Err(e) = self.set_peak_lr(wanted).await {
+                tracing::error!(error = %e, "Reload: could not change the learning rate.");
             }
         }
+        self.controller.guards = hot.rollback.clone();
         let ratio = hot.replay_ratio;
         match self
             .try_ask(MIXER, |reply| MixerMsg::SetReplayRatio(ratio, reply))
@@ -842,13 +866,17 @@ impl Driver {
         }
         self.eval_every = hot.eval_every_n_steps;
         self.policy = hot.rollback;
-        if hot.phase != self.phase {
-            self.tell(LABELER, LabelerMsg::SetPhase(hot.phase));
+        if let Some(phase) = hot.phase.filter(|p| *p != self.phase) {
+            self.tell(LABELER, LabelerMsg::SetPhase(phase));
             self.record(Event::PhaseChange {
                 from: format!("{:?}", self.phase).to_lowercase(),
-                to: format!("{:?}", hot.phase).to_lowercase(),
+                to: format!("{phase:?}").to_lowercase(),
+                index: None,
+                reason: None,
+                lr: None,
+                reference_step: None,
             });
-            self.phase = hot.phase;
+            self.phase = phase;
         }
         tracing::info!(
             lr = self.peak_lr,
@@ -903,6 +931,10 @@ impl Driver {
             pid: std::process::id(),
             step: self.step,
             phase: self.phase,
+            phase_index: self.controller_state.phase_index,
+            lr_boost: self.controller_state.lr_boost,
+            replay_weights: self.replay_weights(),
+            run_id: self.run.run_id.clone(),
             paused: self.paused,
             paused_by_policy: self.paused_by_policy,
             lr: self.lr,

@@ -53,6 +53,8 @@ pub enum GeneratorMsg {
     Known(Vec<u64>, RpcReplyPort<Vec<bool>>),
     /// fsync the ledger (before a checkpoint); answers its position.
     Sync(RpcReplyPort<Result<u64, ReplyError>>),
+    /// The general sources' relative weights from now on (targeted replay).
+    SetReplayWeights([f64; 4], RpcReplyPort<()>),
 }
 
 /// Start-up arguments.
@@ -155,6 +157,11 @@ impl Actor for GeneratorActor {
                 telemetry::set_ledger_entries(state.generator.ledger().len());
                 let drawn = rendered.map(|rendered| dreamed.into_iter().chain(rendered).collect());
                 let _ = reply.send(drawn.map_err(ReplyError::persistent));
+            }
+            GeneratorMsg::SetReplayWeights(weights, reply) => {
+                state.replay.set_weights(weights);
+                telemetry::set_replay_weights(weights);
+                let _ = reply.send(());
             }
             GeneratorMsg::Replay(n, reply) => {
                 let _ = reply.send(replay(state, n));

@@ -146,7 +146,7 @@ impl Actor for LabelerActor {
         crate::telemetry::set_queue_capacity("examples", args.config.queues.examples);
         Ok(LabelerState {
             labeler: Labeler::new(&LabelConfig {
-                phase: args.config.phase,
+                phase: args.config.phase.first(),
                 ..LabelConfig::default()
             }),
             reader,

@@ -48,6 +48,7 @@ pub mod cmd_plan;
 pub mod cmd_train;
 pub mod dreamer;
 mod driver;
+mod experiment;
 pub mod faults;
 pub mod generator;
 pub mod labeler;

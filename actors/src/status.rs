@@ -17,6 +17,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use dreamloop::controller::ControllerState;
 use dreamloop::convo::Cursor;
 use dreamloop::example::Example;
 use dreamloop::label::Phase;
@@ -60,6 +61,13 @@ pub struct RunState {
     /// The conversation-log cursor at the checkpoint (informational: the live cursor file
     /// may be ahead, and the ledger drops any re-read line).
     pub convo_cursor: Option<Cursor>,
+    /// The experiment controller's memory: phase, lr boost, replay boosts, the re-based
+    /// reference's step (absent in checkpoints written before it existed).
+    #[serde(default)]
+    pub controller: ControllerState,
+    /// Examples trained in this run, rolled-back ones included (the history's x axis).
+    #[serde(default)]
+    pub examples_trained: u64,
 }
 
 /// The last evaluation, as `status.json` shows it.
@@ -109,6 +117,18 @@ pub struct Status {
     pub step: u64,
     /// SFT, DPO or mixed.
     pub phase: Phase,
+    /// The `[[phase]]` index in force (0 for a fixed phase).
+    #[serde(default)]
+    pub phase_index: usize,
+    /// The controller's stall boost of the phase's lr (1: none).
+    #[serde(default = "one")]
+    pub lr_boost: f64,
+    /// General replay weights in force (arithmetic, code, reasoning, text).
+    #[serde(default)]
+    pub replay_weights: [f64; 4],
+    /// The run's id (`run.json`).
+    #[serde(default)]
+    pub run_id: String,
     /// Paused (by an operator or by the policy).
     pub paused: bool,
     /// Paused by the rollback policy (needs an operator's resume).
@@ -131,6 +151,10 @@ pub struct Status {
     pub skipped_steps: u64,
     /// Last update, RFC 3339 UTC.
     pub updated: String,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// Writes `bytes` to `path` atomically and durably, mode 0600 (see

@@ -391,6 +391,34 @@ pub fn set_dream_server_up(up: bool) {
     gauge(names::DREAM_SERVER_UP, &[]).set(if up { 1.0 } else { 0.0 });
 }
 
+/// The run this daemon trains (`dreamloop_loop_run_info{run_id}`).
+pub fn set_run_id(run_id: &str) {
+    gauge(names::LOOP_RUN_INFO, &[("run_id", run_id)]).set(1.0);
+}
+
+/// The phase in force, and the stall boost of its lr.
+pub fn set_phase(index: usize, lr_boost: f64) {
+    gauge(names::TRAIN_PHASE_INDEX, &[]).set(index as f64);
+    gauge(names::TRAIN_LR_BOOST, &[]).set(lr_boost);
+}
+
+/// The controller changed the phase (`why`: `controller::Why`'s label).
+pub fn record_phase_change(why: &str) {
+    counter(names::TRAIN_PHASE_CHANGES_TOTAL, &[("reason", why)]).increment(1);
+}
+
+/// The controller raised the lr after a stall.
+pub fn record_lr_raise() {
+    counter(names::TRAIN_LR_RAISES_TOTAL, &[]).increment(1);
+}
+
+/// The general replay weights in force, in `controller::REPLAY_SOURCES` order.
+pub fn set_replay_weights(weights: [f64; 4]) {
+    for (source, w) in dreamloop::controller::REPLAY_SOURCES.iter().zip(weights) {
+        gauge(names::MIX_REPLAY_WEIGHT, &[("source", source)]).set(w);
+    }
+}
+
 /// The share of the last minute's unpaused wall time spent in steps.
 pub fn set_duty_cycle(ratio: f64) {
     gauge(names::TRAIN_DUTY_CYCLE_RATIO, &[]).set(ratio);
@@ -489,6 +517,7 @@ mod tests {
                     LabelValues::OneOf(values) => values[0].to_string(),
                     LabelValues::LayerIndex => "3".to_string(),
                     LabelValues::Version => VERSION.to_string(),
+                    LabelValues::RunId => "run-0".to_string(),
                 })
                 .collect();
             let pairs: Vec<(&str, &str)> = def

@@ -33,6 +33,7 @@ use dreamloop::example::{Example, Message};
 use dreamloop::model::generate::{chat, Sampling};
 use dreamloop::model::{default_device, ChatMessage, Device, Model, Tokenizer};
 use dreamloop::train::dataset::{tokenize_example, Item};
+use dreamloop::train::rebase;
 use dreamloop::train::reference::{Reference, StreamedReference};
 use dreamloop::train::trainer::{Batch, StepReport, TrainError, Trainer};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -87,6 +88,8 @@ enum Job {
         usize,
         oneshot::Sender<Vec<Result<String, String>>>,
     ),
+    SetPhase(f64, f64, oneshot::Sender<()>),
+    Rebase(PathBuf, oneshot::Sender<Result<(), ReplyError>>),
 }
 
 /// The answer to a save: the checkpoint handed back (to commit or abandon) and whether
@@ -125,6 +128,12 @@ pub enum TrainerMsg {
         usize,
         RpcReplyPort<Vec<Result<String, String>>>,
     ),
+    /// The phase's β and DPO-loss weight (`controller::PhaseSettings`), kept across
+    /// restores of checkpoints saved under another phase.
+    SetPhase(f64, f64, RpcReplyPort<()>),
+    /// The DPO reference becomes the model in this directory (a pinned re-based reference,
+    /// `dreamloop::train::rebase`; errors: persistent).
+    Rebase(PathBuf, RpcReplyPort<Result<(), ReplyError>>),
 }
 
 /// Start-up arguments.
@@ -198,6 +207,12 @@ impl Actor for TrainerActor {
             }
             TrainerMsg::Sample(prompts, max_new_tokens, reply) => {
                 forward(state, |tx| Job::Sample(prompts, max_new_tokens, tx), reply).await
+            }
+            TrainerMsg::SetPhase(beta, weight, reply) => {
+                forward(state, |tx| Job::SetPhase(beta, weight, tx), reply).await
+            }
+            TrainerMsg::Rebase(dir, reply) => {
+                forward(state, |tx| Job::Rebase(dir, tx), reply).await
             }
         }
     }
@@ -315,8 +330,12 @@ fn restored_tokenizer(
 /// Everything the thread owns.
 struct Worker {
     trainer: Trainer,
-    /// The DPO reference (the starting model), kept to rebuild the trainer on restore.
+    /// The DPO reference (the starting model, or a re-based one), kept to rebuild the
+    /// trainer on restore.
     reference: Reference,
+    /// The phase's β and DPO-loss weight, once set: a restored checkpoint keeps its saved
+    /// ones otherwise.
+    phase: Option<(f64, f64)>,
     tokenizer: dreamloop::model::Tokenizer,
     probes: ProbeSuite,
     /// Autodiff device of the policy weights.
@@ -357,6 +376,24 @@ fn take_configured_settings(trainer: &mut Trainer, config: &DreamConfig) {
     }
 }
 
+/// The DPO reference of `spec` (a preset or a model directory): resident on `device`, or
+/// streamed from its files with `[model] stream_reference`.
+fn open_reference(config: &DreamConfig, spec: &str, device: &Device) -> anyhow::Result<Reference> {
+    let precision = config.model.dtype;
+    Ok(if config.model.stream_reference {
+        Reference::Streamed(
+            StreamedReference::open_as(Path::new(spec), device, precision)
+                .with_context(|| format!("opening the streamed reference `{spec}`"))?,
+        )
+    } else {
+        Reference::Resident(
+            Model::open_as(spec, device, precision)
+                .with_context(|| format!("loading reference `{spec}`"))?
+                .lm,
+        )
+    })
+}
+
 /// The payload that unwinds out of a cancelled evaluation (see the module docs).
 struct EvalCancelled;
 
@@ -388,20 +425,7 @@ impl Worker {
         let device = plain.clone().autodiff();
         let spec = &config.model.spec;
         let precision = config.model.dtype;
-        let open_reference = |spec: &str| -> anyhow::Result<Reference> {
-            Ok(if config.model.stream_reference {
-                Reference::Streamed(
-                    StreamedReference::open_as(Path::new(spec), &plain, precision)
-                        .with_context(|| format!("opening the streamed reference `{spec}`"))?,
-                )
-            } else {
-                Reference::Resident(
-                    Model::open_as(spec, &plain, precision)
-                        .with_context(|| format!("loading reference `{spec}`"))?
-                        .lm,
-                )
-            })
-        };
+        let open_reference = |spec: &str| open_reference(config, spec, &plain);
         let (trainer, reference, tokenizer) = match &args.start {
             Start::Fresh => {
                 let model = Model::open_as(spec, &device, precision)
@@ -431,8 +455,15 @@ impl Worker {
             }
             Start::Restore(dir) => {
                 // The policy comes from the checkpoint alone: the starting model is read
-                // again only as the reference (not at all when it is streamed).
-                let reference = open_reference(config.model.reference.as_deref().unwrap_or(spec))?;
+                // again only as the reference (not at all when it is streamed), unless a
+                // phase re-based the reference (its pinned files).
+                let reference = match rebase::pinned(&config.state_dir) {
+                    Some((step, pinned)) => {
+                        tracing::info!(step, dir = %pinned.display(), "The DPO reference is the re-based one.");
+                        open_reference(&pinned.to_string_lossy())?
+                    }
+                    None => open_reference(config.model.reference.as_deref().unwrap_or(spec))?,
+                };
                 let mut trainer =
                     Trainer::restore_as(dir, reference.clone(), &device, precision)
                         .with_context(|| format!("restoring the trainer from {}", dir.display()))?;
@@ -448,6 +479,7 @@ impl Worker {
         Ok(Worker {
             trainer,
             reference,
+            phase: None,
             tokenizer,
             probes,
             device,
@@ -485,6 +517,9 @@ impl Worker {
                     Trainer::restore_as(&dir, self.reference.clone(), &self.device, self.precision)
                         .map(|mut t| {
                             take_configured_settings(&mut t, &self.config);
+                            if let Some((beta, weight)) = self.phase {
+                                t.set_phase_settings(beta, weight);
+                            }
                             telemetry::checkpoint_restored();
                             self.trainer = t;
                             self.trainer.step_count()
@@ -507,6 +542,20 @@ impl Worker {
             }
             Job::Sample(prompts, max_new_tokens, reply) => {
                 let _ = reply.send(self.sample(&prompts, max_new_tokens));
+            }
+            Job::SetPhase(beta, weight, reply) => {
+                self.phase = Some((beta, weight));
+                self.trainer.set_phase_settings(beta, weight);
+                let _ = reply.send(());
+            }
+            Job::Rebase(dir, reply) => {
+                let plain = self.device.clone().inner();
+                let opened =
+                    open_reference(&self.config, &dir.to_string_lossy(), &plain).map(|reference| {
+                        self.reference = reference.clone();
+                        self.trainer.set_reference(reference);
+                    });
+                let _ = reply.send(opened.map_err(|e| ReplyError::persistent(format!("{e:#}"))));
             }
         }
     }

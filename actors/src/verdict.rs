@@ -31,9 +31,16 @@ use crate::trainer::{TrainerMsg, TRAINER};
 use crate::{systemd, telemetry};
 
 impl Driver {
+    /// Evaluates the current weights and carries out the verdict, then the experiment
+    /// controller's decisions (`experiment.rs`).
+    pub(crate) async fn evaluate_and_act(&mut self) -> Result<(), StepError> {
+        self.evaluate_and_judge().await?;
+        self.carry_out_controls().await
+    }
+
     /// Evaluates the current weights and carries out the verdict; after a rollback the
     /// restored GOOD weights are evaluated again (the policy re-measures its baseline).
-    pub(crate) async fn evaluate_and_act(&mut self) -> Result<(), StepError> {
+    async fn evaluate_and_judge(&mut self) -> Result<(), StepError> {
         // The non-finite steps since the last evaluation count in this one's record; the
         // re-evaluation of restored weights after a rollback starts from none.
         let mut non_finite = std::mem::take(&mut self.non_finite_since_eval);
@@ -76,6 +83,7 @@ impl Driver {
             record_telemetry(&report, &ev);
             let _ = systemd::watchdog();
             self.policy_state = after.clone();
+            self.control_after_eval(&report, &ev);
             match ev.verdict {
                 Verdict::Keep { .. } => return Ok(()),
                 Verdict::MarkGood { step } => {

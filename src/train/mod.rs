@@ -10,6 +10,7 @@ pub mod clip;
 pub mod dataset;
 pub mod loss;
 pub mod optim;
+pub mod rebase;
 pub mod recompute;
 pub mod reference;
 pub mod resume;

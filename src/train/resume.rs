@@ -171,6 +171,7 @@ mod tests {
             schedule: LrSchedule::warmup_constant(2e-5, 0),
             max_grad_norm: 1.0,
             beta: 0.1,
+            dpo_weight: 1.0,
             dpo_variant: DpoVariant::Sigmoid,
             freeze: Vec::new(),
             train_only: Vec::new(),
@@ -225,6 +226,7 @@ mod tests {
             optimizer: OptimizerConfig::Apollo(ApolloConfig::mini()),
             freeze: vec!["model.embed_tokens.*".into()],
             beta: 0.2,
+            dpo_weight: 1.0,
             schedule: LrSchedule::warmup_constant(2e-5, 10),
             max_grad_norm: 0.5,
             ..saved()

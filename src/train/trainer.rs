@@ -92,6 +92,10 @@ pub struct TrainerConfig {
     pub max_grad_norm: f64,
     /// DPO temperature β.
     pub beta: f64,
+    /// Weight of the DPO loss in a step that has SFT examples too (a mixed phase's
+    /// `dpo_lr / lr`, see `controller::PhaseSettings::dpo_weight`); 1 otherwise.
+    #[serde(default = "one")]
+    pub dpo_weight: f64,
     pub dpo_variant: DpoVariant,
     /// Parameter-name globs (`*`, `?`) that get no gradient and no optimizer state.
     pub freeze: Vec<String>,
@@ -114,6 +118,10 @@ pub struct TrainerConfig {
     /// once): `[tokens × vocab]` logits never exist whole.
     #[serde(default)]
     pub logits_chunk: usize,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl TrainerConfig {
@@ -305,6 +313,20 @@ impl Trainer {
         reconciled
     }
 
+    /// The phase's DPO settings (the experiment controller's phase change): β and the DPO
+    /// loss's weight in a mixed step.
+    pub fn set_phase_settings(&mut self, beta: f64, dpo_weight: f64) {
+        self.settings.beta = beta;
+        self.settings.dpo_weight = dpo_weight;
+    }
+
+    /// Replaces the DPO reference (a phase that re-bases it on the weights entering it).
+    /// Pairs whose reference log-probs were stored under the old one no longer match its
+    /// key and are computed again.
+    pub fn set_reference(&mut self, reference: Reference) {
+        self.reference = reference;
+    }
+
     /// Multiplies the lr curve (a rollback lowers it).
     pub fn scale_lr(&mut self, factor: f64) {
         self.schedule.scale(factor);
@@ -441,6 +463,8 @@ impl Trainer {
             );
             report.dpo = Some(stats);
             loss = Some(match loss {
+                // Mixed: the DPO loss at its own share of the update.
+                Some(s) if self.settings.dpo_weight != 1.0 => s + l * self.settings.dpo_weight,
                 Some(s) => s + l,
                 None => l,
             });
