@@ -684,6 +684,8 @@ impl Driver {
                         step: report.step,
                         examples,
                         rewind: false,
+                        loss: Some(report.loss),
+                        lr: Some(report.lr),
                     })
                     .map_err(StepError::Local)?;
                 self.status_line(&report);
@@ -699,6 +701,8 @@ impl Driver {
                     step: attempted,
                     examples,
                     rewind: false,
+                    loss: None,
+                    lr: None,
                 }];
                 let quarantined = self
                     .try_ask(CHECKPOINTER, |reply| {

@@ -37,6 +37,9 @@ pub struct Faults {
     slow_eval: Duration,
     /// The checkpoint store's filesystem hook.
     disk: Option<Arc<dyn FaultHook>>,
+    /// Evaluations `[from, to)` (counted from 0, across restarts) report the arithmetic
+    /// probe's accuracy this much lower; the counter.
+    arithmetic_drop: Option<(u32, u32, f64, Arc<AtomicU32>)>,
 }
 
 impl std::fmt::Debug for Faults {
@@ -49,6 +52,10 @@ impl std::fmt::Debug for Faults {
             )
             .field("slow_eval", &self.slow_eval)
             .field("disk", &self.disk.is_some())
+            .field(
+                "arithmetic_drop",
+                &self.arithmetic_drop.as_ref().map(|(a, b, by, _)| (a, b, by)),
+            )
             .finish()
     }
 }
@@ -83,6 +90,25 @@ impl Faults {
             writes: AtomicUsize::new(0),
         }));
         self
+    }
+
+    /// Evaluations `from..to` (the daemon's first evaluation is 0) report the arithmetic
+    /// probe's accuracy `by` lower: a forgetting of arithmetic, as the controller's targeted
+    /// replay sees it.
+    pub fn arithmetic_drop(mut self, from: u32, to: u32, by: f64) -> Faults {
+        self.arithmetic_drop = Some((from, to, by, Arc::new(AtomicU32::new(0))));
+        self
+    }
+
+    /// Applies the arithmetic drop to an evaluation's report, counting the evaluation.
+    pub fn after_eval(&self, report: &mut dreamloop::eval::EvalReport) {
+        if let Some((from, to, by, seen)) = &self.arithmetic_drop {
+            let n = seen.fetch_add(1, Ordering::SeqCst);
+            if (*from..*to).contains(&n) {
+                tracing::warn!(evaluation = n, by, "Fault injection: arithmetic accuracy reported lower.");
+                report.arithmetic.accuracy -= by;
+            }
+        }
     }
 
     /// The trainer's decision for the step `next` it is about to take.

@@ -229,6 +229,12 @@ fn refused_train_changes(config: &DreamConfig, dir: &Path) -> anyhow::Result<Vec
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let saved: TrainerState =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    let configured = config.trainer_config(saved.config.pad_id);
+    let mut configured = config.trainer_config(saved.config.pad_id);
+    if let dreamloop::config::PhaseSpec::Schedule(_) = config.phase {
+        // β and the DPO-loss weight are the phase's: the controller sets them on start-up
+        // from the checkpoint's phase, not from `[train]`.
+        configured.beta = saved.config.beta;
+        configured.dpo_weight = saved.config.dpo_weight;
+    }
     Ok(reconcile(&saved.config, &configured).refused)
 }

@@ -192,6 +192,12 @@ pub struct TrainedStep {
     /// are no longer on the current timeline even before the next step is recorded.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rewind: bool,
+    /// The step's loss (absent on markers and skipped steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    /// The lr the step was taken at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
 }
 
 /// `trained.jsonl` (and its sealed segments). Nothing of the timeline is held in memory: a
@@ -240,6 +246,8 @@ impl TrainedLog {
             step: to,
             examples: Vec::new(),
             rewind: true,
+            loss: None,
+            lr: None,
         })?;
         Ok(())
     }
@@ -305,6 +313,8 @@ mod tests {
                 reference: None,
             }],
             rewind: false,
+            loss: None,
+            lr: None,
         }
     }
 

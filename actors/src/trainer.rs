@@ -647,7 +647,10 @@ impl Worker {
             })
         }));
         match run {
-            Ok(report) => Some(report),
+            Ok(mut report) => {
+                faults.after_eval(&mut report);
+                Some(report)
+            }
             Err(payload) if payload.is::<EvalCancelled>() => {
                 tracing::info!("Evaluation cancelled.");
                 None
