@@ -239,6 +239,17 @@ pub struct EvalSection {
     pub heldout_max_bytes: usize,
     /// Seed of the general probes (fixed, so evaluations compare like with like).
     pub seed: u64,
+    /// Generation probes (`eval::generations`): this many prompts of each kind (clear and
+    /// flawed direction, arithmetic, code) answered greedily at each evaluation; 0: off.
+    #[serde(default)]
+    pub generation_prompts: usize,
+    /// Longest generated reply, in tokens.
+    #[serde(default = "default_generation_tokens")]
+    pub generation_tokens: usize,
+}
+
+fn default_generation_tokens() -> usize {
+    64
 }
 
 /// `[checkpoint]`: how often and how many.
@@ -927,6 +938,12 @@ impl DreamConfig {
                 bad(field, reason);
             }
         }
+        if self.eval.generation_prompts > 0 && !(1..=4096).contains(&self.eval.generation_tokens) {
+            bad(
+                "eval.generation_tokens",
+                format!("{} is outside 1..=4096", self.eval.generation_tokens),
+            );
+        }
         let o = &self.on_policy;
         if o.every_n_steps > 0 && o.samples == 0 {
             bad(
@@ -1240,6 +1257,8 @@ impl DreamConfig {
                 max_heldout_texts: 1,
                 heldout_max_bytes: 2048,
                 seed: 0,
+                generation_prompts: 0,
+                generation_tokens: default_generation_tokens(),
             },
             rollback: Policy::default(),
             checkpoint: CheckpointSection {

@@ -12,12 +12,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::eval::generations::{Generation, GenerationMeasures};
 use crate::events::{read_jsonl, rfc3339_utc, EventError, JsonlWriter, LineWarning};
 use crate::label::Phase;
 use crate::rollback::{EvalMetrics, Verdict};
 
 /// `evals.jsonl` inside the state directory.
 pub const EVALS_FILE: &str = "evals.jsonl";
+/// `generations.jsonl` inside the state directory: what the model wrote at each evaluation.
+pub const GENERATIONS_FILE: &str = "generations.jsonl";
 /// `run.json` inside the state directory.
 pub const RUN_FILE: &str = "run.json";
 
@@ -105,12 +108,31 @@ pub struct EvalEntry {
     pub examples_trained: u64,
     /// The share of the last minute spent in steps.
     pub duty_cycle: f64,
+    /// The generation probes' measures (absent when they are off).
+    #[serde(default)]
+    pub generation: Option<GenerationMeasures>,
 }
 
-/// `evals.jsonl`, opened for appending.
+/// One evaluation's generations, as `generations.jsonl` keeps them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationsEntry {
+    /// When, RFC 3339 UTC.
+    pub ts: String,
+    /// The run.
+    pub run_id: String,
+    /// The step evaluated.
+    pub step: u64,
+    /// The measures.
+    pub measures: GenerationMeasures,
+    /// Every reply.
+    pub generations: Vec<Generation>,
+}
+
+/// `evals.jsonl` and `generations.jsonl`, opened for appending.
 #[derive(Debug)]
 pub struct EvalLog {
     writer: JsonlWriter,
+    generations: JsonlWriter,
 }
 
 impl EvalLog {
@@ -118,7 +140,20 @@ impl EvalLog {
     pub fn open(state_dir: &Path) -> Result<EvalLog, EventError> {
         Ok(EvalLog {
             writer: JsonlWriter::open(&state_dir.join(EVALS_FILE))?,
+            generations: JsonlWriter::open(&state_dir.join(GENERATIONS_FILE))?,
         })
+    }
+
+    /// Appends one evaluation's generations (fsynced).
+    pub fn append_generations(&mut self, entry: &GenerationsEntry) -> Result<(), EventError> {
+        self.generations.append(entry)
+    }
+
+    /// Every readable entry of `<state_dir>/generations.jsonl`.
+    pub fn read_generations(
+        state_dir: &Path,
+    ) -> Result<(Vec<GenerationsEntry>, Vec<LineWarning>), EventError> {
+        read_jsonl(&state_dir.join(GENERATIONS_FILE))
     }
 
     /// Appends one entry (fsynced).

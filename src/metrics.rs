@@ -210,6 +210,19 @@ pub mod labels {
         name: "version",
         values: LabelValues::Version,
     };
+    /// The shares measured over the generation probes' replies (`eval::generations`).
+    pub const GENERATION_MEASURE: Label = Label {
+        name: "measure",
+        values: LabelValues::OneOf(&[
+            "push_back_flawed",
+            "push_back_clear",
+            "hedging",
+            "distinct_1",
+            "distinct_2",
+            "arithmetic_exact",
+            "code_pass",
+        ]),
+    };
     /// The run's id, made when its state directory was first used.
     pub const RUN_ID: Label = Label {
         name: "run_id",
@@ -284,6 +297,8 @@ pub mod names {
         "dreamloop_eval_layer_attention_on_direction_ratio";
     pub const EVAL_ABLATION_SENSITIVITY: &str = "dreamloop_eval_ablation_sensitivity";
     pub const EVAL_DURATION_SECONDS: &str = "dreamloop_eval_duration_seconds";
+    pub const EVAL_GENERATION_WORDS: &str = "dreamloop_eval_generation_words";
+    pub const EVAL_GENERATION_RATIO: &str = "dreamloop_eval_generation_ratio";
 
     pub const POLICY_ROLLBACKS_TOTAL: &str = "dreamloop_policy_rollbacks_total";
     pub const POLICY_MARK_GOOD_TOTAL: &str = "dreamloop_policy_mark_good_total";
@@ -410,6 +425,10 @@ pub const CATALOGUE: &[MetricDef] = &[
         "Mean drop in response log-prob when the direction span is removed (nats)."),
     def(EVAL_DURATION_SECONDS, Histogram, Seconds, &[],
         "Wall time of one evaluation."),
+    def(EVAL_GENERATION_WORDS, Gauge, Dimensionless, &[],
+        "Mean length in words of the replies to the generation probes."),
+    def(EVAL_GENERATION_RATIO, Gauge, Ratio, &[GENERATION_MEASURE],
+        "A share measured over the replies to the generation probes (NaN: no prompt of the kind)."),
     // The rollback policy's verdicts.
     def(POLICY_ROLLBACKS_TOTAL, Counter, Dimensionless, &[ROLLBACK_REASON],
         "Rollbacks to the GOOD checkpoint, by the guard that failed."),

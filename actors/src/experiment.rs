@@ -20,7 +20,7 @@ use dreamloop::config::PhaseSpec;
 use dreamloop::controller::{Action, Observation, Outcome, REPLAY_SOURCES};
 use dreamloop::eval::EvalReport;
 use dreamloop::events::{rfc3339_utc, Event};
-use dreamloop::history::{EvalEntry, EvalLog};
+use dreamloop::history::{EvalEntry, EvalLog, GenerationsEntry};
 use dreamloop::label::Phase;
 use dreamloop::rollback::{Judgment, Verdict};
 use dreamloop::train::rebase;
@@ -105,6 +105,7 @@ impl Driver {
             phase_index: self.controller_state.phase_index,
             examples_trained: self.examples_trained,
             duty_cycle: self.last_duty,
+            generation: report.generations.as_ref().map(|g| g.measures),
         };
         if self.evals.is_none() {
             match EvalLog::open(&self.config.state_dir) {
@@ -115,6 +116,18 @@ impl Driver {
         if let Some(log) = &mut self.evals {
             if let Err(e) = log.append(&entry) {
                 tracing::error!(error = %e, "Could not append to evals.jsonl.");
+            }
+            if let Some(g) = &report.generations {
+                let written = log.append_generations(&GenerationsEntry {
+                    ts: entry.ts.clone(),
+                    run_id: entry.run_id.clone(),
+                    step: entry.step,
+                    measures: g.measures,
+                    generations: g.generations.clone(),
+                });
+                if let Err(e) = written {
+                    tracing::error!(error = %e, "Could not append to generations.jsonl.");
+                }
             }
         }
     }

@@ -54,7 +54,10 @@ impl std::fmt::Debug for Faults {
             .field("disk", &self.disk.is_some())
             .field(
                 "arithmetic_drop",
-                &self.arithmetic_drop.as_ref().map(|(a, b, by, _)| (a, b, by)),
+                &self
+                    .arithmetic_drop
+                    .as_ref()
+                    .map(|(a, b, by, _)| (a, b, by)),
             )
             .finish()
     }
@@ -105,7 +108,11 @@ impl Faults {
         if let Some((from, to, by, seen)) = &self.arithmetic_drop {
             let n = seen.fetch_add(1, Ordering::SeqCst);
             if (*from..*to).contains(&n) {
-                tracing::warn!(evaluation = n, by, "Fault injection: arithmetic accuracy reported lower.");
+                tracing::warn!(
+                    evaluation = n,
+                    by,
+                    "Fault injection: arithmetic accuracy reported lower."
+                );
                 report.arithmetic.accuracy -= by;
             }
         }

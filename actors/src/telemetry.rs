@@ -391,6 +391,17 @@ pub fn set_dream_server_up(up: bool) {
     gauge(names::DREAM_SERVER_UP, &[]).set(if up { 1.0 } else { 0.0 });
 }
 
+/// The generation probes' measures of the last evaluation.
+pub fn record_generations(m: &dreamloop::eval::generations::GenerationMeasures) {
+    for (name, value) in m.named() {
+        if name == "mean_words" {
+            gauge(names::EVAL_GENERATION_WORDS, &[]).set(value);
+        } else {
+            gauge(names::EVAL_GENERATION_RATIO, &[("measure", name)]).set(value);
+        }
+    }
+}
+
 /// The run this daemon trains (`dreamloop_loop_run_info{run_id}`).
 pub fn set_run_id(run_id: &str) {
     gauge(names::LOOP_RUN_INFO, &[("run_id", run_id)]).set(1.0);

@@ -28,6 +28,7 @@ use std::time::Instant;
 use anyhow::{anyhow, Context};
 use dreamloop::checkpoint::PendingCheckpoint;
 use dreamloop::config::{Backend, DreamConfig};
+use dreamloop::eval::generations;
 use dreamloop::eval::{EvalReport, ProbeSuite};
 use dreamloop::example::{Example, Message};
 use dreamloop::model::generate::{chat, Sampling};
@@ -338,6 +339,8 @@ struct Worker {
     phase: Option<(f64, f64)>,
     tokenizer: dreamloop::model::Tokenizer,
     probes: ProbeSuite,
+    /// The generation probes' prompts (`[eval] generation_prompts`; empty: off).
+    generation_probes: Vec<generations::GenProbe>,
     /// Autodiff device of the policy weights.
     device: Device,
     /// The dtype of the weights (`[model] dtype`), for restores.
@@ -476,12 +479,27 @@ impl Worker {
         let tokenizer = tokenizer.ok_or_else(|| anyhow!("model `{spec}` has no tokenizer.json"))?;
         let probes =
             ProbeSuite::from_config(&config.eval, &config.data.scenarios_dir, &tokenizer, pad)?;
+        let generation_probes = if config.eval.generation_prompts > 0 {
+            let dir = &config.data.scenarios_dir;
+            let library = dreamloop::scenario::Library::load_dir(dir)
+                .with_context(|| format!("loading the probe templates of {}", dir.display()))?;
+            let n = config.eval.generation_prompts;
+            generations::probe_set(
+                &dreamloop::scenario::probe_scenarios(&library, 1),
+                n,
+                n,
+                config.eval.seed,
+            )
+        } else {
+            Vec::new()
+        };
         Ok(Worker {
             trainer,
             reference,
             phase: None,
             tokenizer,
             probes,
+            generation_probes,
             device,
             precision,
             config: config.clone(),
@@ -588,6 +606,27 @@ impl Worker {
         Ok(examples)
     }
 
+    /// The generation probes answered by the current weights, judged and measured.
+    fn generate_probes(&self) -> generations::GenerationReport {
+        let started = Instant::now();
+        let prompts: Vec<Vec<Message>> = self
+            .generation_probes
+            .iter()
+            .map(|p| p.messages.clone())
+            .collect();
+        let replies: Vec<String> = self
+            .sample(&prompts, self.config.eval.generation_tokens)
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|e| format!("[no reply: {e}]")))
+            .collect();
+        let (generations, measures) = generations::measure(&self.generation_probes, &replies);
+        generations::GenerationReport {
+            generations,
+            measures,
+            seconds: started.elapsed().as_secs_f64(),
+        }
+    }
+
     /// See [`TrainerMsg::Sample`].
     fn sample(
         &self,
@@ -649,6 +688,9 @@ impl Worker {
         match run {
             Ok(mut report) => {
                 faults.after_eval(&mut report);
+                if !self.generation_probes.is_empty() {
+                    report.generations = Some(self.generate_probes());
+                }
                 Some(report)
             }
             Err(payload) if payload.is::<EvalCancelled>() => {

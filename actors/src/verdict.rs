@@ -254,6 +254,9 @@ fn record_telemetry(report: &EvalReport, ev: &Judgment) {
         report.arithmetic.margin,
     );
     telemetry::record_probe("code", report.code.accuracy, report.code.margin);
+    if let Some(g) = &report.generations {
+        telemetry::record_generations(&g.measures);
+    }
     for (i, ratio) in report.attention_per_layer.iter().enumerate() {
         let layer = report.attention_layers.get(i).copied().unwrap_or(i);
         telemetry::record_layer_attention(layer, *ratio);

@@ -110,15 +110,36 @@ fn sft_then_dpo_on_a_rebased_reference_with_a_stall_raise_across_a_kill() {
     assert_eq!(changes.len(), 1, "{changes:?}");
     let change = changes[0];
     assert_eq!(
-        (&change["step"], &change["from"], &change["to"], &change["index"]),
-        (&Value::from(4), &Value::from("sft"), &Value::from("dpo"), &Value::from(1))
+        (
+            &change["step"],
+            &change["from"],
+            &change["to"],
+            &change["index"]
+        ),
+        (
+            &Value::from(4),
+            &Value::from("sft"),
+            &Value::from("dpo"),
+            &Value::from(1)
+        )
     );
     assert_eq!(change["reason"], "steps");
     assert_eq!(change["reference_step"], 4);
-    let raises: Vec<&Value> = events.iter().filter(|e| e["event"] == "lr_raised").collect();
-    assert_eq!(raises.len(), 1, "one raise: the second would pass max_lr: {raises:?}");
+    let raises: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "lr_raised")
+        .collect();
+    assert_eq!(
+        raises.len(),
+        1,
+        "one raise: the second would pass max_lr: {raises:?}"
+    );
     assert_eq!(raises[0]["step"], 2);
-    assert!(close(raises[0]["to"].as_f64().unwrap(), 2e-2), "{}", raises[0]);
+    assert!(
+        close(raises[0]["to"].as_f64().unwrap(), 2e-2),
+        "{}",
+        raises[0]
+    );
     let pinned: Value = serde_json::from_str(
         &std::fs::read_to_string(state.join("reference/PINNED.json")).expect("a pinned reference"),
     )
@@ -127,7 +148,14 @@ fn sft_then_dpo_on_a_rebased_reference_with_a_stall_raise_across_a_kill() {
 
     let records = surviving_timeline(d.trained_log());
     // SFT at its lr, raised after the flat evaluation of step 2; DPO at its own.
-    for (n, lr) in [(1, 1e-2), (2, 1e-2), (3, 2e-2), (4, 2e-2), (5, 5e-4), (6, 5e-4)] {
+    for (n, lr) in [
+        (1, 1e-2),
+        (2, 1e-2),
+        (3, 2e-2),
+        (4, 2e-2),
+        (5, 5e-4),
+        (6, 5e-4),
+    ] {
         let r = trained_step(&records, n);
         assert!(close(lr_of(&r), lr), "step {n}: lr {} ≠ {lr}", lr_of(&r));
         let pairs = r["examples"].as_array().unwrap().iter().all(is_pair);
@@ -142,14 +170,18 @@ fn sft_then_dpo_on_a_rebased_reference_with_a_stall_raise_across_a_kill() {
 
     // On in the DPO phase, killed, resumed: the phase, its lr and the reference stay.
     d.start(&[], &[]);
-    d.wait_status(LIMIT, "step 9, past the checkpoint of step 8", |s| step(s) >= 9);
+    d.wait_status(LIMIT, "step 9, past the checkpoint of step 8", |s| {
+        step(s) >= 9
+    });
     d.signal(libc::SIGKILL);
     d.wait_exit(Duration::from_secs(10));
     d.start(&["--max-steps", "12"], &[]);
     assert!(d.wait_exit(LIMIT).success(), "{}", d.log());
     let log = d.log();
     assert!(
-        log.matches("The DPO reference is the re-based one.").count() >= 2,
+        log.matches("The DPO reference is the re-based one.")
+            .count()
+            >= 2,
         "each restart reads the pinned reference:\n{log}"
     );
     let changes = d
@@ -159,11 +191,18 @@ fn sft_then_dpo_on_a_rebased_reference_with_a_stall_raise_across_a_kill() {
         .count();
     assert_eq!(changes, 1, "the phase is not entered again after a restart");
     let status = d.status().unwrap();
-    assert_eq!((&status["phase"], &status["phase_index"]), (&Value::from("dpo"), &Value::from(1)));
+    assert_eq!(
+        (&status["phase"], &status["phase_index"]),
+        (&Value::from("dpo"), &Value::from(1))
+    );
     let records = surviving_timeline(d.trained_log());
     for n in 7..=12 {
         let r = trained_step(&records, n);
-        assert!(close(lr_of(&r), 5e-4), "step {n} after the restarts: lr {}", lr_of(&r));
+        assert!(
+            close(lr_of(&r), 5e-4),
+            "step {n} after the restarts: lr {}",
+            lr_of(&r)
+        );
         assert!(r["examples"].as_array().unwrap().iter().all(is_pair), "{r}");
     }
     common::assert_trained_once(&records);
@@ -231,16 +270,76 @@ fn an_arithmetic_breach_raises_its_replay_weight_until_it_recovers() {
     d.control(Control::Resume);
     assert_eq!(d.wait_exit(LIMIT).code(), Some(0), "{}", d.log());
     let evals = common::read_lines(&state.join("evals.jsonl"));
-    let at6 = evals.iter().find(|e| step(e) == 6).expect("step 6 evaluated");
+    let at6 = evals
+        .iter()
+        .find(|e| step(e) == 6)
+        .expect("step 6 evaluated");
     assert_eq!(weights(at6), 0.25, "recovered at step 6: restored");
     let reasons: Vec<(String, f64)> = d
         .events()
         .iter()
         .filter(|e| e["event"] == "replay_weight")
-        .map(|e| (e["reason"].as_str().unwrap().to_string(), e["boost"].as_f64().unwrap()))
+        .map(|e| {
+            (
+                e["reason"].as_str().unwrap().to_string(),
+                e["boost"].as_f64().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(
         reasons,
-        vec![("probe_breach".into(), 3.0), ("probe_recovered".into(), 1.0)]
+        vec![
+            ("probe_breach".into(), 3.0),
+            ("probe_recovered".into(), 1.0)
+        ]
     );
+}
+
+/// The generation probes: at each evaluation the model's greedy replies to a fixed prompt
+/// set (one of each kind here) are kept in `generations.jsonl` with the step, judged and
+/// checked, and their measures go to `evals.jsonl`.
+#[test]
+fn generations_are_recorded_at_each_evaluation() {
+    let mut d = Daemon::new(&Overrides {
+        eval: "every_n_steps = 2\ngeneration_prompts = 1\ngeneration_tokens = 12".into(),
+        rollback: noise_proof_rollback(),
+        ..Overrides::default()
+    });
+    let state = d.state();
+    d.start(&["--max-steps", "2"], &[]);
+    assert!(d.wait_exit(LIMIT).success(), "{}", d.log());
+    let entries = common::read_lines(&state.join("generations.jsonl"));
+    let steps: Vec<u64> = entries.iter().map(step).collect();
+    assert_eq!(steps, vec![0, 2]);
+    for e in &entries {
+        let kinds: Vec<&str> = e["generations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["kind"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            kinds,
+            vec!["clear_direction", "flawed_direction", "arithmetic", "code"],
+            "{e}"
+        );
+        for g in e["generations"].as_array().unwrap() {
+            let behaviour = g["kind"].as_str().unwrap().ends_with("direction");
+            assert_eq!(g["judged"].is_string(), behaviour, "{g}");
+            assert_eq!(g["correct"].is_boolean(), !behaviour, "{g}");
+        }
+        let m = &e["measures"];
+        for share in [
+            "push_back_flawed",
+            "push_back_clear",
+            "hedging",
+            "arithmetic_exact",
+            "code_pass",
+        ] {
+            let v = m[share].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&v), "{share} = {v}");
+        }
+    }
+    let evals = common::read_lines(&state.join("evals.jsonl"));
+    assert_eq!(evals[1]["generation"], entries[1]["measures"]);
 }

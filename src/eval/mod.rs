@@ -23,6 +23,8 @@
 //! describes: the daemon's trainer thread, `dreamloop eval` and `benches/eval_share.rs` all
 //! build it there, so they measure the same probes.
 
+pub mod generations;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -32,7 +34,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::config::EvalSection;
-use crate::example::{Kind, Message, Scenario, Target};
+use crate::example::{Kind, Message, Scenario};
 use crate::general::{load_heldout, GeneralError};
 use crate::model::llama::Capture;
 use crate::model::logprobs::{logprobs, pad_batch, ScoredSeq};
@@ -108,6 +110,10 @@ pub struct EvalReport {
     /// Mean Δ log p(preferred) when the direction is removed (positive: the direction helps).
     pub ablation_sensitivity: f64,
     pub seconds: f64,
+    /// What the model wrote for the generation probes, and their measures (`[eval]
+    /// generation_prompts`; absent when off).
+    #[serde(default)]
+    pub generations: Option<generations::GenerationReport>,
 }
 
 /// A tokenized preference probe.
@@ -271,21 +277,19 @@ impl ProbeSuite {
         let arithmetic = (0..general_items)
             .map(|i| arithmetic_probe(tok, i as u64 ^ seed))
             .collect::<Result<Vec<_>, _>>()?;
-        let tasks: Vec<crate::example::Example> = (0..general_items.max(4))
-            .map(|_| crate::general::code_task(&mut rng))
-            .collect();
+        // The evaluation's own code tasks: training replay never writes these functions.
+        let tasks = generations::code_tasks(&mut rng, general_items.max(4));
         let mut code = Vec::new();
         for (i, task) in tasks.iter().enumerate().take(general_items) {
-            let Target::Sft { completion } = &task.target else {
-                continue;
-            };
-            let messages = chat(&task.prompt);
-            let (prompt, correct) = prompt_and_completion(tok, &messages, completion)?;
+            let messages = vec![ChatMessage {
+                role: "user".into(),
+                content: task.prompt.clone(),
+            }];
+            let (prompt, correct) = prompt_and_completion(tok, &messages, &task.solution)?;
             let mut candidates = vec![correct];
             for j in 1..4 {
-                if let Target::Sft { completion: other } = &tasks[(i + j) % tasks.len()].target {
-                    candidates.push(prompt_and_completion(tok, &messages, other)?.1);
-                }
+                let other = &tasks[(i + j) % tasks.len()].solution;
+                candidates.push(prompt_and_completion(tok, &messages, other)?.1);
             }
             code.push(ChoiceProbe {
                 prompt,
