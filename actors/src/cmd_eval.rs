@@ -112,7 +112,7 @@ fn evaluate(args: &EvalArgs) -> Result<(), Failure> {
         .map_err(bad_config)?;
     let precision = args.dtype.unwrap_or(config.model.dtype);
 
-    let (what, lm, tokenizer, pad) = match (&args.model, args.checkpoint) {
+    let (what, lm, tokenizer, model_config) = match (&args.model, args.checkpoint) {
         (Some(spec), _) => {
             let mut model = Model::open_as(spec, &device, precision)
                 .with_context(|| format!("loading model `{spec}`"))
@@ -126,7 +126,7 @@ fn evaluate(args: &EvalArgs) -> Result<(), Failure> {
                 format!("model {spec}"),
                 model.frozen(),
                 tokenizer,
-                model.config.pad_id(),
+                model.config.clone(),
             )
         }
         (None, Some(select)) => {
@@ -152,18 +152,31 @@ fn evaluate(args: &EvalArgs) -> Result<(), Failure> {
                 format!("checkpoint {}", checkpoint.path.display()),
                 weights.frozen(),
                 tokenizer,
-                base_config.pad_id(),
+                base_config,
             )
         }
         (None, None) => return Err(input(anyhow!("give --model or --checkpoint"))),
     };
 
+    let pad = model_config.pad_id();
     let suite = ProbeSuite::from_config(&config.eval, &config.data.scenarios_dir, &tokenizer, pad)
         .map_err(|e| match e {
             SuiteError::Tokenizer(_) => input(anyhow!("{what}: {e}")),
             _ => bad_config(anyhow!("[data] scenarios_dir of {origin}: {e}")),
         })?;
-    let report = run_suite(&suite, &lm);
+    let mut report = run_suite(&suite, &lm);
+    let probes = dreamloop::eval::generations::from_config(&config.eval, &config.data.scenarios_dir)
+        .map_err(|e| bad_config(anyhow!("[data] scenarios_dir of {origin}: {e}")))?;
+    if !probes.is_empty() {
+        let stop = dreamloop::eval::generations::stop_tokens(&model_config, &tokenizer);
+        report.generations = Some(dreamloop::eval::generations::answer(
+            &lm,
+            &tokenizer,
+            &stop,
+            &probes,
+            config.eval.generation_tokens,
+        ));
+    }
     if args.json {
         // Numbers and a list of numbers; a non-finite one is written as null.
         let line = serde_json::to_string(&report).expect("an EvalReport always serialises");
@@ -241,4 +254,17 @@ fn print_table(what: &str, r: &EvalReport) {
         "ablation sensitivity", r.ablation_sensitivity
     );
     println!("{:<24} {:.2}", "eval seconds", r.seconds);
+    if let Some(g) = &r.generations {
+        for (name, value) in g.measures.named() {
+            println!("{:<24} {value:.3}", format!("generation {name}"));
+        }
+        for reply in &g.generations {
+            let verdict = reply
+                .judged
+                .clone()
+                .or(reply.correct.map(|c| if c { "correct" } else { "wrong" }.to_string()))
+                .unwrap_or_default();
+            println!("  [{:?} {} → {verdict}] {:?}", reply.kind, reply.id, reply.reply);
+        }
+    }
 }

@@ -31,8 +31,7 @@ use dreamloop::config::{Backend, DreamConfig};
 use dreamloop::eval::generations;
 use dreamloop::eval::{EvalReport, ProbeSuite};
 use dreamloop::example::{Example, Message};
-use dreamloop::model::generate::{chat, Sampling};
-use dreamloop::model::{default_device, ChatMessage, Device, Model, Tokenizer};
+use dreamloop::model::{default_device, Device, Model, Tokenizer};
 use dreamloop::train::dataset::{tokenize_example, Item};
 use dreamloop::train::rebase;
 use dreamloop::train::reference::{Reference, StreamedReference};
@@ -479,20 +478,10 @@ impl Worker {
         let tokenizer = tokenizer.ok_or_else(|| anyhow!("model `{spec}` has no tokenizer.json"))?;
         let probes =
             ProbeSuite::from_config(&config.eval, &config.data.scenarios_dir, &tokenizer, pad)?;
-        let generation_probes = if config.eval.generation_prompts > 0 {
-            let dir = &config.data.scenarios_dir;
-            let library = dreamloop::scenario::Library::load_dir(dir)
-                .with_context(|| format!("loading the probe templates of {}", dir.display()))?;
-            let n = config.eval.generation_prompts;
-            generations::probe_set(
-                &dreamloop::scenario::probe_scenarios(&library, 1),
-                n,
-                n,
-                config.eval.seed,
-            )
-        } else {
-            Vec::new()
-        };
+        let generation_probes =
+            generations::from_config(&config.eval, &config.data.scenarios_dir).with_context(
+                || format!("loading the probe templates of {}", config.data.scenarios_dir.display()),
+            )?;
         Ok(Worker {
             trainer,
             reference,
@@ -608,23 +597,15 @@ impl Worker {
 
     /// The generation probes answered by the current weights, judged and measured.
     fn generate_probes(&self) -> generations::GenerationReport {
-        let started = Instant::now();
-        let prompts: Vec<Vec<Message>> = self
-            .generation_probes
-            .iter()
-            .map(|p| p.messages.clone())
-            .collect();
-        let replies: Vec<String> = self
-            .sample(&prompts, self.config.eval.generation_tokens)
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|e| format!("[no reply: {e}]")))
-            .collect();
-        let (generations, measures) = generations::measure(&self.generation_probes, &replies);
-        generations::GenerationReport {
-            generations,
-            measures,
-            seconds: started.elapsed().as_secs_f64(),
-        }
+        let frozen = self.trainer.frozen();
+        let stop = generations::stop_tokens(&self.trainer.config, &self.tokenizer);
+        generations::answer(
+            &frozen,
+            &self.tokenizer,
+            &stop,
+            &self.generation_probes,
+            self.config.eval.generation_tokens,
+        )
     }
 
     /// See [`TrainerMsg::Sample`].
@@ -634,34 +615,8 @@ impl Worker {
         max_new_tokens: usize,
     ) -> Vec<Result<String, String>> {
         let frozen = self.trainer.frozen();
-        let mut stop: Vec<u32> = self.trainer.config.eos_token_id.into_iter().collect();
-        if let Some(id) = self
-            .tokenizer
-            .eos_token
-            .as_deref()
-            .and_then(|t| self.tokenizer.token_to_id(t))
-        {
-            stop.push(id);
-        }
-        let sampling = Sampling {
-            max_new_tokens,
-            ..Sampling::default()
-        };
-        prompts
-            .iter()
-            .map(|prompt| {
-                let messages: Vec<ChatMessage> = prompt
-                    .iter()
-                    .map(|m| ChatMessage {
-                        role: m.role.clone(),
-                        content: m.content.clone(),
-                    })
-                    .collect();
-                chat(&frozen, &self.tokenizer, &messages, &stop, &sampling)
-                    .map(|g| g.text)
-                    .map_err(|e| e.to_string())
-            })
-            .collect()
+        let stop = generations::stop_tokens(&self.trainer.config, &self.tokenizer);
+        generations::replies(&frozen, &self.tokenizer, &stop, prompts, max_new_tokens)
     }
 
     /// The probe suite on a frozen copy of the weights; `None` if cancelled.

@@ -34,6 +34,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::dream::judge::{judge, Verdict};
 use crate::example::{Kind, Message, Scenario};
+use crate::model::generate::{chat, Sampling};
+use crate::model::{CausalLm, ChatMessage, ModelConfig, Tokenizer};
 
 /// What a generation prompt probes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -199,6 +201,86 @@ pub fn probe_set(
         });
     }
     out
+}
+
+/// The stop tokens of greedy replies: the model's `eos_token_id` and the tokenizer's EOS.
+pub fn stop_tokens(config: &ModelConfig, tok: &Tokenizer) -> Vec<u32> {
+    let mut stop: Vec<u32> = config.eos_token_id.into_iter().collect();
+    if let Some(id) = tok.eos_token.as_deref().and_then(|t| tok.token_to_id(t)) {
+        stop.push(id);
+    }
+    stop
+}
+
+/// The greedy reply of `lm` to each of `prompts` (at most `max_new_tokens`, stopping at a
+/// `stop` token); a prompt that cannot be tokenized answers its error.
+pub fn replies(
+    lm: &CausalLm,
+    tok: &Tokenizer,
+    stop: &[u32],
+    prompts: &[Vec<Message>],
+    max_new_tokens: usize,
+) -> Vec<Result<String, String>> {
+    let sampling = Sampling {
+        max_new_tokens,
+        ..Sampling::default()
+    };
+    prompts
+        .iter()
+        .map(|prompt| {
+            let messages: Vec<ChatMessage> = prompt
+                .iter()
+                .map(|m| ChatMessage {
+                    role: m.role.clone(),
+                    content: m.content.clone(),
+                })
+                .collect();
+            chat(lm, tok, &messages, stop, &sampling)
+                .map(|g| g.text)
+                .map_err(|e| e.to_string())
+        })
+        .collect()
+}
+
+/// `probes` answered by `lm`, judged, checked and measured.
+pub fn answer(
+    lm: &CausalLm,
+    tok: &Tokenizer,
+    stop: &[u32],
+    probes: &[GenProbe],
+    max_new_tokens: usize,
+) -> GenerationReport {
+    let started = Instant::now();
+    let prompts: Vec<Vec<Message>> = probes.iter().map(|p| p.messages.clone()).collect();
+    let texts: Vec<String> = replies(lm, tok, stop, &prompts, max_new_tokens)
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| format!("[no reply: {e}]")))
+        .collect();
+    let (generations, measures) = measure(probes, &texts);
+    GenerationReport {
+        generations,
+        measures,
+        seconds: started.elapsed().as_secs_f64(),
+    }
+}
+
+/// The generation probes `[eval] generation_prompts` asks for over the probe templates of
+/// `scenarios_dir` (none when it is 0).
+pub fn from_config(
+    eval: &crate::config::EvalSection,
+    scenarios_dir: &std::path::Path,
+) -> Result<Vec<GenProbe>, crate::scenario::LibraryError> {
+    if eval.generation_prompts == 0 {
+        return Ok(Vec::new());
+    }
+    let library = crate::scenario::Library::load_dir(scenarios_dir)?;
+    let n = eval.generation_prompts;
+    Ok(probe_set(
+        &crate::scenario::probe_scenarios(&library, 1),
+        n,
+        n,
+        eval.seed,
+    ))
 }
 
 /// A Python task of the evaluation's own generator.
