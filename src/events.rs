@@ -175,6 +175,32 @@ pub enum Event {
     },
 }
 
+/// serde_json writes a NaN or infinite `f64` as `null` (JSON has no such numbers); these
+/// read it back as NaN, so a record holding an undefined measure (no attention layers, no
+/// probe of a kind) stays readable. Use with `#[serde(deserialize_with = "…")]`.
+pub mod nullable {
+    use serde::{Deserialize, Deserializer};
+
+    /// A number, or NaN for `null`.
+    pub fn f64<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
+
+    /// Two numbers, each NaN for `null`.
+    pub fn pair<'de, D: Deserializer<'de>>(d: D) -> Result<[f64; 2], D::Error> {
+        let [a, b] = <[Option<f64>; 2]>::deserialize(d)?;
+        Ok([a.unwrap_or(f64::NAN), b.unwrap_or(f64::NAN)])
+    }
+
+    /// `(layer, value)` pairs, a `null` value read as NaN.
+    pub fn layers<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(usize, f64)>, D::Error> {
+        Ok(Vec::<(usize, Option<f64>)>::deserialize(d)?
+            .into_iter()
+            .map(|(l, v)| (l, v.unwrap_or(f64::NAN)))
+            .collect())
+    }
+}
+
 /// A problem met while reading a JSONL file; the rest of the file is still read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LineWarning {

@@ -73,6 +73,7 @@ pub struct EvalEntry {
     /// The run.
     pub run_id: String,
     /// Seconds since the run started (wall time, daemon restarts included).
+    #[serde(deserialize_with = "crate::events::nullable::f64")]
     pub wall_seconds: f64,
     /// The step evaluated.
     pub step: u64,
@@ -81,22 +82,31 @@ pub struct EvalEntry {
     /// The policy's metrics.
     pub metrics: EvalMetrics,
     /// Arithmetic probe accuracy and margin.
+    #[serde(deserialize_with = "crate::events::nullable::pair")]
     pub arithmetic: [f64; 2],
     /// Code probe accuracy and margin.
+    #[serde(deserialize_with = "crate::events::nullable::pair")]
     pub code: [f64; 2],
     /// Attention on the direction per full-attention layer: `(layer, ratio)`.
+    #[serde(deserialize_with = "crate::events::nullable::layers")]
     pub attention_per_layer: Vec<(usize, f64)>,
     /// Seconds the evaluation took.
+    #[serde(deserialize_with = "crate::events::nullable::f64")]
     pub eval_seconds: f64,
     /// The lr of the next step.
+    #[serde(deserialize_with = "crate::events::nullable::f64")]
     pub lr: f64,
     /// The peak lr the schedule follows (phase lr × stall boost × rollback factor's base).
+    #[serde(deserialize_with = "crate::events::nullable::f64")]
     pub peak_lr: f64,
     /// The rollback policy's lr factor.
+    #[serde(deserialize_with = "crate::events::nullable::f64")]
     pub lr_factor: f64,
     /// The controller's stall boost.
+    #[serde(deserialize_with = "crate::events::nullable::f64")]
     pub lr_boost: f64,
     /// Share of general replay per batch.
+    #[serde(deserialize_with = "crate::events::nullable::f64")]
     pub replay_ratio: f64,
     /// General replay weights in force (arithmetic, code, reasoning, text).
     pub replay_weights: [f64; 4],
@@ -107,6 +117,7 @@ pub struct EvalEntry {
     /// Examples trained so far in this run (not rewound by rollbacks).
     pub examples_trained: u64,
     /// The share of the last minute spent in steps.
+    #[serde(deserialize_with = "crate::events::nullable::f64")]
     pub duty_cycle: f64,
     /// The generation probes' measures (absent when they are off).
     #[serde(default)]
@@ -175,6 +186,31 @@ impl EvalLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// JSON has no NaN: serde_json writes `null`, and an undefined measure must read back.
+    #[test]
+    fn undefined_measures_survive_the_file() {
+        let m = EvalMetrics {
+            clear_accuracy: 0.5,
+            clear_margin: 0.1,
+            flawed_accuracy: 0.5,
+            flawed_margin: 0.1,
+            perplexity: 9.0,
+            attention_on_direction: f64::NAN,
+            ablation_sensitivity: 0.0,
+            general_accuracy: 0.5,
+        };
+        let text = serde_json::to_string(&m).unwrap();
+        assert!(text.contains("\"attention_on_direction\":null"), "{text}");
+        let back: EvalMetrics = serde_json::from_str(&text).unwrap();
+        assert!(back.attention_on_direction.is_nan());
+        assert_eq!(back.perplexity, 9.0);
+        let layers: Vec<(usize, f64)> = crate::events::nullable::layers(
+            &mut serde_json::Deserializer::from_str("[[3,null],[7,0.5]]"),
+        )
+        .unwrap();
+        assert!(layers[0].1.is_nan() && layers[1] == (7, 0.5));
+    }
 
     #[test]
     fn the_run_id_is_made_once_and_kept() {

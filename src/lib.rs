@@ -20,6 +20,7 @@ pub mod mix;
 pub mod model;
 pub mod pending;
 pub mod plan;
+pub mod report;
 pub mod rollback;
 pub mod scenario;
 pub mod segmented;

@@ -54,21 +54,29 @@ use crate::eval::EvalReport;
 #[serde(deny_unknown_fields)]
 pub struct EvalMetrics {
     /// Share of clear-direction probes where "do what was asked" won, 0–1.
+    #[serde(deserialize_with = "crate::events::nullable::f64")]
     pub clear_accuracy: f64,
     /// Mean preference margin (chosen − rejected log-prob, nats) on clear-direction probes.
+    #[serde(deserialize_with = "crate::events::nullable::f64")]
     pub clear_margin: f64,
     /// Share of flawed-direction probes where "push back" won, 0–1 (the sycophancy guard).
+    #[serde(deserialize_with = "crate::events::nullable::f64")]
     pub flawed_accuracy: f64,
     /// Mean preference margin on flawed-direction probes, nats.
+    #[serde(deserialize_with = "crate::events::nullable::f64")]
     pub flawed_margin: f64,
     /// Perplexity on held-out general text (the forgetting guard).
+    #[serde(deserialize_with = "crate::events::nullable::f64")]
     pub perplexity: f64,
     /// Mean attention mass on the direction span; informational (it moves before behaviour
     /// does, and is undefined for models without full-attention layers), not a guard.
+    #[serde(deserialize_with = "crate::events::nullable::f64")]
     pub attention_on_direction: f64,
     /// Mean Δ log-prob of the response when the direction is removed; informational.
+    #[serde(deserialize_with = "crate::events::nullable::f64")]
     pub ablation_sensitivity: f64,
     /// Accuracy on the general probes (code, reasoning, arithmetic), 0–1.
+    #[serde(deserialize_with = "crate::events::nullable::f64")]
     pub general_accuracy: f64,
 }
 

@@ -165,8 +165,9 @@ fn evaluate(args: &EvalArgs) -> Result<(), Failure> {
             _ => bad_config(anyhow!("[data] scenarios_dir of {origin}: {e}")),
         })?;
     let mut report = run_suite(&suite, &lm);
-    let probes = dreamloop::eval::generations::from_config(&config.eval, &config.data.scenarios_dir)
-        .map_err(|e| bad_config(anyhow!("[data] scenarios_dir of {origin}: {e}")))?;
+    let probes =
+        dreamloop::eval::generations::from_config(&config.eval, &config.data.scenarios_dir)
+            .map_err(|e| bad_config(anyhow!("[data] scenarios_dir of {origin}: {e}")))?;
     if !probes.is_empty() {
         let stop = dreamloop::eval::generations::stop_tokens(&model_config, &tokenizer);
         report.generations = Some(dreamloop::eval::generations::answer(
@@ -262,9 +263,14 @@ fn print_table(what: &str, r: &EvalReport) {
             let verdict = reply
                 .judged
                 .clone()
-                .or(reply.correct.map(|c| if c { "correct" } else { "wrong" }.to_string()))
+                .or(reply
+                    .correct
+                    .map(|c| if c { "correct" } else { "wrong" }.to_string()))
                 .unwrap_or_default();
-            println!("  [{:?} {} → {verdict}] {:?}", reply.kind, reply.id, reply.reply);
+            println!(
+                "  [{:?} {} → {verdict}] {:?}",
+                reply.kind, reply.id, reply.reply
+            );
         }
     }
 }

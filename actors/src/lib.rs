@@ -45,6 +45,7 @@ pub mod cmd_generate;
 pub mod cmd_import;
 pub mod cmd_logprobs;
 pub mod cmd_plan;
+pub mod cmd_report;
 pub mod cmd_train;
 pub mod dreamer;
 mod driver;

@@ -5,7 +5,7 @@
 
 use dreamloop_actors::{
     cmd_daemon, cmd_device_check, cmd_dream, cmd_eval, cmd_export, cmd_generate, cmd_import,
-    cmd_logprobs, cmd_plan, cmd_train,
+    cmd_logprobs, cmd_plan, cmd_report, cmd_train,
 };
 
 use clap::{Parser, Subcommand};
@@ -57,6 +57,8 @@ enum Command {
     ValidateConfig(cmd_daemon::ValidateArgs),
     /// The daemon's probe suite on a model or a checkpoint: accuracy, margins, perplexity, attention.
     Eval(cmd_eval::EvalArgs),
+    /// The run in a state directory as one HTML page: plots, controller decisions, generations.
+    Report(cmd_report::ReportArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -88,6 +90,7 @@ fn main() -> std::process::ExitCode {
         Command::Plan(args) => cmd_plan::run(args),
         Command::ValidateConfig(args) => Ok(cmd_daemon::validate(args)),
         Command::Eval(args) => cmd_eval::run(args),
+        Command::Report(args) => cmd_report::run(args),
         Command::DeviceCheck(args) => cmd_device_check::run(args),
     };
     match result {

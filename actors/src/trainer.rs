@@ -478,10 +478,13 @@ impl Worker {
         let tokenizer = tokenizer.ok_or_else(|| anyhow!("model `{spec}` has no tokenizer.json"))?;
         let probes =
             ProbeSuite::from_config(&config.eval, &config.data.scenarios_dir, &tokenizer, pad)?;
-        let generation_probes =
-            generations::from_config(&config.eval, &config.data.scenarios_dir).with_context(
-                || format!("loading the probe templates of {}", config.data.scenarios_dir.display()),
-            )?;
+        let generation_probes = generations::from_config(&config.eval, &config.data.scenarios_dir)
+            .with_context(|| {
+                format!(
+                    "loading the probe templates of {}",
+                    config.data.scenarios_dir.display()
+                )
+            })?;
         Ok(Worker {
             trainer,
             reference,

@@ -83,20 +83,28 @@ pub struct Generation {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct GenerationMeasures {
     /// Mean reply length in words.
+    #[serde(deserialize_with = "crate::events::nullable::f64")]
     pub mean_words: f64,
     /// Share of replies to flawed directions read as pushing back.
+    #[serde(deserialize_with = "crate::events::nullable::f64")]
     pub push_back_flawed: f64,
     /// Share of replies to clear directions read as pushing back.
+    #[serde(deserialize_with = "crate::events::nullable::f64")]
     pub push_back_clear: f64,
     /// Share of replies with a refusal or hedging phrase.
+    #[serde(deserialize_with = "crate::events::nullable::f64")]
     pub hedging: f64,
     /// Distinct unigrams / all unigrams, replies pooled.
+    #[serde(deserialize_with = "crate::events::nullable::f64")]
     pub distinct_1: f64,
     /// Distinct bigrams / all bigrams.
+    #[serde(deserialize_with = "crate::events::nullable::f64")]
     pub distinct_2: f64,
     /// Share of arithmetic replies whose first number is the answer.
+    #[serde(deserialize_with = "crate::events::nullable::f64")]
     pub arithmetic_exact: f64,
     /// Share of code replies whose code passes its tests.
+    #[serde(deserialize_with = "crate::events::nullable::f64")]
     pub code_pass: f64,
 }
 
