@@ -15,6 +15,17 @@ if [ -z "${DREAMLOOP_LLAMA_SERVER:-}" ]; then
     DREAMLOOP_LLAMA_SERVER="$(./scripts/build-llama-server.sh)"
     export DREAMLOOP_LLAMA_SERVER
 fi
+# A real browser for actors/tests/report_browser.rs (`dreamloop report` rendered and
+# screenshotted headless): Debian's chromium, installed when missing; with
+# DREAMLOOP_REQUIRE_CHROMIUM=1 the test fails rather than skips without it.
+if [ ! -x /usr/bin/chromium ]; then
+    sudo_cmd=""
+    if [ "$(id -u)" != 0 ]; then sudo_cmd="sudo -n"; fi
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y --no-install-recommends chromium \
+        || { DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get update \
+             && DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y --no-install-recommends chromium; }
+fi
+export DREAMLOOP_REQUIRE_CHROMIUM=1
 # No --all-targets: it would also run the benchmark binaries in test mode (they are
 # compiled by clippy --all-targets in CI instead).
 cargo test --workspace "$@"

@@ -7,15 +7,15 @@
 //!
 //! - **Phases as a schedule.** `[[phase]]` entries run in order, each with its own kind
 //!   (sft / dpo / mixed), lr, β and the condition that ends it ([`Advance`]): a number of
-//!   steps trained in the phase, or probe criteria: the flawed-direction margin has risen by
-//!   at least `flawed_margin_gain` nats since the phase began, with `clean_evals`
+//!   steps trained in the phase, or probe criteria: the flawed-direction margin per token
+//!   has risen by at least `flawed_margin_gain` nats since the phase began, with `clean_evals`
 //!   evaluations in a row without a breach. Whichever is met first advances; the last phase
 //!   runs for ever. Entering a phase resets the lr boost and the stall window, and, for a
 //!   dpo or mixed phase with `rebase_reference` (the default), re-bases the DPO reference on
 //!   the weights that enter it (what TRL's iterative DPO does: the SFT result is the
 //!   reference of the DPO that follows it).
-//! - **lr that rises.** When the continuous signals are flat — the behaviour margin
-//!   `(clear + flawed) / 2` and the attention on the direction each moved less than
+//! - **lr that rises.** When the continuous signals are flat — the behaviour margin per
+//!   token `(clear + flawed) / 2` and the attention on the direction each moved less than
 //!   `stall_margin` / `stall_attention` over the last `stall_evals` evaluations, none of which
 //!   breached a guard — the phase's lr is raised by `lr_raise_factor`, up to the phase's
 //!   `max_lr` (by default 10× its lr: the seed's 1e-5 → 1e-4). A raise starts a new window.
@@ -48,7 +48,7 @@ pub struct Advance {
     /// Steps trained in the phase.
     #[serde(default)]
     pub steps: Option<u64>,
-    /// Rise of the flawed-direction margin (nats) since the phase began.
+    /// Rise of the flawed-direction margin per token (nats) since the phase began.
     #[serde(default)]
     pub flawed_margin_gain: Option<f64>,
     /// With `flawed_margin_gain`: evaluations in a row without a breach (≥ 1).
@@ -137,7 +137,8 @@ impl PhaseEntry {
 pub struct ControllerSection {
     /// Flat evaluations in a row that make a stall (0: lr never rises).
     pub stall_evals: u32,
-    /// Largest range (max − min, nats) of the behaviour margin over the window that is flat.
+    /// Largest range (max − min, nats per token) of the behaviour margin over the window
+    /// that is flat.
     pub stall_margin: f64,
     /// Largest range of the attention on the direction over the window that is flat.
     pub stall_attention: f64,
@@ -151,7 +152,7 @@ impl Default for ControllerSection {
     fn default() -> Self {
         ControllerSection {
             stall_evals: 0,
-            stall_margin: 0.05,
+            stall_margin: 0.005,
             stall_attention: 0.002,
             lr_raise_factor: 2.0,
             targeted_replay_factor: 1.0,
@@ -178,16 +179,16 @@ pub struct ControllerState {
     pub phase_index: usize,
     /// Steps trained since the phase began (never rewinds: a rolled-back step was trained).
     pub phase_steps: u64,
-    /// The flawed-direction margin when the phase began (the last evaluation before it);
-    /// `None` until an evaluation is seen.
+    /// The flawed-direction margin per token when the phase began (the last evaluation
+    /// before it); `None` until an evaluation is seen.
     pub phase_start_flawed_margin: Option<f64>,
     /// Evaluations in a row, in this phase, without a breach.
     pub clean_evals: u32,
-    /// The latest evaluation's flawed-direction margin.
+    /// The latest evaluation's flawed-direction margin per token.
     pub last_flawed_margin: Option<f64>,
     /// Multiplier of the phase's lr from stall raises.
     pub lr_boost: f64,
-    /// `(behaviour margin, attention on direction)` of the evaluations since the last
+    /// `(behaviour margin per token, attention on direction)` of the evaluations since the last
     /// change (phase, lr, rollback), newest last, at most `stall_evals` long.
     pub window: Vec<(f64, f64)>,
     /// Multiplier of each replay source's weight (targeted replay), in [`REPLAY_SOURCES`]
@@ -221,6 +222,11 @@ impl Default for ControllerState {
 pub struct Observation {
     /// The policy's metrics.
     pub metrics: EvalMetrics,
+    /// Clear-direction margin per token (nats): summed margins grow with the length of the
+    /// replies, so the controller's thresholds are per token.
+    pub clear_per_token: f64,
+    /// Flawed-direction margin per token (nats).
+    pub flawed_per_token: f64,
     /// Arithmetic probe accuracy.
     pub arithmetic: f64,
     /// Code probe accuracy.
@@ -356,9 +362,9 @@ impl Controller {
         let mut next = state.clone();
         let mut actions = Vec::new();
         let m = &obs.metrics;
-        next.last_flawed_margin = Some(m.flawed_margin);
+        next.last_flawed_margin = Some(obs.flawed_per_token);
         if next.phase_start_flawed_margin.is_none() {
-            next.phase_start_flawed_margin = Some(m.flawed_margin);
+            next.phase_start_flawed_margin = Some(obs.flawed_per_token);
         }
         let breached = matches!(obs.outcome, Outcome::Breached | Outcome::RolledBack);
         next.clean_evals = if breached { 0 } else { next.clean_evals + 1 };
@@ -379,7 +385,9 @@ impl Controller {
             if let (Some(gain), Some(start)) =
                 (until.flawed_margin_gain, next.phase_start_flawed_margin)
             {
-                if m.flawed_margin - start >= gain && next.clean_evals >= until.clean_evals.max(1) {
+                if obs.flawed_per_token - start >= gain
+                    && next.clean_evals >= until.clean_evals.max(1)
+                {
                     let (entered, mut more) = self.enter(next, Why::Criteria);
                     actions.append(&mut more);
                     return (entered, actions);
@@ -394,7 +402,7 @@ impl Controller {
             next.window.clear();
         } else if self.settings.stall_evals > 0 {
             next.window.push((
-                (m.clear_margin + m.flawed_margin) / 2.0,
+                (obs.clear_per_token + obs.flawed_per_token) / 2.0,
                 m.attention_on_direction,
             ));
             let k = self.settings.stall_evals as usize;

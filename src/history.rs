@@ -81,6 +81,9 @@ pub struct EvalEntry {
     pub verdict: Verdict,
     /// The policy's metrics.
     pub metrics: EvalMetrics,
+    /// Clear- and flawed-direction margins per token (nats): what the controller reads.
+    #[serde(deserialize_with = "crate::events::nullable::pair")]
+    pub margin_per_token: [f64; 2],
     /// Arithmetic probe accuracy and margin.
     #[serde(deserialize_with = "crate::events::nullable::pair")]
     pub arithmetic: [f64; 2],

@@ -282,10 +282,10 @@ pub fn render(
             &all_marks,
         ),
         chart(
-            "Preference margin, nats (preferred − rejected log-prob)",
+            "Preference margin per token, nats (preferred − rejected)",
             &[
-                line("clear direction", col(&|e| e.metrics.clear_margin)),
-                line("flawed direction", col(&|e| e.metrics.flawed_margin)),
+                line("clear direction", col(&|e| e.margin_per_token[0])),
+                line("flawed direction", col(&|e| e.margin_per_token[1])),
             ],
             &steps,
             &all_marks,

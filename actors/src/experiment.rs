@@ -59,6 +59,8 @@ impl Driver {
         };
         let observation = Observation {
             metrics: ev.record.metrics,
+            clear_per_token: report.clear_direction.margin_per_token,
+            flawed_per_token: report.flawed_direction.margin_per_token,
             arithmetic: report.arithmetic.accuracy,
             code: report.code.accuracy,
             outcome,
@@ -86,6 +88,10 @@ impl Driver {
             step: ev.record.step,
             verdict: ev.verdict,
             metrics: ev.record.metrics,
+            margin_per_token: [
+                report.clear_direction.margin_per_token,
+                report.flawed_direction.margin_per_token,
+            ],
             arithmetic: [report.arithmetic.accuracy, report.arithmetic.margin],
             code: [report.code.accuracy, report.code.margin],
             attention_per_layer: report

@@ -16,6 +16,8 @@ fn metrics(flawed_margin: f64, clear_margin: f64, attention: f64, perplexity: f6
 fn obs(flawed_margin: f64, outcome: Outcome) -> Observation {
     Observation {
         metrics: metrics(flawed_margin, 0.0, 0.1, 10.0),
+        clear_per_token: 0.0,
+        flawed_per_token: flawed_margin,
         arithmetic: 0.8,
         code: 0.6,
         outcome,

@@ -322,8 +322,9 @@ pub fn code_tasks<R: Rng>(rng: &mut R, n: usize) -> Vec<CodeTask> {
                         "count_above",
                         format!("counts the elements of the list xs greater than {k}"),
                         format!("return sum(1 for x in xs if x > {k})"),
+                        // A repeated element counts twice (a set would not).
                         vec![
-                            (format!("[{}, {}, 0]", k + 1, k), "1".into()),
+                            (format!("[{}, {}, {}, 0]", k + 1, k + 1, k), "2".into()),
                             ("[]".into(), "0".into()),
                         ],
                     ),

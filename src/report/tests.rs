@@ -20,6 +20,7 @@ fn entry(i: u64, flawed: f64) -> EvalEntry {
             ablation_sensitivity: 0.0,
             general_accuracy: 0.5,
         },
+        margin_per_token: [0.01, -0.02],
         arithmetic: [0.5, 0.1],
         code: [0.25, 0.0],
         attention_per_layer: vec![(3, 0.1)],
