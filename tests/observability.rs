@@ -165,7 +165,10 @@ fn label_violations(name: &str, label: &Label) -> Vec<String> {
         LabelValues::Version if l != "version" => {
             out.push(format!("{name}: a version must be the `version` label"));
         }
-        LabelValues::LayerIndex | LabelValues::Version => {}
+        LabelValues::RunId if l != "run_id" => {
+            out.push(format!("{name}: a run id must be the `run_id` label"));
+        }
+        LabelValues::LayerIndex | LabelValues::Version | LabelValues::RunId => {}
     }
     out
 }

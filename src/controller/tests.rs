@@ -53,6 +53,7 @@ fn controller(stall_evals: u32, targeted: f64) -> Controller {
         phases: vec![sft.resolve(2e-5, 0.1), dpo.resolve(2e-5, 0.1)],
         settings: ControllerSection {
             stall_evals,
+            stall_margin: 0.05,
             targeted_replay_factor: targeted,
             ..ControllerSection::default()
         },
@@ -157,7 +158,7 @@ fn a_stall_raises_lr_up_to_the_ceiling_and_breaches_reset_the_window() {
         phase_start_flawed_margin: Some(100.0),
         ..ControllerState::default()
     };
-    // Flat: margins within 0.05, attention within 0.002.
+    // Flat: margins per token within 0.05, attention within 0.002.
     for (m, outcome) in [(0.01, Outcome::Clean), (0.02, Outcome::Clean)] {
         let (n, a) = c.after_eval(&s, &obs(m, outcome));
         assert!(a.is_empty());
