@@ -27,11 +27,22 @@ const LIMIT: Duration = Duration::from_secs(300);
 
 /// Counters whose event this run does not provoke, each with the reason; they must still be
 /// exported (registered at 0). Everything else must have been emitted.
-const NOT_PROVOKED: &[(&str, &str)] = &[(
-    "dreamloop_generator_duplicates_skipped_total",
-    "a short run over the shipped templates draws no duplicate (the core generator's tests \
+const NOT_PROVOKED: &[(&str, &str)] = &[
+    (
+        "dreamloop_generator_duplicates_skipped_total",
+        "a short run over the shipped templates draws no duplicate (the core generator's tests \
          count them: scenario::generate)",
-)];
+    ),
+    (
+        "dreamloop_train_phase_changes_total",
+        "this run's phase is fixed; daemon_experiment.rs runs a [[phase]] schedule to its change",
+    ),
+    (
+        "dreamloop_train_lr_raises_total",
+        "every evaluation here breaches; daemon_experiment.rs provokes the flat evaluations \
+         that raise lr",
+    ),
+];
 
 /// A loopback address with a port that was free a moment ago.
 fn free_port() -> SocketAddr {
@@ -63,7 +74,11 @@ fn samples(body: &str) -> BTreeMap<String, f64> {
         let (series, value) = line.rsplit_once(' ').expect("`series value`");
         let name = series.split('{').next().expect("a name");
         let value: f64 = value.parse().unwrap_or(f64::NAN);
-        *out.entry(name.to_string()).or_insert(0.0) += value;
+        // Summed over the series; an undefined (NaN) series does not hide a defined one.
+        let sum = out.entry(name.to_string()).or_insert(f64::NAN);
+        if !value.is_nan() {
+            *sum = if sum.is_nan() { value } else { *sum + value };
+        }
     }
     out
 }
@@ -102,7 +117,7 @@ fn every_catalogued_metric_is_emitted_by_a_run() {
         phase: "mixed".into(),
         train: "lr = 0.5".into(),
         data: format!("replay_ratio = 0.25\nlogs_dir = \"{}\"", logs.display()),
-        eval: "every_n_steps = 3".into(),
+        eval: "every_n_steps = 3\ngeneration_prompts = 1\ngeneration_tokens = 4".into(),
         checkpoint: "every_n_steps = 2\non_write_error = \"continue\"".into(),
         // Breaches at every evaluation (as daemon_rollback.rs): the first rolls back, the
         // second exceeds max_rollbacks and pauses for the operator.
