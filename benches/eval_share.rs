@@ -112,7 +112,7 @@ impl Batches {
         Batches {
             generator,
             labeler: Labeler::new(&LabelConfig {
-                phase: config.phase,
+                phase: config.phase.first(),
                 ..LabelConfig::default()
             }),
             replay: GeneralReplay::new(corpus, data.seed, config.general_config()),

@@ -396,9 +396,8 @@ impl Controller {
         }
 
         // Stall.
-        if matches!(obs.outcome, Outcome::RolledBack | Outcome::Remeasured) {
-            next.window.clear();
-        } else if breached {
+        // A breach, a rollback or a re-measurement of restored weights starts the window over.
+        if breached || obs.outcome == Outcome::Remeasured {
             next.window.clear();
         } else if self.settings.stall_evals > 0 {
             next.window.push((
