@@ -12,8 +12,11 @@
 //!   ├── driver.rs ── the step loop (Driver): boundary → NextBatch → [own_replies.rs: the
 //!   │                policy's replies sampled, judged, wrong ones offered to the labeler as
 //!   │                pairs] → TrainOn → trained.jsonl
-//!   │                → evaluate (trainer) → judge (rollback::judge; the driver owns the
-//!   │                policy state) → verdict.rs carries it out → checkpoint
+//!   │                → evaluate (trainer; with generation probes) → judge
+//!   │                (rollback::judge; the driver owns the policy state) → verdict.rs
+//!   │                carries it out → experiment.rs: the controller's actions (phase
+//!   │                change and re-based reference, lr raise, replay weights) and
+//!   │                evals.jsonl → checkpoint
 //!   └── supervisor.rs SupervisorActor (restarts children within [supervisor] budget; counts
 //!                     slow calls and transient errors against it too)
 //!         ├── dreamer       dream::Dreamer + ChatClient (only with [dream]): requests on
