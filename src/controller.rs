@@ -506,6 +506,8 @@ impl Controller {
         next.clean_evals = 0;
         next.lr_boost = 1.0;
         next.window.clear();
+        // A re-basing phase re-bases on its own entry (the driver records the step).
+        next.reference_step = None;
         (next, vec![Action::EnterPhase { index, why }])
     }
 }

@@ -93,7 +93,11 @@ fn phases_resolve_absent_settings_from_train() {
 #[test]
 fn the_step_count_advances_the_phase_and_the_last_phase_stays() {
     let c = controller(0, 1.0);
-    let mut s = ControllerState::default();
+    let mut s = ControllerState {
+        // An earlier phase's re-based reference.
+        reference_step: Some(1),
+        ..ControllerState::default()
+    };
     for _ in 0..2 {
         let (n, actions) = c.after_step(&s);
         assert!(actions.is_empty());
@@ -109,6 +113,7 @@ fn the_step_count_advances_the_phase_and_the_last_phase_stays() {
     );
     assert_eq!((s.phase_index, s.phase_steps), (1, 0));
     assert_eq!(c.peak_lr(&s), 5e-7);
+    assert_eq!(s.reference_step, None, "the phase entered re-bases on its own entry");
     let mut s = s;
     for _ in 0..100 {
         let (n, actions) = c.after_step(&s);
