@@ -113,7 +113,10 @@ fn the_step_count_advances_the_phase_and_the_last_phase_stays() {
     );
     assert_eq!((s.phase_index, s.phase_steps), (1, 0));
     assert_eq!(c.peak_lr(&s), 5e-7);
-    assert_eq!(s.reference_step, None, "the phase entered re-bases on its own entry");
+    assert_eq!(
+        s.reference_step, None,
+        "the phase entered re-bases on its own entry"
+    );
     let mut s = s;
     for _ in 0..100 {
         let (n, actions) = c.after_step(&s);
