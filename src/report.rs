@@ -430,17 +430,11 @@ fn side_by_side(generations: &[GenerationsEntry]) -> String {
             .find(|l| l.id == g.id && l.kind == g.kind);
         let cell = |x: Option<&crate::eval::generations::Generation>| match x {
             Some(x) => {
-                let verdict = x
-                    .judged
-                    .clone()
-                    .or(x
-                        .correct
-                        .map(|c| if c { "correct" } else { "wrong" }.into()))
-                    .unwrap_or_default();
+                let verdict = x.verdict();
                 format!(
                     "<pre>{}</pre><span class=\"muted\">{}</span>",
                     esc(&x.reply),
-                    esc(&verdict)
+                    esc(verdict)
                 )
             }
             None => "—".into(),

@@ -260,16 +260,12 @@ fn print_table(what: &str, r: &EvalReport) {
             println!("{:<24} {value:.3}", format!("generation {name}"));
         }
         for reply in &g.generations {
-            let verdict = reply
-                .judged
-                .clone()
-                .or(reply
-                    .correct
-                    .map(|c| if c { "correct" } else { "wrong" }.to_string()))
-                .unwrap_or_default();
             println!(
-                "  [{:?} {} → {verdict}] {:?}",
-                reply.kind, reply.id, reply.reply
+                "  [{:?} {} → {}] {:?}",
+                reply.kind,
+                reply.id,
+                reply.verdict(),
+                reply.reply
             );
         }
     }

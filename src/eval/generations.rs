@@ -79,6 +79,19 @@ pub struct Generation {
     pub correct: Option<bool>,
 }
 
+impl Generation {
+    /// What was made of the reply: the judge's reading for a behaviour prompt, `correct` or
+    /// `wrong` for arithmetic and code.
+    pub fn verdict(&self) -> &str {
+        match (&self.judged, self.correct) {
+            (Some(judged), _) => judged,
+            (None, Some(true)) => "correct",
+            (None, Some(false)) => "wrong",
+            (None, None) => "",
+        }
+    }
+}
+
 /// The measures over one evaluation's replies (NaN where no prompt of the kind was asked).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct GenerationMeasures {
@@ -584,9 +597,9 @@ pub fn run_python(program: &str) -> Result<(), CodeError> {
 /// An empty private directory under the system's temporary directory.
 fn tempfile_dir() -> std::io::Result<std::path::PathBuf> {
     let dir = std::env::temp_dir().join(format!(
-        "dreamloop-code-{}-{}",
+        "dreamloop-code-{}-{:016x}",
         std::process::id(),
-        Instant::now().elapsed().as_nanos() ^ rand::random::<u64>() as u128
+        rand::random::<u64>()
     ));
     crate::durable::create_private_dir(&dir)?;
     Ok(dir)
